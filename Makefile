@@ -1,0 +1,30 @@
+# The two commands of the README: `make quickstart` and `make test`.
+# Both set up everything they need on a fresh machine (Python 3.11, Java 17+).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test lint clean
+
+$(STAMP): pyproject.toml
+	@bash scripts/check_java.sh
+	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/python jobs/quickstart.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf data runs
