@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mkt.models import MODELS, ConfigError
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -48,3 +46,8 @@ def pipeline(name: str) -> tuple[Stage, ...]:
     raise ConfigError(
         f"model: {name!r} is neither a pipeline {sorted(PIPELINES)} nor a model {sorted(MODELS)}"
     )
+
+
+# Imported last: model files register their own pipelines on import (Finetune, CTNet), which
+# needs `Stage` and `register_pipeline` above to exist whichever module is imported first.
+from mkt.models import MODELS, ConfigError  # noqa: E402

@@ -1,0 +1,113 @@
+"""Where the ETL reads and writes: Hadoop file-system helpers and the two Delta writers.
+
+Paths go through Spark's Hadoop FileSystem, so the same code reads a local path here and an
+hdfs:// or s3a:// path on a cluster.
+
+Delta writers (docs/etl.md, "Delta writer"):
+- ``spark``: delta-spark, when its jars are on the classpath (cluster:
+  ``--packages io.delta:delta-spark_2.13:<version>``). Spark writes the table itself.
+- ``rs``: delta-rs (the ``deltalake`` package). Spark has already written the table's rows as
+  Parquet to a staging directory; the driver streams them into Delta record batch by record
+  batch from a pyarrow dataset, so the table is never collected into memory.
+Both overwrite: a re-run commits a new table version atomically and older versions stay
+readable (time travel) until someone vacuums them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pyspark.sql import SparkSession
+
+Writer = Literal["auto", "spark", "rs"]
+DELTA_SPARK_CLASS = "io.delta.tables.DeltaTable"
+
+
+class HadoopFs:
+    """The few file operations the job needs, on whatever file system a path names."""
+
+    def __init__(self, spark: SparkSession) -> None:
+        self._jvm = spark.sparkContext._jvm
+        self._conf = spark.sparkContext._jsc.hadoopConfiguration()
+
+    def _resolve(self, path: str):
+        jpath = self._jvm.org.apache.hadoop.fs.Path(path)
+        fs = jpath.getFileSystem(self._conf)
+        if fs.getScheme() == "file":
+            # The checksummed local FS would leave a .crc file beside everything we write.
+            fs = fs.getRawFileSystem()
+        return jpath, fs
+
+    def exists(self, path: str) -> bool:
+        jpath, fs = self._resolve(path)
+        return bool(fs.exists(jpath))
+
+    def is_file(self, path: str) -> bool:
+        jpath, fs = self._resolve(path)
+        return bool(fs.exists(jpath)) and bool(fs.getFileStatus(jpath).isFile())
+
+    def delete(self, path: str) -> None:
+        jpath, fs = self._resolve(path)
+        fs.delete(jpath, True)
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write a small file so that readers see the old or the new content, never a part."""
+        jpath, fs = self._resolve(path)
+        tmp = self._jvm.org.apache.hadoop.fs.Path(path + ".tmp")
+        out = fs.create(tmp, True)
+        try:
+            out.write(bytearray(text.encode("utf-8")))
+        finally:
+            out.close()
+        # rename() overwrites on a local FS; HDFS and object stores refuse an existing target.
+        if not fs.rename(tmp, jpath):
+            fs.delete(jpath, False)
+            if not fs.rename(tmp, jpath):
+                raise OSError(f"could not move {path}.tmp to {path}")
+
+
+def resolve_writer(spark: SparkSession, writer: Writer) -> Literal["spark", "rs"]:
+    """`auto` picks delta-spark when its classes load in this session, else delta-rs."""
+    available = bool(
+        spark.sparkContext._jvm.org.apache.spark.util.Utils.classIsLoadable(DELTA_SPARK_CLASS)
+    )
+    if writer == "auto":
+        return "spark" if available else "rs"
+    if writer == "spark" and not available:
+        raise RuntimeError(
+            f"--writer spark needs delta-spark on the classpath ({DELTA_SPARK_CLASS} not found); "
+            "add --packages io.delta:delta-spark_2.13:<version> or use --writer rs"
+        )
+    return writer
+
+
+def write_delta(
+    spark: SparkSession,
+    staging_path: str,
+    table_path: str,
+    partition_by: list[str],
+    writer: Literal["spark", "rs"],
+) -> None:
+    """Overwrite the Delta table at table_path with the Parquet rows under staging_path."""
+    if writer == "spark":
+        (
+            spark.read.parquet(staging_path)
+            .write.format("delta")
+            .mode("overwrite")
+            .option("overwriteSchema", "true")
+            .partitionBy(*partition_by)
+            .save(table_path)
+        )
+        return
+    import pyarrow.dataset as ds
+    from deltalake import write_deltalake
+
+    # Files whose names start with "_" or "." (Spark's _SUCCESS) are skipped by pyarrow.
+    reader = ds.dataset(staging_path, format="parquet").scanner().to_reader()
+    write_deltalake(
+        table_path,
+        reader,
+        mode="overwrite",
+        schema_mode="overwrite",
+        partition_by=partition_by or None,
+    )

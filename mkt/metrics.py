@@ -1,0 +1,213 @@
+"""Offline metrics of the paper (section 4.1.4): AUC, GAUC (eq. 14) and log loss, overall and
+by user-activity group (Table 3). numpy only, vectorised: GAUC sorts once by (user, score)
+and never loops over users in Python.
+
+Activity for Tenrec-format data (docs/model.md): a user's number of target-entity `train`
+rows. Every QK-article row is a click (the file holds no click negatives), so this is the
+paper's "clicks in the past month", with the train split standing in for the past month.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+
+ACTIVITY_BOUNDARIES = (10, 30)  # Table 3: 0-10, 10-30, >30 clicks
+
+
+def _check(labels: np.ndarray, scores: np.ndarray, what: str = "scores") -> None:
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"labels {labels.shape} and {what} {scores.shape} must be equal 1-d")
+    if np.isnan(scores).any():
+        raise ValueError(f"{what} contain NaN")
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        raise ValueError(f"labels must be 0/1, found {labels[bad][0]!r}")
+
+
+def _score_key(scores: np.ndarray) -> tuple[np.ndarray, int]:
+    """Non-negative int64 per row, ordered and tied exactly as the scores; and its bit width.
+
+    Scores that float32 holds exactly (model outputs) map to their order-preserving 32-bit
+    pattern with no sort; other scores to their rank among the distinct values.
+    """
+    if scores.dtype == np.float32:
+        s32 = scores + np.float32(0.0)  # turns -0.0 into 0.0, so the two tie
+        exact = True
+    else:
+        s64 = scores.astype(np.float64) + 0.0
+        s32 = s64.astype(np.float32)
+        exact = np.array_equal(s32, s64)
+    if exact:
+        bits = s32.view(np.uint32)
+        flipped = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31))
+        return flipped.astype(np.int64), 32
+    order = np.argsort(s64)
+    s = s64[order]
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] != s[:-1]
+    ranks = np.empty(len(s), dtype=np.int64)
+    ranks[order] = np.cumsum(new) - 1
+    return ranks, int(ranks.max()).bit_length()
+
+
+def _group_codes(groups: np.ndarray) -> tuple[np.ndarray, int]:
+    """Groups as codes 0..n_codes-1; integer keys of a compact range skip np.unique's sort."""
+    n = len(groups)
+    if groups.dtype.kind in "iu":
+        lo, hi = int(groups.min()), int(groups.max())
+        if hi - lo < 4 * n:
+            return groups.astype(np.int64) - lo, hi - lo + 1
+    _, codes = np.unique(groups, return_inverse=True)
+    return codes.astype(np.int64).reshape(-1), int(codes.max()) + 1
+
+
+def _auc_by_group(
+    labels: np.ndarray, scores: np.ndarray, codes: np.ndarray, n_codes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(AUC, rows) of every group present (NaN AUC where a group has one class only).
+
+    One sort of a packed int64 key (group, score, label) orders every group by score; the
+    rank of a positive is the mean position of its run of tied scores within its group
+    (Mann-Whitney U), looked up for the positive rows only.
+    """
+    score_key, score_bits = _score_key(scores)
+    shift = score_bits + 1
+    if (n_codes - 1).bit_length() + shift > 63:
+        raise ValueError(f"{n_codes} groups x 2^{score_bits} scores do not fit one sort key")
+    key = (codes << shift) | (score_key << 1) | (labels == 1)
+    key.sort()
+    n = len(key)
+    group = key >> shift
+    group_first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    run = key >> 1
+    run_first = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])
+    run_end = np.r_[run_first[1:], n]
+    positive = np.flatnonzero(key & 1)
+    r = np.searchsorted(run_first, positive, side="right") - 1
+    g = np.searchsorted(group_first, positive, side="right") - 1
+    rank = (run_first[r] + run_end[r] - 1) / 2.0 - group_first[g] + 1.0
+    rows = np.diff(np.r_[group_first, n]).astype(np.float64)
+    n_pos = np.bincount(g, minlength=len(rows)).astype(np.float64)
+    pos_rank_sum = np.bincount(g, weights=rank, minlength=len(rows))
+    n_neg = rows - n_pos
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_group = (pos_rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), per_group, np.nan), rows
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC with tied scores counted half; NaN when only one class is present."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    _check(labels, scores)
+    if not len(labels):
+        return float("nan")
+    per_group, _ = _auc_by_group(labels, scores, np.zeros(len(labels), np.int64), 1)
+    return float(per_group[0])
+
+
+def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Eq. 14: per-group AUC weighted by the group's rows (impressions). Groups whose labels
+    are all one class have no AUC and are left out. Returns (GAUC, share of rows covered)."""
+    labels, scores, groups = (
+        np.asarray(labels),
+        np.asarray(scores),
+        np.asarray(groups),
+    )
+    _check(labels, scores)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ")
+    if not len(labels):
+        return float("nan"), 0.0
+    per_group, rows = _auc_by_group(labels, scores, *_group_codes(groups))
+    valid = ~np.isnan(per_group)
+    if not valid.any():
+        return float("nan"), 0.0
+    weights = rows[valid]
+    return float((weights * per_group[valid]).sum() / weights.sum()), float(
+        weights.sum() / len(labels)
+    )
+
+
+def log_loss(labels: np.ndarray, scores_prob: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy; probabilities clipped to [eps, 1 - eps]."""
+    labels, p = np.asarray(labels), np.asarray(scores_prob, dtype=np.float64)
+    _check(labels, p, "probabilities")
+    if len(p) and (p.min() < 0 or p.max() > 1):
+        raise ValueError("probabilities must lie in [0, 1]")
+    p = np.clip(p, eps, 1 - eps)
+    return float(-np.mean(np.where(labels == 1, np.log(p), np.log1p(-p))))
+
+
+def user_activity(user_keys: np.ndarray, history_user_keys: np.ndarray) -> np.ndarray:
+    """Per row: how many rows of `history_user_keys` (for Tenrec: the target entity's train
+    split) belong to the row's user."""
+    user_keys = np.asarray(user_keys)
+    keys, counts = np.unique(np.asarray(history_user_keys), return_counts=True)
+    if not len(keys):
+        return np.zeros(len(user_keys), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(keys, user_keys), len(keys) - 1)
+    return np.where(keys[pos] == user_keys, counts[pos], 0).astype(np.int64)
+
+
+def activity_group_names(boundaries: Sequence[float] = ACTIVITY_BOUNDARIES) -> list[str]:
+    """With boundaries (10, 30): ["0-10", "10-30", ">30"]."""
+    bounds = [float(b) for b in boundaries]
+    if not bounds or any(a >= b for a, b in pairwise(bounds)):
+        raise ValueError(f"activity boundaries must be increasing and non-empty: {boundaries}")
+    names = [f"0-{_fmt(bounds[0])}"]
+    names += [f"{_fmt(a)}-{_fmt(b)}" for a, b in pairwise(bounds)]
+    return [*names, f">{_fmt(bounds[-1])}"]
+
+
+def activity_groups(
+    activity: np.ndarray, boundaries: Sequence[float] = ACTIVITY_BOUNDARIES
+) -> np.ndarray:
+    """Group name per row: with boundaries (10, 30), activity <= 10 is "0-10", 10 < a <= 30 is
+    "10-30" and above is ">30" (the paper's Table 3)."""
+    names = np.asarray(activity_group_names(boundaries), dtype=object)
+    return names[np.digitize(activity, [float(b) for b in boundaries], right=True)]
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def evaluate(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    groups: np.ndarray,
+    activity: np.ndarray | None = None,
+    boundaries: Sequence[float] = ACTIVITY_BOUNDARIES,
+) -> dict[str, Any]:
+    """Every metric of one evaluation. `groups`: the GAUC grouping (user keys); `activity`:
+    per-row activity counts (see `user_activity`), grouped by `boundaries`."""
+    labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
+    g, covered = gauc(labels, probs, groups)
+    result: dict[str, Any] = {
+        "rows": len(labels),
+        "positive_rate": float(labels.mean()) if len(labels) else float("nan"),
+        "auc": auc(labels, probs),
+        "gauc": g,
+        "gauc_coverage": covered,
+        "logloss": log_loss(labels, probs),
+    }
+    if activity is not None:
+        activity = np.asarray(activity)
+        if activity.shape != labels.shape:
+            raise ValueError(f"activity {activity.shape} and labels {labels.shape} differ")
+        names = activity_groups(activity, boundaries)
+        result["by_activity"] = {}
+        for name in activity_group_names(boundaries):
+            rows = names == name
+            gg, cc = gauc(labels[rows], probs[rows], groups[rows])
+            result["by_activity"][name] = {
+                "rows": int(rows.sum()),
+                "auc": auc(labels[rows], probs[rows]),
+                "gauc": gg,
+                "gauc_coverage": cc,
+            }
+    return result

@@ -1,0 +1,35 @@
+"""DIN (Zhou et al., 2018): the MLP baseline with each behaviour sequence pooled by target
+attention (the activation unit, query = the candidate item) instead of a mean.
+
+`din` is single-domain (target rows only). `din_source` is the same network trained on the
+source entity's rows: the pre-training stage of the Finetune and CTNet pipelines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from mkt.layers.attention import TargetAttention
+from mkt.models import register
+from mkt.models._baselines import ATTENTION_HIDDEN, layer_sizes
+from mkt.models.mlp import MLPModel
+
+
+@register("din")
+class DIN(MLPModel):
+    defaults: ClassVar[dict[str, Any]] = {
+        **MLPModel.defaults,
+        "attention_hidden": ATTENTION_HIDDEN,  # activation unit widths
+    }
+
+    def sequence_pooler(self, dim: int) -> nn.Module:
+        return TargetAttention(dim, layer_sizes(self, "attention_hidden"))
+
+
+@register("din_source")
+class SourceDIN(DIN):
+    """DIN on the source entity's rows (its own specific fields); pre-training only."""
+
+    train_entities = "source"

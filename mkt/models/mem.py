@@ -1,0 +1,282 @@
+"""MEM, the Multi-Entity Model of MKT's first stage (paper section 3.2, eqs. 1-11).
+
+One network trained on a batch that mixes source and target rows; every row is routed by its
+`entity_index`:
+
+    v^e     = [v_u || v_seq || v_shared || v_spec^e]                  eq. 1-2  EntityInputs
+    q^e     = HFA^e(v^e)                                              eq. 3-6  HFA
+    g_com   = MMoE(q^e), gate of the row's entity                     eq. 7    self.cke
+    g_ind^e = KE^e(v^e)     (SKE for the source, TKE for the target)  eq. 8    self.extractors
+    logit   = tower^e([g_com || g_ind^e])
+    loss    = BCE_source + BCE_target + gamma * PDL                   eq. 9-11 MEM.loss
+
+docs/model.md maps each equation to the lines below and records the choices the paper
+leaves open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mkt.features import Batch
+from mkt.layers import MLP, CrossNetwork, EntityInputs, MMoE, TargetAttention
+from mkt.models import ConfigError, CTRModel, register
+from mkt.schema import FeatureSchema
+
+
+class HFA(nn.Module):
+    """Heterogeneous Feature Alignment for one entity (eqs. 3-6).
+
+    Scores each entity-specific feature in (0, 2) from explicit (DCN) and implicit (MLP)
+    crosses, scales its embedding by the score and maps the result to `d_hfa`, the size every
+    entity shares; then appends it to the entity-common part [v_u || v_seq || v_shared].
+    With `cross_with_shared` the crosses read [v_spec || common] (the paper's text), otherwise
+    v_spec alone (its eq. 3).
+    """
+
+    def __init__(
+        self,
+        common_dim: int,
+        num_specific: int,
+        dim: int,
+        d_hfa: int,
+        cross_with_shared: bool,
+        cross_layers: int,
+        mlp_hidden: list[int],
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        self.num_specific = num_specific
+        self.dim = dim
+        self.cross_with_shared = cross_with_shared
+        cross_in = num_specific * dim + (common_dim if cross_with_shared else 0)
+        self.explicit = CrossNetwork(cross_in, cross_layers)
+        self.implicit = MLP(cross_in, mlp_hidden, dropout)
+        self.score = nn.Linear(self.explicit.out_dim + self.implicit.out_dim, num_specific)
+        self.align = MLP(num_specific * dim, [d_hfa, d_hfa], dropout, last_activation=False)
+        self.out_dim = common_dim + d_hfa
+
+    def forward(self, common: Tensor, specific: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (q [B, common + d_hfa], importance p [B, n_spec])."""
+        x = torch.cat([specific, common], dim=1) if self.cross_with_shared else specific
+        crossed = torch.cat([self.explicit(x), self.implicit(x)], dim=1)  # eq. 3
+        p = 2 * torch.sigmoid(self.score(crossed))  # eq. 4
+        v = specific.view(-1, self.num_specific, self.dim)  # eq. 5
+        scaled = (v * p.unsqueeze(-1)).flatten(1)
+        return torch.cat([common, self.align(scaled)], dim=1), p  # eq. 6
+
+
+def unaligned_q(common: Tensor, specific: dict[str, Tensor], widths: dict[str, int]) -> Tensor:
+    """The "w/o HFA" input: every entity's specific embeddings side by side, unscored. An entity
+    missing from `specific` contributes zeros, which is exactly what its padding index embeds
+    to on rows of another entity (so a target-only graph needs no source tables)."""
+    parts = [common]
+    for entity, width in widths.items():
+        part = specific.get(entity)
+        parts.append(part if part is not None else common.new_zeros((common.shape[0], width)))
+    return torch.cat(parts, dim=1)
+
+
+def pick(per_entity: Tensor, entity_index: Tensor) -> Tensor:
+    """Row i of `per_entity[:, entity_index[i]]`: route a mixed batch by entity."""
+    rows = torch.arange(per_entity.shape[0], device=per_entity.device)
+    return per_entity[rows, entity_index]
+
+
+@register("mem")
+class MEM(CTRModel):
+    train_entities = "both"
+    defaults: ClassVar[dict[str, Any]] = {
+        "embedding_dim": 8,
+        "attention_hidden": [32, 16],
+        "hfa": True,
+        # The paper's text crosses the specific features with the shared ones; its eq. 3
+        # crosses the specific ones alone (False). See docs/model.md.
+        "hfa_cross_with_shared": True,
+        "hfa_cross_layers": 2,
+        "hfa_mlp_hidden": [64, 32],
+        "d_hfa": 32,
+        "cke_hidden": [128, 64],
+        "num_experts": 3,
+        "tower_hidden": [16],
+        "gamma": 0.01,
+        "dropout": 0.0,
+    }
+
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(schema, params)
+        p = self.params
+        check_params(
+            "MEM",
+            p,
+            positive=["embedding_dim", "d_hfa", "num_experts", "hfa_cross_layers"],
+            nonempty=["cke_hidden"],
+        )
+        if p["gamma"] < 0:
+            raise ConfigError(f"MEM.gamma: must be >= 0, got {p['gamma']}")
+        dim = p["embedding_dim"]
+        self.entities = list(schema.entities)
+        self.inputs = EntityInputs(
+            schema, dim, attention=TargetAttention(dim, p["attention_hidden"])
+        )
+        common = self.inputs.common_dim
+        self.spec_widths = {e: self.inputs.specific_dim(e) for e in self.entities}
+        self.hfa = nn.ModuleDict()
+        if p["hfa"]:
+            for e in self.entities:
+                n_spec = len(schema.specific_features(e))
+                if n_spec == 0:
+                    raise ConfigError(f"MEM.hfa: entity {e!r} has no specific features to align")
+                self.hfa[e] = HFA(
+                    common,
+                    n_spec,
+                    dim,
+                    p["d_hfa"],
+                    p["hfa_cross_with_shared"],
+                    p["hfa_cross_layers"],
+                    p["hfa_mlp_hidden"],
+                    p["dropout"],
+                )
+            q_dim = common + p["d_hfa"]
+        else:
+            q_dim = common + sum(self.spec_widths.values())
+        self.cke = MMoE(q_dim, p["num_experts"], p["cke_hidden"], len(self.entities), p["dropout"])
+        # SKE / TKE (eq. 8): independent extractors on v^e, as wide as the CKE output.
+        self.extractors = nn.ModuleDict(
+            {
+                e: MLP(common + self.spec_widths[e], p["cke_hidden"], p["dropout"])
+                for e in self.entities
+            }
+        )
+        self.towers = nn.ModuleDict(
+            {
+                e: MLP(
+                    2 * self.cke.out_dim,
+                    [*p["tower_hidden"], 1],
+                    p["dropout"],
+                    last_activation=False,
+                )
+                for e in self.entities
+            }
+        )
+
+    def common(self, parts: dict) -> Tensor:
+        return torch.cat([parts["user"], parts["seq"], parts["shared"]], dim=1)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        parts = self.inputs(batch)
+        common = self.common(parts)
+        entity_index = batch["entity_index"]
+        out: dict[str, Tensor] = {}
+        if self.params["hfa"]:
+            q_all = []
+            for e in self.entities:
+                q_e, out[f"importance_{e}"] = self.hfa[e](common, parts["specific"][e])
+                q_all.append(q_e)
+            q = pick(torch.stack(q_all, dim=1), entity_index)
+        else:
+            q = unaligned_q(common, parts["specific"], self.spec_widths)
+        g_com = self.cke(q, entity_index)  # eq. 7
+        g_ind = pick(
+            torch.stack(
+                [
+                    self.extractors[e](torch.cat([common, parts["specific"][e]], dim=1))
+                    for e in self.entities
+                ],
+                dim=1,
+            ),
+            entity_index,
+        )  # eq. 8
+        tower_in = torch.cat([g_com, g_ind], dim=1)
+        logits = torch.cat([self.towers[e](tower_in) for e in self.entities], dim=1)
+        out.update(logit=pick(logits, entity_index), g_com=g_com, g_ind=g_ind)
+        return out
+
+    def loss(self, batch: Batch, out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Eq. 11 divided by the batch size: the BCE of every row (each by its own entity's
+        tower) plus gamma times eq. 10, the cosine of each row's g_com and its entity's g_ind,
+        averaged over the batch."""
+        rows = batch["label"].shape[0]
+        bce = F.binary_cross_entropy_with_logits(out["logit"], batch["label"], reduction="none")
+        is_source = batch["entity_index"] == self.schema.source_index
+        is_target = batch["entity_index"] == self.schema.target_index
+        pdl = F.cosine_similarity(out["g_com"], out["g_ind"], dim=1).mean()  # eqs. 9-10
+        total = bce.sum() / rows + self.params["gamma"] * pdl
+        return {
+            "loss": total,
+            "bce_source": (bce * is_source).sum().detach() / rows,
+            "bce_target": (bce * is_target).sum().detach() / rows,
+            "pdl": pdl.detach(),
+        }
+
+    def target_path(self) -> MEMTargetPath:
+        """The modules the target entity's knowledge needs, sharing this MEM's parameters."""
+        return MEMTargetPath(self)
+
+
+class MEMTargetPath(nn.Module):
+    """MEM restricted to the target entity (the grey MEM part of the paper's Figure 2):
+    embeddings of user, shared and target-specific features, the sequence attention, the
+    target HFA and the CKE with the target gate. No source-specific table, HFA, gate, SKE,
+    TKE or tower. Returns the knowledge TEM plugs in: (v_u, v_seq, v_shared, g_com^t)."""
+
+    def __init__(self, mem: MEM) -> None:
+        super().__init__()
+        schema = mem.schema
+        target = schema.target_entity
+        names = [
+            f.name
+            for f in [
+                *schema.user_features,
+                *schema.shared_features,
+                *schema.specific_features(target),
+            ]
+        ]
+        self.inputs = EntityInputs(
+            schema,
+            mem.inputs.dim,
+            embeddings=mem.inputs.embeddings.subset(names),
+            attention=mem.inputs.attention,
+            entities=[target],
+        )
+        self.target = target
+        self.hfa = mem.hfa[target] if mem.params["hfa"] else None
+        self.spec_widths = dict(mem.spec_widths)
+        self.cke = mem.cke.select_gates([schema.target_index])
+        self.out_dims = {
+            "user": self.inputs.dim * len(self.inputs.user_names),
+            "seq": self.inputs.dim * len(self.inputs.seq_names),
+            "shared": self.inputs.dim * len(self.inputs.shared_names),
+            "cross": self.cke.out_dim,
+        }
+
+    def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        user, seq, shared = (
+            self.inputs.user(batch),
+            self.inputs.seq(batch),
+            self.inputs.shared(batch),
+        )
+        common = torch.cat([user, seq, shared], dim=1)
+        specific = self.inputs.specific(batch, self.target)
+        if self.hfa is not None:
+            q, _ = self.hfa(common, specific)
+        else:
+            q = unaligned_q(common, {self.target: specific}, self.spec_widths)
+        g_com = self.cke(q, torch.zeros_like(batch["entity_index"]))
+        return user, seq, shared, g_com
+
+
+def check_params(model: str, p: dict[str, Any], positive: list[str], nonempty: list[str]) -> None:
+    for key in positive:
+        if p[key] < 1:
+            raise ConfigError(f"{model}.{key}: must be >= 1, got {p[key]}")
+    for key in nonempty:
+        if not p[key] or any(int(h) < 1 for h in p[key]):
+            raise ConfigError(f"{model}.{key}: must be a non-empty list of positive sizes")
+    if not 0.0 <= p["dropout"] < 1.0:
+        raise ConfigError(f"{model}.dropout: must be in [0, 1), got {p['dropout']}")

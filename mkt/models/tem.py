@@ -1,0 +1,143 @@
+"""TEM, the Target Entity Model of MKT's second stage (paper section 3.3, eqs. 12-13).
+
+A single-entity DNN with its own embeddings, trained on target rows only. With a pretrained
+MEM it plugs in four knowledge vectors of the frozen MEM's target path, each filtered by its
+own GLU gate and added to TEM's vector of the same meaning (eq. 12):
+
+    v_u_final     = v_u^TEM     + gate_user(v_u^MEM)
+    v_seq_final   = v_seq^TEM   + gate_seq(v_seq^MEM)
+    v_shared_final= v_shared^TEM+ gate_shared(v_shared^MEM)
+    g_cross_final = g_cross^TEM + gate_cross(g_com^t)     g_cross^TEM: the DNN's layer
+                                                          `cross_layer` (64 units by default)
+
+`TEM(schema, params, pretrained=None)` is the "w/o MEM" ablation: TEM alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mkt.features import Batch
+from mkt.layers import MLP, EmbeddingBank, EntityInputs, GLUGate, TargetAttention
+from mkt.models import ConfigError, CTRModel, register
+from mkt.models.mem import MEM, check_params
+from mkt.schema import FeatureSchema
+
+PLUGS = ("user", "seq", "shared", "cross")
+
+
+@register("tem")
+class TEM(CTRModel):
+    train_entities = "target"
+    defaults: ClassVar[dict[str, Any]] = {
+        "embedding_dim": 8,
+        "attention_hidden": [32, 16],
+        # The paper's public-data DNN is [128, 64, 16, 1]; the final 1 is the output layer.
+        "hidden": [128, 64, 16],
+        # g_cross^TEM is the output of this many hidden layers (2: the 64-unit layer, as wide
+        # as MEM's g_com with cke_hidden [128, 64]).
+        "cross_layer": 2,
+        "plug_user": True,
+        "plug_seq": True,
+        "plug_shared": True,
+        "plug_cross": True,
+        "dropout": 0.0,
+    }
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        params: Mapping[str, Any] | None = None,
+        pretrained: MEM | None = None,
+    ) -> None:
+        super().__init__(schema, params)
+        p = self.params
+        check_params("TEM", p, positive=["embedding_dim", "cross_layer"], nonempty=["hidden"])
+        if p["cross_layer"] > len(p["hidden"]):
+            raise ConfigError(
+                f"TEM.cross_layer: {p['cross_layer']} exceeds the {len(p['hidden'])} hidden layers"
+            )
+        if pretrained is not None and not isinstance(pretrained, MEM):
+            raise ConfigError(f"TEM: pretrained must be a MEM, got {type(pretrained).__name__}")
+        dim = p["embedding_dim"]
+        target = schema.target_entity
+        own_tables = [f.name for f in schema.features if f.group in ("user", "shared")]
+        own_tables += [f.name for f in schema.specific_features(target)]
+        self.inputs = EntityInputs(
+            schema,
+            dim,
+            embeddings=EmbeddingBank(schema, dim, names=own_tables),
+            attention=TargetAttention(dim, p["attention_hidden"]),
+            entities=[target],
+        )
+        self.target = target
+        in_dim = self.inputs.common_dim + self.inputs.specific_dim(target)
+        cut = p["cross_layer"]
+        self.bottom = MLP(in_dim, p["hidden"][:cut], p["dropout"])
+        self.top = MLP(
+            self.bottom.out_dim, [*p["hidden"][cut:], 1], p["dropout"], last_activation=False
+        )
+
+        self.knowledge = None
+        self.gates = nn.ModuleDict()
+        if pretrained is not None:
+            # Freeze the MEM: no gradients, and eval mode kept by `train()` below.
+            pretrained.requires_grad_(False)
+            pretrained.eval()
+            self.knowledge = pretrained.target_path()
+            own_dims = {
+                "user": dim * len(self.inputs.user_names),
+                "seq": dim * len(self.inputs.seq_names),
+                "shared": dim * len(self.inputs.shared_names),
+                "cross": self.bottom.out_dim,
+            }
+            for name in PLUGS:
+                if p[f"plug_{name}"]:
+                    self.gates[name] = GLUGate(self.knowledge.out_dims[name], own_dims[name])
+
+    def train(self, mode: bool = True) -> TEM:
+        super().train(mode)
+        if self.knowledge is not None:
+            self.knowledge.eval()
+        return self
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        user = self.inputs.user(batch)
+        seq = self.inputs.seq(batch)
+        shared = self.inputs.shared(batch)
+        specific = self.inputs.specific(batch, self.target)
+        g_com = None
+        if self.knowledge is not None:
+            mem_user, mem_seq, mem_shared, g_com = self.knowledge(batch)
+            if "user" in self.gates:
+                user = user + self.gates["user"](mem_user)
+            if "seq" in self.gates:
+                seq = seq + self.gates["seq"](mem_seq)
+            if "shared" in self.gates:
+                shared = shared + self.gates["shared"](mem_shared)
+        g_cross = self.bottom(torch.cat([user, seq, shared, specific], dim=1))
+        if g_com is not None and "cross" in self.gates:
+            g_cross = g_cross + self.gates["cross"](g_com)  # eq. 12
+        return {"logit": self.top(g_cross).squeeze(-1)}
+
+    def serving_module(self) -> TEMServing:
+        """The online-serving graph (grey in the paper's Figure 2), sharing this TEM's
+        parameters; call `.eval()` on it before exporting."""
+        return TEMServing(self)
+
+
+class TEMServing(nn.Module):
+    """`forward(batch) -> logit [B]` for target rows. TEM already holds only the MEM's target
+    path (no source-specific table, HFA, gate, extractor or tower), so this is TEM with a
+    plain tensor output, which torch.export and TorchScript tracing take as is."""
+
+    def __init__(self, tem: TEM) -> None:
+        super().__init__()
+        self.tem = tem
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.tem(batch)["logit"]

@@ -1,0 +1,112 @@
+"""AUC, GAUC (eq. 14), log loss and activity groups against scikit-learn and naive loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss as sk_log_loss
+from sklearn.metrics import roc_auc_score
+
+from mkt.metrics import activity_groups, auc, evaluate, gauc, log_loss, user_activity
+
+
+def naive_gauc(labels, scores, groups):
+    num = den = covered = 0.0
+    for g in np.unique(groups):
+        rows = groups == g
+        if len(np.unique(labels[rows])) < 2:
+            continue
+        num += rows.sum() * roc_auc_score(labels[rows], scores[rows])
+        den += rows.sum()
+        covered += rows.sum()
+    return num / den, covered / len(labels)
+
+
+def random_data(n, n_users, seed, dtype):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n)
+    labels = (rng.random(n) < 0.3).astype(np.int8)
+    # Coarse scores make many ties, within users and across them.
+    scores = (np.round(rng.random(n) * 20) / 20 + labels * 0.1).astype(dtype)
+    return labels, scores, users
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auc_matches_sklearn_with_ties(dtype):
+    labels, scores, _ = random_data(5000, 10, seed=0, dtype=dtype)
+    if dtype == np.float64:
+        scores = scores + 1e-12  # not exactly float32: takes the rank path
+    assert auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_auc_edge_cases():
+    assert auc(np.array([1, 0, 1, 0]), np.array([0.0, -0.0, 0.0, -0.0])) == 0.5
+    assert auc(np.array([0, 1]), np.array([0.2, 0.9])) == 1.0
+    assert np.isnan(auc(np.array([1, 1]), np.array([0.2, 0.9])))
+    with pytest.raises(ValueError, match="NaN"):
+        auc(np.array([0, 1]), np.array([np.nan, 0.1]))
+    with pytest.raises(ValueError, match="0/1"):
+        auc(np.array([0, 2]), np.array([0.3, 0.1]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gauc_matches_naive_sklearn_loop(dtype):
+    labels, scores, users = random_data(20_000, 1_000, seed=1, dtype=dtype)
+    if dtype == np.float64:
+        scores = scores * (1 + 1e-13)
+    expected, expected_covered = naive_gauc(labels, scores, users)
+    assert 0.5 < expected_covered < 1.0  # some users are all-negative and left out
+    # The same users keyed as compact ints, as sparse ints and as strings.
+    for groups in (users, users * 10_000_019 - 7, users.astype(str)):
+        value, covered = gauc(labels, scores, groups)
+        assert value == pytest.approx(expected, abs=1e-9)
+        assert covered == pytest.approx(expected_covered, abs=1e-12)
+
+
+def test_gauc_weights_users_by_impressions():
+    labels = np.array([1, 0, 0, 0, 1, 1, 1])
+    scores = np.array([0.9, 0.1, 0.2, 0.8, 0.3, 0.5, 0.5])
+    groups = np.array([7, 7, 7, 3, 3, 5, 5])
+    # user 7: AUC 1 on 3 rows; user 3: AUC 0 on 2 rows; user 5: one class, left out.
+    value, covered = gauc(labels, scores, groups)
+    assert value == pytest.approx(3 / 5)
+    assert covered == pytest.approx(5 / 7)
+    assert np.isnan(gauc(np.ones(3), np.ones(3) * 0.5, np.arange(3))[0])
+
+
+def test_log_loss_matches_sklearn():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 1000)
+    probs = rng.random(1000)
+    assert log_loss(labels, probs) == pytest.approx(sk_log_loss(labels, probs), rel=1e-12)
+    assert np.isfinite(log_loss(np.array([1, 0]), np.array([0.0, 1.0])))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        log_loss(np.array([1]), np.array([1.5]))
+
+
+def test_activity_and_groups():
+    history = np.array([5, 5, 5, 9, 2, 2])
+    assert user_activity(np.array([5, 2, 9, 4]), history).tolist() == [3, 2, 1, 0]
+    assert user_activity(np.array([1]), np.array([], dtype=np.int64)).tolist() == [0]
+    names = activity_groups(np.array([0, 10, 11, 30, 31, 500]))
+    assert names.tolist() == ["0-10", "0-10", "10-30", "10-30", ">30", ">30"]
+    assert activity_groups(np.array([3, 4]), boundaries=[3]).tolist() == ["0-3", ">3"]
+    with pytest.raises(ValueError, match="increasing"):
+        activity_groups(np.array([1]), boundaries=[30, 10])
+
+
+def test_evaluate_reports_everything_by_activity_group():
+    labels, scores, users = random_data(20_000, 500, seed=3, dtype=np.float32)
+    probs = np.clip(scores, 0.01, 0.99).astype(np.float64)
+    activity = users % 50  # any per-row count
+    result = evaluate(labels, probs, users, activity=activity)
+    assert result["rows"] == 20_000
+    assert result["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-12)
+    assert result["gauc"] == pytest.approx(naive_gauc(labels, probs, users)[0], abs=1e-9)
+    assert result["logloss"] == pytest.approx(sk_log_loss(labels, probs), rel=1e-12)
+    groups = result["by_activity"]
+    assert list(groups) == ["0-10", "10-30", ">30"]
+    assert sum(g["rows"] for g in groups.values()) == 20_000
+    low = activity <= 10
+    assert groups["0-10"]["auc"] == pytest.approx(roc_auc_score(labels[low], probs[low]))
+    assert "by_activity" not in evaluate(labels, probs, users)

@@ -1,0 +1,154 @@
+"""The small modules of mkt/layers: shapes, masking, padding / OOV and per-row gating."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mkt.layers import (
+    MLP,
+    CrossNetwork,
+    EmbeddingBank,
+    EntityInputs,
+    GLUGate,
+    MMoE,
+    TargetAttention,
+)
+from mkt.synthetic import toy_batch, toy_schema
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return toy_schema()
+
+
+@pytest.fixture()
+def batch(schema):
+    return toy_batch(schema, 32, seed=3)
+
+
+def test_embedding_bank_padding_oov_and_shapes(schema, batch):
+    torch.manual_seed(0)
+    bank = EmbeddingBank(schema, dim=8)
+    out = bank(batch, ["user_id", "gender", "price"])
+    assert out.shape == (32, 3, 8)
+    vocab = schema.feature("brand").vocab_size
+    idx = torch.tensor([0, 2, vocab, vocab + 100, -1, 5])
+    emb = bank.lookup("brand", idx)
+    assert torch.all(emb[0] == 0)  # padding embeds to zeros
+    oov = bank.tables["brand"].weight[2]
+    for row in (2, 3, 4):  # out-of-range indices read as OOV
+        assert torch.equal(emb[row], oov)
+    assert not torch.equal(emb[5], oov)
+    # Padding gets no gradient.
+    bank.lookup("brand", idx).sum().backward()
+    assert torch.all(bank.tables["brand"].weight.grad[0] == 0)
+    assert torch.any(bank.tables["brand"].weight.grad[2] != 0)
+
+
+def test_embedding_bank_sequence_uses_item_table_and_length_mask(schema, batch):
+    bank = EmbeddingBank(schema, dim=4)
+    keys, mask = bank.sequence(batch, "seq_post")
+    assert keys.shape == (32, schema.seq_len, 4) and mask.shape == (32, schema.seq_len)
+    assert torch.equal(mask.sum(1), batch["seq_post_len"])
+    item_table = bank.tables[schema.item_feature].weight
+    assert torch.equal(keys[0, 0], item_table[batch["seq_post"][0, 0]])
+    with pytest.raises(KeyError, match="not a sequence"):
+        bank.sequence(batch, "user_id")
+
+
+def test_embedding_bank_names_and_subset(schema):
+    bank = EmbeddingBank(schema, names=["user_id", "item_id"])
+    assert set(bank.tables) == {"user_id", "item_id"}
+    with pytest.raises(KeyError, match="nope"):
+        EmbeddingBank(schema, names=["nope"])
+    full = EmbeddingBank(schema)
+    sub = full.subset(["user_id"])
+    assert sub.tables["user_id"].weight is full.tables["user_id"].weight
+    with pytest.raises(KeyError, match="no table"):
+        sub.lookup("price", torch.tensor([3]))
+
+
+def test_mlp_dims_activation_and_errors():
+    mlp = MLP(6, [5, 3], last_activation=False)
+    assert mlp.out_dim == 3
+    torch.manual_seed(0)
+    out = mlp(torch.randn(200, 6))
+    assert (out < 0).any()  # no ReLU on the last layer
+    assert (MLP(6, [5, 3])(torch.randn(200, 6)) >= 0).all()
+    assert MLP(6, []).out_dim == 6
+    with pytest.raises(ValueError, match="activation"):
+        MLP(3, [2], activation="swishy")
+
+
+def test_cross_network_is_dcn_v1():
+    torch.manual_seed(0)
+    net = CrossNetwork(4, num_layers=1)
+    with torch.no_grad():
+        net.biases[0].fill_(0.5)
+    x = torch.randn(3, 4)
+    expected = x * (x @ net.weights[0]).unsqueeze(1) + 0.5 + x
+    assert torch.allclose(net(x), expected)
+    assert net.out_dim == 4
+
+
+def test_target_attention_masks_slots():
+    torch.manual_seed(0)
+    att = TargetAttention(4)
+    q, keys = torch.randn(2, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[True, True, False, False, False], [False] * 5])
+    out = att(q, keys, mask)
+    assert out.shape == (2, 4)
+    assert torch.all(out[1] == 0)  # nothing to attend to
+    changed = keys.clone()
+    changed[0, 2:] = 100.0  # masked slots must not matter
+    assert torch.allclose(att(q, changed, mask), out)
+
+
+def test_mmoe_mixes_each_row_by_its_gate():
+    torch.manual_seed(0)
+    mmoe = MMoE(6, num_experts=3, expert_hidden=[8, 4], num_gates=2)
+    x = torch.randn(10, 6)
+    gate = torch.tensor([0, 1] * 5)
+    mixed = mmoe(x, gate)
+    assert mixed.shape == (10, 4)
+    all0, all1 = mmoe(x, torch.zeros_like(gate)), mmoe(x, torch.ones_like(gate))
+    assert torch.allclose(mixed[gate == 0], all0[gate == 0])
+    assert torch.allclose(mixed[gate == 1], all1[gate == 1])
+    assert not torch.allclose(all0, all1)
+    only1 = mmoe.select_gates([1])
+    assert len(only1.gates) == 1 and only1.experts is mmoe.experts
+    assert torch.allclose(only1(x, torch.zeros_like(gate)), all1)
+
+
+def test_glu_gate_formula():
+    torch.manual_seed(0)
+    gate = GLUGate(3, 5)
+    x = torch.randn(4, 3)
+    assert torch.allclose(gate(x), gate.value(x) * torch.sigmoid(gate.gate(x)))
+
+
+def test_entity_inputs_parts(schema, batch):
+    torch.manual_seed(0)
+    inputs = EntityInputs(schema, dim=8)
+    parts = inputs(batch)
+    assert parts["user"].shape == (32, 8 * len(schema.user_features))
+    assert parts["seq"].shape == (32, 8 * len(schema.sequences))
+    assert parts["shared"].shape == (32, 8 * len(schema.shared_features))
+    assert inputs.common_dim == 8 * 6
+    for entity in schema.entities:
+        spec = parts["specific"][entity]
+        assert spec.shape == (32, 8 * len(schema.specific_features(entity)))
+        other = batch["entity_index"] != schema.entity_index(entity)
+        assert torch.all(spec[other] == 0)  # other entity's rows: padding
+        assert torch.any(spec[~other] != 0)
+    # One attention for every entity's sequence, querying with the shared item feature.
+    assert sum(isinstance(m, TargetAttention) for m in inputs.modules()) == 1
+    target_only = EntityInputs(
+        schema,
+        embeddings=inputs.embeddings,
+        attention=inputs.attention,
+        entities=[schema.target_entity],
+    )
+    assert torch.equal(target_only(batch)["seq"], parts["seq"])
+    assert set(target_only(batch)["specific"]) == {schema.target_entity}

@@ -1,0 +1,172 @@
+"""Run configuration: `conf/run/default.yaml`, then a run config file, then `key=value`.
+
+Every key must exist in the defaults (a typo fails with the key's name) and keep the type of its
+default; the subtree `params.<stage>` is free-form here and checked by the model it belongs to
+(`mkt.models.build_model`). This module imports neither Ray nor torch, so `train/run.py` can
+read the config before it decides how to start Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "conf" / "run" / "default.yaml"
+EARLY_STOPPING_METRICS = ("auc", "gauc")
+USE_GPU = ("auto", True, False)
+# Keys whose values are checked in `check`, not by the type of their default.
+MIXED_TYPE_KEYS = {"scaling.use_gpu"}
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the file or key."""
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: run config not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return data
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """`["train.lr=0.01", "params.mem.gamma=0"]` -> a nested mapping; values are YAML."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from e
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part!r} was already set to a value")
+            node = child
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], layer: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    """`layer` over `base`; keys absent from `base` are errors outside `params`."""
+    merged = copy.deepcopy(dict(base))
+    _merge_into(merged, layer, origin, path=())
+    return merged
+
+
+def _merge_into(
+    into: dict[str, Any], layer: Mapping[str, Any], origin: str, path: tuple[str, ...]
+) -> None:
+    free_form = len(path) >= 1 and path[0] == "params"
+    for key, value in layer.items():
+        where = ".".join((*path, str(key)))
+        if key not in into:
+            if not free_form:
+                raise ConfigError(f"{origin}: unknown key {where!r}")
+            into[key] = copy.deepcopy(value)
+            continue
+        default = into[key]
+        if isinstance(default, dict):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{origin}: {where!r} must be a mapping, got {value!r}")
+            _merge_into(default, value, origin, (*path, str(key)))
+        elif free_form or where in MIXED_TYPE_KEYS or default is None or _compatible(default, value):
+            into[key] = copy.deepcopy(value)
+        else:
+            raise ConfigError(
+                f"{origin}: {where!r} expects {type(default).__name__}, got {value!r}"
+            )
+
+
+def _compatible(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
+
+
+def load_run_config(
+    config_path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> dict[str, Any]:
+    """Defaults, then the config file (if any), then the overrides; checked."""
+    config = load_yaml(DEFAULT_CONFIG)
+    if config_path is not None:
+        config = merge(config, load_yaml(config_path), str(config_path))
+    config = merge(config, parse_overrides(overrides), "override")
+    check(config)
+    return config
+
+
+def check(config: Mapping[str, Any]) -> None:
+    """Value checks the type comparison cannot make."""
+    train = config["train"]
+    if not isinstance(config["model"], str) or not config["model"]:
+        raise ConfigError("model: a pipeline or model name is required")
+    for key in ("epochs", "batch_size", "eval_batch_size", "progress_every_batches"):
+        if train[key] < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
+    if train["lr"] <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {train['lr']}")
+    if train["shuffle_buffer_rows"] < 0:
+        raise ConfigError("train.shuffle_buffer_rows: must be >= 0 (0 turns it off)")
+    stopping = train["early_stopping"]
+    if stopping["metric"] not in EARLY_STOPPING_METRICS:
+        raise ConfigError(
+            f"train.early_stopping.metric: {stopping['metric']!r} is not one of "
+            f"{EARLY_STOPPING_METRICS}"
+        )
+    if stopping["patience"] < 1:
+        raise ConfigError("train.early_stopping.patience: must be >= 1")
+    scaling = config["scaling"]
+    if scaling["num_workers"] < 1:
+        raise ConfigError("scaling.num_workers: must be >= 1")
+    if scaling["cpus_per_worker"] <= 0:
+        raise ConfigError("scaling.cpus_per_worker: must be > 0")
+    if scaling["torch_threads"] < 1:
+        raise ConfigError("scaling.torch_threads: must be >= 1")
+    if scaling["use_gpu"] not in USE_GPU:
+        raise ConfigError(f"scaling.use_gpu: must be one of {USE_GPU}")
+    if config["ray"]["num_cpus"] < scaling["num_workers"] * scaling["cpus_per_worker"]:
+        raise ConfigError(
+            "ray.num_cpus: smaller than scaling.num_workers * scaling.cpus_per_worker; "
+            "the workers could never be placed"
+        )
+    if config["ray"]["max_failures"] < 0:
+        raise ConfigError("ray.max_failures: must be >= 0")
+    bounds = config["eval"]["activity_boundaries"]
+    if not bounds or any(not isinstance(b, int | float) for b in bounds):
+        raise ConfigError("eval.activity_boundaries: a non-empty list of numbers")
+    for stage, params in config["params"].items():
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"params.{stage}: must be a mapping of model parameters")
+    for key in ("ray.address", "tracking.mlflow_uri"):
+        section, name = key.split(".")
+        if config[section][name] is not None and not isinstance(config[section][name], str):
+            raise ConfigError(f"{key}: null or a string, got {config[section][name]!r}")
+    kill = config["fault"]["kill_worker_after_epoch"]
+    if kill is not None and (not isinstance(kill, int) or kill < 1):
+        raise ConfigError("fault.kill_worker_after_epoch: null or an epoch number >= 1")
+
+
+def dump(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)

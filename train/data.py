@@ -1,0 +1,90 @@
+"""The `samples` Delta table as Ray Data streams, and the step from Ray batches to model batches.
+
+Shuffling (docs/training.md, "Shuffling"): the Delta files are read in a new random order every
+epoch (`FileShuffleConfig`, reseeded per execution) and each worker draws its batches from a
+local buffer of `train.shuffle_buffer_rows` rows that mixes rows of several files. Nothing is
+materialised: a global `random_shuffle()` would move the whole table through the object store
+every epoch, which SGD on click logs does not need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+from ray.data import FileShuffleConfig
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.expressions import col
+
+from mkt.features import Batch, to_tensors
+from mkt.schema import FeatureSchema
+
+SAMPLES_TABLE = "samples"
+
+
+class DataError(ValueError):
+    """The samples directory is not what etl/build_samples.py writes."""
+
+
+def samples_path(out_dir: str | Path) -> Path:
+    path = Path(out_dir) / SAMPLES_TABLE
+    if not (path / "_delta_log").is_dir():
+        raise DataError(f"{path}: not a Delta table (run etl/build_samples.py first)")
+    return path
+
+
+def stage_entities(schema: FeatureSchema, rows: str) -> list[str]:
+    """A stage's `entities` ("both", "target", "source") as entity names."""
+    choices = {
+        "both": list(schema.entities),
+        "target": [schema.target_entity],
+        "source": [schema.source_entity],
+    }
+    if rows not in choices:
+        raise DataError(f"stage rows {rows!r} is not one of {sorted(choices)}")
+    return choices[rows]
+
+
+def model_columns(schema: FeatureSchema) -> list[str]:
+    """The columns `to_tensors` reads."""
+    names = [*schema.index_columns, *(f.name for f in schema.sequences)]
+    return [*names, schema.columns["entity"], schema.columns["label"]]
+
+
+def read_samples(
+    out_dir: str | Path,
+    schema: FeatureSchema,
+    entities: Iterable[str],
+    split: str,
+    columns: Iterable[str],
+    shuffle_seed: int | None = None,
+) -> ray.data.Dataset:
+    """`columns` of the rows of `entities` in `split`, streamed. The filter is on the partition
+    columns, so Ray pushes it into the read and files of other partitions are never opened."""
+    entity_col, split_col = schema.columns["entity"], schema.columns["split"]
+    shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    ds = ray.data.read_delta(
+        str(samples_path(out_dir)),
+        columns=list(dict.fromkeys([*columns, entity_col, split_col])),
+        shuffle=shuffle,
+    )
+    return ds.filter(expr=col(entity_col).is_in(list(entities)) & (col(split_col) == split))
+
+
+class ModelBatches(NumpyBatchCollateFn):
+    """Collate for `iter_torch_batches`: a Ray numpy batch -> `mkt.features.to_tensors`, plus
+    the untouched `keep` columns (e.g. `user_key` for GAUC) as tensors."""
+
+    def __init__(self, schema: FeatureSchema, keep: Iterable[str] = ()) -> None:
+        self.schema = schema
+        self.keep = tuple(keep)
+
+    def __call__(self, batch: Mapping[str, Any]) -> Batch:
+        out = to_tensors(self.schema, batch)
+        for name in self.keep:
+            out[name] = torch.as_tensor(np.asarray(batch[name]))
+        return out

@@ -1,0 +1,165 @@
+"""Evaluation on the target test rows: predictions table, metrics, oracle.
+
+Scoring streams the test rows through a pool of Ray Data actors holding the final model and
+writes `RUN_DIR/predictions` (Delta: entity, line_no, user_key, label, score), so every score
+traces back to its raw line. The metrics then read only those five columns (plus one count per
+user for the activity groups) into the driver: scores, never features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+import ray.data
+import torch
+from deltalake import DeltaTable
+from ray.data import ActorPoolStrategy, SaveMode
+
+from mkt.features import to_tensors
+from mkt.metrics import evaluate
+from mkt.schema import FeatureSchema
+from train.checkpoints import ModelLink, build_chain
+from train.data import model_columns, read_samples
+
+PREDICTIONS_DIR = "predictions"
+ORACLE_FILE = "oracle.parquet"
+
+
+class Scorer:
+    """Ray Data actor: rebuilds the pipeline's final model once, then scores batches."""
+
+    def __init__(
+        self, schema: dict[str, Any], chain: list[dict[str, Any]], torch_threads: int
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.schema = FeatureSchema.from_dict(schema)
+        self.model = build_chain(self.schema, [ModelLink.from_dict(c) for c in chain]).eval()
+        cols = self.schema.columns
+        self.passthrough = [cols["entity"], cols["line_no"], cols["user_key"]]
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            logit = self.model(to_tensors(self.schema, batch))["logit"]
+        out = {name: np.asarray(batch[name]) for name in self.passthrough}
+        out["label"] = np.asarray(batch[self.schema.columns["label"]]).astype(np.int8)
+        out["score"] = torch.sigmoid(logit).double().numpy()
+        return out
+
+
+def write_predictions(
+    samples_dir: Path,
+    schema: FeatureSchema,
+    chain: Sequence[ModelLink],
+    run_dir: Path,
+    config: dict[str, Any],
+) -> Path:
+    cols = schema.columns
+    extra = [cols["line_no"], cols["user_key"]]
+    target = schema.target_entity
+    if read_samples(samples_dir, schema, [target], "test", [cols["line_no"]]).count() == 0:
+        raise ValueError(f"{samples_dir}: no test rows of the target entity {target!r}")
+    rows = read_samples(samples_dir, schema, [target], "test", [*model_columns(schema), *extra])
+    scaling = config["scaling"]
+    scored = rows.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "schema": schema.to_dict(),
+            "chain": [link.to_dict() for link in chain],
+            "torch_threads": scaling["torch_threads"],
+        },
+        batch_size=config["train"]["eval_batch_size"],
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=scaling["num_workers"]),
+        num_cpus=scaling["cpus_per_worker"],
+    )
+    path = run_dir / PREDICTIONS_DIR
+    scored.write_delta(str(path), mode=SaveMode.OVERWRITE)
+    return path
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    return DeltaTable(str(path)).to_pyarrow_table().to_pandas()
+
+
+
+def user_activity(samples_dir: Path, schema: FeatureSchema, users: np.ndarray) -> np.ndarray:
+    """Per test row: its user's number of target-entity train rows (mkt.metrics' definition),
+    counted by a Ray Data group-by so no train row reaches the driver."""
+    key = schema.columns["user_key"]
+    train = read_samples(samples_dir, schema, [schema.target_entity], "train", [key])
+    # One hash partition per CPU: Ray's default of 200 is slow for one count per user.
+    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    counts = train.groupby(key, num_partitions=partitions).count().to_pandas()
+    per_user = pd.Series(counts["count()"].to_numpy(), index=counts[key].to_numpy())
+    return per_user.reindex(users).fillna(0).astype(np.int64).to_numpy()
+
+
+def oracle_path(schema: FeatureSchema, given: str | None) -> Path | None:
+    """`--oracle PATH`, else the generator's file beside the raw input, if there is one."""
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise FileNotFoundError(f"--oracle {path}: no such file")
+        return path
+    raw_dir = schema.raw_input.get("dir")
+    if raw_dir and (Path(raw_dir) / ORACLE_FILE).is_file():
+        return Path(raw_dir) / ORACLE_FILE
+    return None
+
+
+def oracle_scores(path: Path, schema: FeatureSchema, line_no: np.ndarray) -> np.ndarray:
+    """The generator's true like probability of each given target line (joined on entity,
+    line_no)."""
+    table = pads.dataset(str(path)).to_table(
+        columns=["line_no", "p_like"], filter=pc.field("entity") == schema.target_entity
+    )
+    truth = pd.Series(
+        table.column("p_like").to_numpy(), index=table.column("line_no").to_numpy()
+    )
+    if not truth.index.is_unique:
+        raise ValueError(f"{path}: duplicate (entity, line_no) rows")
+    p = truth.reindex(line_no)
+    if p.isna().any():
+        missing = line_no[p.isna().to_numpy()][:5]
+        raise ValueError(
+            f"{path}: no oracle row for {schema.target_entity} lines {list(missing)}; "
+            "was the data generated together with this oracle file?"
+        )
+    return p.to_numpy()
+
+
+def test_metrics(
+    predictions: pd.DataFrame,
+    activity: np.ndarray,
+    boundaries: Sequence[float],
+    oracle: np.ndarray | None,
+) -> dict[str, Any]:
+    labels = predictions["label"].to_numpy().astype(np.int64)
+    users = predictions["user_key"].to_numpy()
+    result = {"model": evaluate(labels, predictions["score"].to_numpy(), users, activity, boundaries)}
+    if oracle is not None:
+        result["oracle"] = evaluate(labels, oracle, users, activity, boundaries)
+    return result
+
+
+def evaluate_run(
+    samples_dir: Path,
+    schema: FeatureSchema,
+    chain: Sequence[ModelLink],
+    run_dir: Path,
+    config: dict[str, Any],
+    oracle: Path | None,
+) -> dict[str, Any]:
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    predictions = read_predictions(write_predictions(samples_dir, schema, chain, run_dir, config))
+    users = predictions["user_key"].to_numpy()
+    activity = user_activity(samples_dir, schema, users)
+    truth = oracle_scores(oracle, schema, predictions["line_no"].to_numpy()) if oracle else None
+    return test_metrics(predictions, activity, config["eval"]["activity_boundaries"], truth)

@@ -1,0 +1,264 @@
+"""The training loop of one pipeline stage, run by every Ray Train worker.
+
+Each worker iterates its own shard of the `train` stream (Ray Data `streaming_split`, equal
+rows per worker, so every rank takes the same number of DDP steps) and of the `valid` stream.
+After each epoch the workers gather their validation scores, all compute the same metric, and
+so all take the same early-stopping decision; the first worker writes the epoch's checkpoint.
+A restarted worker group (FailureConfig) resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mkt.metrics import auc, gauc, log_loss
+from mkt.models import CTRModel
+from mkt.schema import FeatureSchema
+from train.checkpoints import (
+    ModelLink,
+    TrainState,
+    build_chain,
+    load_optimizer,
+    load_weights,
+    save_checkpoint,
+)
+from train.data import ModelBatches
+
+# Train's worker logging sends this to the driver's console once (a print would be echoed twice).
+log = logging.getLogger(__name__)
+
+# The metric every checkpoint is ranked by (`CheckpointConfig`); NaN (one class only) ranks last.
+SCORE = "score"
+
+
+def stage_worker(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker` of the stage's TorchTrainer; `config` is built by
+    `train.stage.worker_config`."""
+    torch.set_num_threads(config["torch_threads"])
+    torch.manual_seed(config["seed"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    schema = FeatureSchema.from_dict(config["schema"])
+    opts = config["train"]
+
+    model = build_chain(schema, [ModelLink.from_dict(link) for link in config["chain"]])
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_weights(model, directory)
+            state = TrainState.load(Path(directory))
+        state.resumed_after.append(state.epochs_done)
+        if rank == 0:
+            log.info("[%s] resuming after epoch %d", config["stage"], state.epochs_done)
+    wrapped = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": opts["find_unused_parameters"]}
+    )
+    # Built after prepare_model: the optimizer state follows the parameters' device.
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=opts["lr"],
+        weight_decay=opts["weight_decay"],
+    )
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_optimizer(optimizer, Path(directory))
+
+    device = ray.train.torch.get_device()
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard("valid")
+    collate = ModelBatches(schema)
+    collate_valid = ModelBatches(schema, keep=[schema.columns["user_key"]])
+
+    while state.epochs_done < opts["epochs"] and not state.stopped_early:
+        epoch = state.epochs_done + 1
+        model.train()
+        batches = train_shard.iter_torch_batches(
+            batch_size=opts["batch_size"],
+            collate_fn=collate,
+            device=device,
+            local_shuffle_buffer_size=opts["shuffle_buffer_rows"] or None,
+            local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
+        )
+        train_stats = _train_epoch(model, wrapped, optimizer, batches, config, epoch, rank, world)
+        labels, probs, users = _predict(
+            model,
+            valid_shard.iter_torch_batches(
+                batch_size=opts["eval_batch_size"], collate_fn=collate_valid, device=device
+            ),
+            schema.columns["user_key"],
+        )
+        valid = _valid_metrics(labels, probs, users, world)
+        metric = valid[f"valid_{opts['early_stopping']['metric']}"]
+        score = metric if math.isfinite(metric) else -1.0
+        state.epochs_done = epoch
+        if score > state.best_score:
+            state.best_score, state.best_epoch = score, epoch
+            state.epochs_without_improvement = 0
+        else:
+            state.epochs_without_improvement += 1
+        state.stopped_early = (
+            state.epochs_without_improvement >= opts["early_stopping"]["patience"]
+            and epoch < opts["epochs"]
+        )
+        metrics = {"epoch": epoch, **train_stats, **valid, SCORE: score}
+        state.history.append(metrics)
+        if rank == 0:
+            log.info(_epoch_line(config["stage"], opts["epochs"], metrics, state))
+        _report(metrics, model, optimizer, state, rank)
+        _fault_drill(config["fault"], epoch, rank, world)
+
+
+def _train_epoch(
+    model: CTRModel,
+    wrapped: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Any,
+    config: dict[str, Any],
+    epoch: int,
+    rank: int,
+    world: int,
+) -> dict[str, float]:
+    """One pass over this worker's shard; returns loss components and throughput, summed
+    over all workers."""
+    every = config["train"]["progress_every_batches"]
+    sums: dict[str, float] = {}
+    rows = 0
+    started = time.perf_counter()
+    for step, batch in enumerate(batches, start=1):
+        out = wrapped(batch)
+        losses = model.loss(batch, out)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        n = int(batch["label"].shape[0])
+        rows += n
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) * n
+        if rank == 0 and step % every == 0:
+            elapsed = time.perf_counter() - started
+            log.info(
+                "[%s] epoch %d step %d: ~%d rows, ~%.0f rows/s, loss %.4f",
+                config["stage"],
+                epoch,
+                step,
+                rows * world,
+                rows * world / elapsed,
+                sums["loss"] / rows,
+            )
+    elapsed = time.perf_counter() - started
+    names = sorted(sums)
+    totals = torch.tensor([float(rows), *(sums[k] for k in names)], dtype=torch.float64)
+    seconds = torch.tensor([elapsed], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    all_rows = max(totals[0].item(), 1.0)
+    stats = {f"train_{k}": totals[i + 1].item() / all_rows for i, k in enumerate(names)}
+    stats.update(
+        train_rows=totals[0].item(),
+        train_seconds=seconds.item(),
+        rows_per_s=totals[0].item() / max(seconds.item(), 1e-9),
+    )
+    return stats
+
+
+@torch.no_grad()
+def _predict(
+    model: CTRModel, batches: Any, user_key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    model.eval()
+    labels, probs, users = [], [], []
+    for batch in batches:
+        probs.append(torch.sigmoid(model(batch)["logit"]).double().cpu().numpy())
+        labels.append(batch["label"].cpu().numpy().astype(np.int64))
+        users.append(batch[user_key].cpu().numpy())
+    if not labels:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64)
+    return np.concatenate(labels), np.concatenate(probs), np.concatenate(users)
+
+
+def _valid_metrics(
+    labels: np.ndarray, probs: np.ndarray, users: np.ndarray, world: int
+) -> dict[str, float]:
+    """Gather every worker's validation scores (3 numbers a row), then the metrics."""
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (labels, probs, users))
+        labels, probs, users = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    if len(labels) == 0:
+        raise RuntimeError("the validation slice is empty; check the samples' valid split")
+    g, coverage = gauc(labels, probs, users)
+    return {
+        "valid_auc": auc(labels, probs),
+        "valid_gauc": g,
+        "valid_gauc_coverage": coverage,
+        "valid_logloss": log_loss(labels, probs),
+        "valid_rows": float(len(labels)),
+    }
+
+
+def _report(
+    metrics: dict[str, float],
+    model: CTRModel,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    rank: int,
+) -> None:
+    """Every worker reports; only the first writes the checkpoint (the model is replicated)."""
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(directory), model, optimizer, state)
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _fault_drill(fault: dict[str, Any], epoch: int, rank: int, world: int) -> None:
+    """Kill the last worker's process once, after the given epoch's checkpoint (tests). It
+    first waits until Train has registered that checkpoint, so the restart must resume after
+    exactly this epoch: a deterministic drill, not a race with the controller."""
+    if fault["kill_worker_after_epoch"] != epoch or rank != world - 1:
+        return
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    deadline = time.monotonic() + 120
+    while _registered_epochs(fault["storage"]) < epoch:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fault drill: epoch {epoch}'s checkpoint never registered")
+        time.sleep(0.5)
+    marker.write_text(f"worker {rank} killed after epoch {epoch}\n")
+    log.warning("fault drill: killing worker %d (pid %d) after epoch %d", rank, os.getpid(), epoch)
+    os._exit(1)
+
+
+def _registered_epochs(storage: str) -> int:
+    """Epochs done in the latest checkpoint Train has registered for this stage."""
+    try:
+        latest = ray.train.Result.from_path(storage).checkpoint
+        return TrainState.load(Path(latest.path)).epochs_done if latest else 0
+    except (RuntimeError, OSError, ValueError):  # snapshot not written yet, or mid-write
+        return 0
+
+
+def _epoch_line(stage: str, epochs: int, m: dict[str, float], state: TrainState) -> str:
+    stop = " (early stop)" if state.stopped_early else ""
+    return (
+        f"[{stage}] epoch {int(m['epoch'])}/{epochs}: {int(m['train_rows'])} rows, "
+        f"{m['rows_per_s']:,.0f} rows/s, loss {m['train_loss']:.4f}, "
+        f"valid auc {m['valid_auc']:.4f} gauc {m['valid_gauc']:.4f}, "
+        f"best epoch {state.best_epoch}{stop}"
+    )

@@ -1,0 +1,55 @@
+"""A whole run: every stage of the configured pipeline, then evaluation and the run's files.
+
+Stage by stage (mkt.pipelines): a stage that continues another (`pretrained_from`, e.g. TEM
+from MEM) trains its model on top of that stage's best checkpoint. A stage this RUN_DIR
+already finished is not trained again, so rerunning an interrupted command resumes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from mkt.pipelines import pipeline
+from mkt.schema import FeatureSchema
+from train.checkpoints import ModelLink
+from train.evaluate import evaluate_run, oracle_path
+from train.report import SUMMARY_FILE, write_outputs
+from train.stage import StageResult, finished, run_stage, use_gpu
+
+
+def run_pipeline(
+    config: dict[str, Any], samples_dir: Path, run_dir: Path, oracle: str | None = None
+) -> dict[str, Any]:
+    """Train, evaluate and write RUN_DIR's files; returns what metrics.json holds."""
+    schema = FeatureSchema.load(samples_dir)
+    truth = oracle_path(schema, oracle)
+    stages = pipeline(config["model"])
+    results: list[StageResult] = []
+    chains: dict[str, list[ModelLink]] = {}
+    for stage in stages:
+        base = chains[stage.pretrained_from] if stage.pretrained_from else []
+        result = finished(stage, config, run_dir)
+        if result is None:
+            link = ModelLink(stage.model, config["params"].get(stage.name, {}))
+            result = run_stage(stage, config, schema, samples_dir, run_dir, [*base, link])
+        else:
+            print(f"[{stage.name}] already trained in {run_dir}; using its best checkpoint")
+        chains[stage.name] = [*base, result.link]
+        results.append(result)
+    test = evaluate_run(samples_dir, schema, chains[stages[-1].name], run_dir, config, truth)
+    header = {
+        "model": config["model"],
+        "samples": str(samples_dir),
+        "oracle": str(truth) if truth else None,
+        "num_workers": config["scaling"]["num_workers"],
+        "cpus_per_worker": config["scaling"]["cpus_per_worker"],
+        "use_gpu": use_gpu(config),
+        "early_stopping_metric": config["train"]["early_stopping"]["metric"],
+        "ray_nodes": sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}),
+    }
+    metrics = write_outputs(run_dir, header, results, test)
+    print((run_dir / SUMMARY_FILE).read_text())
+    return metrics

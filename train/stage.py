@@ -1,0 +1,216 @@
+"""Run one pipeline stage: a Ray Train `TorchTrainer` over the streamed samples.
+
+The trainer runs inside a one-trial Ray Tune experiment for one reason: Train V2 has no
+TensorBoard or MLflow integration of its own, and Tune's logger callbacks are Ray's. Train's
+`TuneReportCallback` hands every epoch's report to the trial, and Tune's `TBXLoggerCallback`
+(and `MLflowLoggerCallback` when `tracking.mlflow_uri` is set) record it. Checkpoints, restarts
+and early stopping are Train's and the loop's; Tune adds no retries of its own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray import tune
+from ray.train import Result
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import TBXLoggerCallback
+
+from mkt.pipelines import Stage
+from mkt.schema import FeatureSchema
+from train.checkpoints import ModelLink, TrainState
+from train.config import ConfigError
+from train.data import model_columns, read_samples, stage_entities
+from train.loop import SCORE, stage_worker
+
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+# The Tune trial only waits on the trainer; a sliver of a CPU keeps it from taking a core from
+# the workers or the data path (Tune refuses an empty resource request).
+TRIAL_RESOURCES = {"CPU": 0.01}
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    link: ModelLink  # the stage's model with its best checkpoint's weights
+    state: TrainState  # from the latest checkpoint: history and early-stopping state
+    best_metrics: dict[str, Any]
+
+
+def use_gpu(config: dict[str, Any]) -> bool:
+    choice = config["scaling"]["use_gpu"]
+    if choice == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(choice)
+
+
+def worker_config(
+    stage: Stage,
+    config: dict[str, Any],
+    schema: FeatureSchema,
+    chain: list[ModelLink],
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Everything `stage_worker` needs, as plain data (it crosses process boundaries)."""
+    return {
+        "stage": stage.name,
+        "schema": schema.to_dict(),
+        "chain": [link.to_dict() for link in chain],
+        "train": config["train"],
+        "seed": config["seed"],
+        "torch_threads": config["scaling"]["torch_threads"],
+        "fault": {
+            "kill_worker_after_epoch": config["fault"]["kill_worker_after_epoch"],
+            "marker": str(run_dir / f".fault-drill-{stage.name}"),
+            "storage": str(run_dir / CHECKPOINTS_DIR / stage.name),
+        },
+    }
+
+
+def stage_datasets(
+    stage: Stage, schema: FeatureSchema, samples_dir: Path, seed: int
+) -> dict[str, ray.data.Dataset]:
+    """Train rows of the stage's entities; validation rows of the entity it serves (the
+    target, unless the stage trains on the source alone, as a Finetune pre-training)."""
+    valid_entity = schema.source_entity if stage.entities == "source" else schema.target_entity
+    columns = model_columns(schema)
+    return {
+        "train": read_samples(
+            samples_dir,
+            schema,
+            stage_entities(schema, stage.entities),
+            "train",
+            columns,
+            shuffle_seed=seed,
+        ),
+        "valid": read_samples(
+            samples_dir, schema, [valid_entity], "valid", [*columns, schema.columns["user_key"]]
+        ),
+    }
+
+
+def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult | None:
+    """The result of a stage an earlier invocation with this RUN_DIR already completed."""
+    path = run_dir / CHECKPOINTS_DIR / stage.name
+    if not path.is_dir():
+        return None
+    try:
+        result = Result.from_path(str(path))
+    except RuntimeError:
+        return None
+    if result.checkpoint is None:
+        return None
+    state = TrainState.load(Path(result.checkpoint.path))
+    if not (state.stopped_early or state.epochs_done >= config["train"]["epochs"]):
+        return None
+    return _stage_result(stage, config, result, state)
+
+
+def run_stage(
+    stage: Stage,
+    config: dict[str, Any],
+    schema: FeatureSchema,
+    samples_dir: Path,
+    run_dir: Path,
+    chain: list[ModelLink],
+) -> StageResult:
+    """Train `chain[-1]` (this stage's model, on `chain[:-1]`) and return its best weights."""
+    gpu = use_gpu(config)
+    scaling = config["scaling"]
+    resources = {"CPU": scaling["cpus_per_worker"], **({"GPU": 1} if gpu else {})}
+    train_loop_config = worker_config(stage, config, schema, chain, run_dir)
+    storage = str(run_dir / CHECKPOINTS_DIR)
+
+    def fit(_: dict[str, Any]) -> None:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        trainer = TorchTrainer(
+            stage_worker,
+            train_loop_config=train_loop_config,
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=scaling["num_workers"],
+                use_gpu=gpu,
+                resources_per_worker=resources,
+            ),
+            datasets=stage_datasets(stage, schema, samples_dir, config["seed"]),
+            run_config=ray.train.RunConfig(
+                name=stage.name,
+                storage_path=storage,
+                failure_config=ray.train.FailureConfig(max_failures=config["ray"]["max_failures"]),
+                checkpoint_config=ray.train.CheckpointConfig(
+                    # The best checkpoint is kept, and Train always keeps the latest as well.
+                    num_to_keep=1,
+                    checkpoint_score_attribute=SCORE,
+                    checkpoint_score_order="max",
+                ),
+                callbacks=[TuneReportCallback()],
+            ),
+        )
+        trainer.fit()
+
+    tuner = tune.Tuner(
+        tune.with_resources(fit, TRIAL_RESOURCES),
+        param_space=_flat(config),
+        run_config=tune.RunConfig(
+            name=stage.name,
+            storage_path=str(run_dir / TENSORBOARD_DIR),
+            callbacks=tracking_callbacks(config, stage.name),
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"stage {stage.name!r} failed: {grid.errors[0]}")
+    result = Result.from_path(str(run_dir / CHECKPOINTS_DIR / stage.name))
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name!r} reported no checkpoint")
+    state = TrainState.load(Path(result.checkpoint.path))
+    return _stage_result(stage, config, result, state)
+
+
+def _stage_result(
+    stage: Stage, config: dict[str, Any], result: Result, state: TrainState
+) -> StageResult:
+    best = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
+    link = ModelLink(stage.model, config["params"].get(stage.name, {}), best[0].path)
+    return StageResult(stage.name, link, state, dict(best[1]))
+
+
+def tracking_callbacks(config: dict[str, Any], stage: str) -> list[Any]:
+    callbacks: list[Any] = [TBXLoggerCallback()]
+    uri = config["tracking"]["mlflow_uri"]
+    if uri:
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError(
+                f"tracking.mlflow_uri is set ({uri}) but mlflow is not installed: "
+                "`pip install mlflow`, or set tracking.mlflow_uri=null"
+            )
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(
+            MLflowLoggerCallback(
+                tracking_uri=uri,
+                experiment_name=config["tracking"]["mlflow_experiment"],
+                tags={"stage": stage, "model": config["model"]},
+            )
+        )
+    return callbacks
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The run config as flat `a.b.c` parameters (TensorBoard hparams, MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
