@@ -120,7 +120,9 @@ def build_samples(
         summary = _summarize(parsed, samples, config)
         schema = _feature_schema(config, vocab, boundaries, input_dir, summary)
         for table, partition_by in TABLES.items():
-            write_delta(spark, stage.path(table), f"{output_dir}/{table}", partition_by, chosen_writer)
+            write_delta(
+                spark, stage.path(table), f"{output_dir}/{table}", partition_by, chosen_writer
+            )
         summary["output_dir"] = output_dir
         summary["writer"] = chosen_writer
         summary["wall_s"] = round(time.monotonic() - started, 1)
@@ -150,12 +152,7 @@ def _read_header(
     if not fs.is_file(path):
         raise InputError(f"entities.{entity}.file: raw file not found: {path}")
     # The header is line 0: the first line of the split that starts at byte 0.
-    first = (
-        spark.read.text(path)
-        .where(F.col("_metadata.file_block_start") == 0)
-        .limit(1)
-        .collect()
-    )
+    first = spark.read.text(path).where(F.col("_metadata.file_block_start") == 0).limit(1).collect()
     if not first:
         raise InputError(f"entities.{entity}.file: {path} is empty (no header line)")
     header = [c.strip() for c in first[0].value.lstrip("\ufeff").split(",")]
@@ -315,9 +312,7 @@ def _split_and_history(rows: DataFrame, config: DataConfig) -> DataFrame:
             .when(F.col("split") == "valid", F.col("likes_train"))
             .otherwise(F.col("likes_fit"))
         )
-    return rows.withColumn("history_likes", history.cast("long")).drop(
-        "rank", "n", "likes_train"
-    )
+    return rows.withColumn("history_likes", history.cast("long")).drop("rank", "n", "likes_train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,7 +352,9 @@ def _categorical_vocab(ranked: DataFrame, config: DataConfig) -> DataFrame:
                 ]
             )
         )
-        parts.append(train.where(F.col("entity") == entity).select(entries.alias("e")).select("e.*"))
+        parts.append(
+            train.where(F.col("entity") == entity).select(entries.alias("e")).select("e.*")
+        )
     counts = (
         reduce(_union, parts)
         .where(~_is_missing(F.col("raw_value")))
@@ -696,8 +693,7 @@ def _feature_schema(
             "files": {e.name: e.file for e in config.entities},
         },
         "counts": {
-            e: {s: v["splits"][s]["rows"] for s in SPLITS}
-            for e, v in summary["entities"].items()
+            e: {s: v["splits"][s]["rows"] for s in SPLITS} for e, v in summary["entities"].items()
         },
     }
 
@@ -797,9 +793,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s [etl] %(message)s", stream=sys.stderr
-    )
+    # Our progress lines only; py4j and Spark keep their own log levels.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [etl] %(message)s"))
+    logging.getLogger("etl").addHandler(handler)
+    logging.getLogger("etl").setLevel(logging.INFO)
     try:
         # Validate the config before paying for a SparkSession.
         load_config(args.config)

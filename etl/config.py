@@ -126,7 +126,7 @@ def load_config(path: str | Path) -> DataConfig:
         raise ConfigError(f"data config not found: {path}")
     with path.open() as fh:
         try:
-            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader subclass)
+            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
     try:
@@ -150,7 +150,9 @@ def parse_config(raw: Any) -> DataConfig:
     features = _parse_features(top["features"], names, default_buckets)
 
     sequence = _mapping(top["sequence"], "sequence")
-    _only_keys(sequence, "sequence", required=("item_feature",), optional=("seq_len", "history_mode"))
+    _only_keys(
+        sequence, "sequence", required=("item_feature",), optional=("seq_len", "history_mode")
+    )
     split = _mapping(top["split"], "split")
     _only_keys(split, "split", required=("test_fraction",), optional=("valid_fraction",))
 
@@ -200,7 +202,9 @@ def _parse_entities(raw: Any) -> tuple[Entity, ...]:
     return tuple(entities)
 
 
-def _parse_features(raw: Any, entities: tuple[str, ...], default_buckets: int) -> tuple[Feature, ...]:
+def _parse_features(
+    raw: Any, entities: tuple[str, ...], default_buckets: int
+) -> tuple[Feature, ...]:
     block = _mapping(raw, "features")
     _only_keys(block, "features", required=("user", "shared", "specific"))
     seen: dict[str, str] = {}
@@ -219,7 +223,9 @@ def _parse_features(raw: Any, entities: tuple[str, ...], default_buckets: int) -
     specific = _mapping(block["specific"], "features.specific")
     for entity, group_block in specific.items():
         if entity not in entities:
-            raise ConfigError(f"features.specific.{entity}: not an entity (entities: {list(entities)})")
+            raise ConfigError(
+                f"features.specific.{entity}: not an entity (entities: {list(entities)})"
+            )
         for name, spec in _mapping(group_block, f"features.specific.{entity}").items():
             add(name, spec, f"features.specific.{entity}.{name}", "specific", (entity,))
     return tuple(features)
@@ -255,9 +261,7 @@ def _parse_feature(
         for entity in by_entity:
             if entity not in applies_to:
                 raise ConfigError(f"{key}.source.{entity}: feature does not apply to {entity!r}")
-        columns = {
-            e: _str(by_entity.get(e, name), f"{key}.source.{e}") for e in applies_to
-        }
+        columns = {e: _str(by_entity.get(e, name), f"{key}.source.{e}") for e in applies_to}
     buckets = None
     if kind == "bucketized":
         buckets = _int(spec.get("buckets", default_buckets), f"{key}.buckets", minimum=2)

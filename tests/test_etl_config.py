@@ -148,7 +148,7 @@ def test_overrides_are_validated() -> None:
     config = load_config(TENREC_CONFIG)
     online = config.with_overrides(history_mode="online", seq_len=5, duplicates=None)
     assert (online.history_mode, online.seq_len, online.duplicates) == ("online", 5, "keep")
-    with pytest.raises(ConfigError, match="^sequence.history_mode"):
+    with pytest.raises(ConfigError, match=r"^sequence\.history_mode"):
         config.with_overrides(history_mode="later")
-    with pytest.raises(ConfigError, match="^sequence.seq_len"):
+    with pytest.raises(ConfigError, match=r"^sequence\.seq_len"):
         config.with_overrides(seq_len=0)

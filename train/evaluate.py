@@ -90,14 +90,17 @@ def read_predictions(path: Path) -> pd.DataFrame:
 
 
 def user_activity(samples_dir: Path, schema: FeatureSchema, users: np.ndarray) -> np.ndarray:
-    """Per test row: its user's number of target-entity train rows (mkt.metrics' definition),
-    counted by a Ray Data group-by so no train row reaches the driver."""
+    """Per test row: its user's number of target-entity train rows (mkt.metrics' definition).
+    Each read block is counted where it is read; the driver only adds up those partial counts
+    (at most one row per user and block), so no train row reaches it."""
     key = schema.columns["user_key"]
     train = read_samples(samples_dir, schema, [schema.target_entity], "train", [key])
-    # One hash partition per CPU: Ray's default of 200 is slow for one count per user.
-    partitions = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    counts = train.groupby(key, num_partitions=partitions).count().to_pandas()
-    per_user = pd.Series(counts["count()"].to_numpy(), index=counts[key].to_numpy())
+    partial = train.map_batches(
+        lambda block: block.select([key]).group_by(key).aggregate([(key, "count")]),
+        batch_format="pyarrow",
+        batch_size=None,
+    ).to_pandas()
+    per_user = partial.groupby(key)[f"{key}_count"].sum()
     return per_user.reindex(users).fillna(0).astype(np.int64).to_numpy()
 
 

@@ -34,9 +34,7 @@ class CrossConnectionNetworks(nn.Module):
 
     def forward(self, inputs: list[Tensor]) -> list[Tensor]:
         """`inputs[e]` `[B, in_dims[e]]` -> each network's last layer `[B, out_dim]`."""
-        acts = [
-            self.dropout(torch.relu(f(x))) for f, x in zip(self.first, inputs, strict=True)
-        ]
+        acts = [self.dropout(torch.relu(f(x))) for f, x in zip(self.first, inputs, strict=True)]
         for level, transfer in enumerate(self.transfer):
             total = torch.stack(acts).sum(0)
             acts = [

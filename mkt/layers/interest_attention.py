@@ -23,7 +23,10 @@ class InterestLevelAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.nets = nn.ModuleList(
-            [nn.Sequential(MLP(in_dim, [hidden]), nn.Linear(hidden, 1)) for _ in range(num_interests)]
+            [
+                nn.Sequential(MLP(in_dim, [hidden]), nn.Linear(hidden, 1))
+                for _ in range(num_interests)
+            ]
         )
         self.max_log_weight = max_log_weight
 

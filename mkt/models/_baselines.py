@@ -7,6 +7,7 @@ docs/baselines.md for every model's choice.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,9 +33,15 @@ def layer_sizes(model: CTRModel, key: str, logit: bool = False) -> list[int]:
     """`params[key]` as a list of positive widths; with `logit`, the last must be the 1-unit
     logit layer."""
     sizes = list(model.params[key])
-    ok = bool(sizes) and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes)
+    ok = bool(sizes) and all(
+        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes
+    )
     if not ok or (logit and sizes[-1] != 1):
-        need = "positive layer widths ending in the 1-unit logit layer" if logit else "positive layer widths"
+        need = (
+            "positive layer widths ending in the 1-unit logit layer"
+            if logit
+            else "positive layer widths"
+        )
         raise ConfigError(f"{type(model).__name__}.{key}: expected {need}, got {sizes!r}")
     return sizes
 
@@ -75,7 +82,7 @@ class SingleEntityModel(CTRModel):
 
     Sequences are mean-pooled unless a subclass overrides `sequence_pooler`."""
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         self.entity = (
             schema.source_entity if self.train_entities == "source" else schema.target_entity
@@ -118,7 +125,7 @@ class JointModel(CTRModel):
 
     train_entities = "both"
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dim = positive(self, "embedding_dim")
         self.entities = list(schema.entities)

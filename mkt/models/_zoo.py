@@ -1,3 +1,16 @@
-"""Imports every model file so that each registers itself (one line per model)."""
-from mkt.models import mem, tem  # noqa: F401
-from mkt.models import conet, ctnet, din, fibinet, finetune, minet, mlp, mmoe, ple, star  # noqa: F401
+"""Imports every model file so that each registers itself (one name per model file)."""
+
+from mkt.models import (  # noqa: F401
+    conet,
+    ctnet,
+    din,
+    fibinet,
+    finetune,
+    mem,
+    minet,
+    mlp,
+    mmoe,
+    ple,
+    star,
+    tem,
+)

@@ -10,6 +10,7 @@ Each network is [128, 64, 16, 1], cross-connected between its hidden layers.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -39,7 +40,7 @@ class CoNet(JointModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         hidden = layer_sizes(self, "hidden", logit=True)
         if len(hidden) < 2:

@@ -12,6 +12,7 @@ of the same group.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ class CTNet(DIN):
     def __init__(
         self,
         schema: FeatureSchema,
-        params: dict[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
         pretrained: CTRModel | None = None,
     ) -> None:
         """Without `pretrained` the source tables start random (e.g. to load a checkpoint)."""

@@ -11,6 +11,7 @@ with the first-order linear part read from one-dimensional embeddings of the sam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -46,7 +47,7 @@ class FiBiNet(SingleEntityModel):
         "bilinear_type": "field_interaction",  # one of BILINEAR_TYPES
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dim = self.params["embedding_dim"]
         self.num_fields = self.input_dim // dim

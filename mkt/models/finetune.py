@@ -13,6 +13,7 @@ The target-specific embeddings and the first layer's columns that read them star
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ class Finetune(DIN):
     def __init__(
         self,
         schema: FeatureSchema,
-        params: dict[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
         pretrained: CTRModel | None = None,
     ) -> None:
         """Without `pretrained` the network starts fresh (e.g. to load a checkpoint)."""

@@ -14,6 +14,7 @@ For a row of entity e:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -49,7 +50,7 @@ class MiNet(JointModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dim = self.params["embedding_dim"]
         dropout = dropout_rate(self)
@@ -95,7 +96,9 @@ class MiNet(JointModel):
             keys, mask = bank.sequence(batch, name)
             interests.append(attention(query, user, keys, mask, entity != seq_entity))
         weights = pick_entity(
-            torch.stack([att(torch.cat([*interests, query], 1)) for att in self.interest_attention]),
+            torch.stack(
+                [att(torch.cat([*interests, query], 1)) for att in self.interest_attention]
+            ),
             entity,
         )  # [B, 1 + n_seq]
         weighted = [x * weights[:, k : k + 1] for k, x in enumerate(interests)]

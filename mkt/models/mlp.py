@@ -7,6 +7,7 @@ DNN [128, 64, 16, 1] of section 4.1.3.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +15,13 @@ import torch
 from mkt.features import Batch
 from mkt.layers.mlp import MLP
 from mkt.models import register
-from mkt.models._baselines import EMBEDDING_DIM, SINGLE_DNN, SingleEntityModel, dropout_rate, layer_sizes
+from mkt.models._baselines import (
+    EMBEDDING_DIM,
+    SINGLE_DNN,
+    SingleEntityModel,
+    dropout_rate,
+    layer_sizes,
+)
 from mkt.schema import FeatureSchema
 
 
@@ -26,7 +33,7 @@ class MLPModel(SingleEntityModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         self.dnn = MLP(
             self.input_dim,

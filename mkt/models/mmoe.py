@@ -8,6 +8,7 @@ specific fields join the gated expert mixture at the input of that entity's own 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +41,7 @@ class MMoEModel(JointModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dropout = dropout_rate(self)
         self.mmoe = MMoE(

@@ -10,6 +10,7 @@ as many experts as MMoE's 3 with two entities. Towers [16, 1].
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -43,7 +44,7 @@ class PLE(JointModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dropout = dropout_rate(self)
         widths = layer_sizes(self, "expert_hidden")

@@ -12,6 +12,7 @@ added to the main logit. The star FCN is [128, 64, 16, 1], every layer shared x 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -44,7 +45,7 @@ class STAR(JointModel):
         "dropout": 0.0,
     }
 
-    def __init__(self, schema: FeatureSchema, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
         super().__init__(schema, params)
         dim = self.params["embedding_dim"]
         dropout = dropout_rate(self)
