@@ -126,7 +126,7 @@ def build_samples(
         summary["output_dir"] = output_dir
         summary["writer"] = chosen_writer
         summary["wall_s"] = round(time.monotonic() - started, 1)
-        # The schema file goes last: a reader that finds it finds complete tables.
+        # The schema file goes last, once the tables it describes are committed.
         fs.write_text(f"{output_dir}/{SUMMARY_FILE}", json.dumps(summary, indent=2) + "\n")
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
     finally:

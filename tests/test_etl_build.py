@@ -298,7 +298,13 @@ def load_built(out: Path, summary: dict) -> Built:
 @pytest.fixture(scope="module")
 def built(spark, tenrec_raw: RawFixture, tmp_path_factory: pytest.TempPathFactory) -> Built:
     out = tmp_path_factory.mktemp("out") / "tenrec"
-    summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, out)
+    # Small input splits, so each raw file is read as several byte ranges: line numbers
+    # must still follow the file across split boundaries.
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16k")
+    try:
+        summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, out)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
     return load_built(out, summary)
 
 
