@@ -4,7 +4,7 @@ transfer exactly what docs/baselines.md says."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,16 +21,6 @@ SOURCE, TARGET = SCHEMA.source_index, SCHEMA.target_index
 SINGLE = ["mlp", "din", "fibinet"]
 JOINT = ["mmoe", "ple", "star", "conet", "minet"]
 TWO_STAGE = ["finetune", "ctnet"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The models are tiny: intra-op threads only add barriers, which stall badly (20x) when
-    # the machine's 2 cores are busy with other work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,6 @@ from mkt.synthetic import toy_batch, toy_schema
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: a second intra-op thread only adds contention
-    (OpenMP spin-waits), which slows these tests many-fold under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schema():
     return toy_schema()
