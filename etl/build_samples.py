@@ -83,6 +83,8 @@ def build_samples(
 
     def phase(number: int, text: str) -> None:
         log.info("[%d/6 %6.1fs] %s", number, time.monotonic() - started, text)
+        # Names the phase's jobs in the Spark UI and event log (jobs/bench_etl.py reads it).
+        spark.sparkContext.setJobDescription(f"[{number}/6] {text}")
 
     phase(1, f"checking {config_path} against the headers of {input_dir}")
     paths = {e.name: f"{input_dir}/{e.file}" for e in config.entities}
@@ -131,6 +133,7 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
     finally:
         fs.delete(staging)
+        spark.sparkContext.setJobDescription(None)
     _log_summary(summary)
     return summary
 
@@ -750,7 +753,13 @@ class _Stager:
         return f"{self._root}/{name}"
 
     def __call__(self, name: str, frame: DataFrame) -> DataFrame:
-        frame.write.mode("overwrite").parquet(self.path(name))
+        context = self._spark.sparkContext
+        phase = context.getLocalProperty("spark.job.description")
+        context.setJobDescription(f"{phase} | stage {name}")
+        try:
+            frame.write.mode("overwrite").parquet(self.path(name))
+        finally:
+            context.setJobDescription(phase)
         return self._spark.read.parquet(self.path(name))
 
 

@@ -14,9 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Before anything imports Ray: keep every node on the loopback address.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -46,9 +43,7 @@ def write_toy_samples(out_dir: Path, rows: int, seed: int = 0) -> None:
         else:
             arrays[name] = pa.array(values.astype(np.int64))
     arrays["split"] = pa.array(split)
-    write_deltalake(
-        str(out_dir / "samples"), pa.table(arrays), partition_by=["entity", "split"]
-    )
+    write_deltalake(str(out_dir / "samples"), pa.table(arrays), partition_by=["entity", "split"])
     (out_dir / "feature_schema.json").write_text(json.dumps(schema.to_dict()))
 
 
@@ -59,7 +54,6 @@ def toy_samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-# Small and quick; token auth off for the embedded Ray, whether or not ~/.ray/auth_token exists.
 QUICK = [
     "model=tem_only",
     "train.epochs=2",
@@ -69,15 +63,24 @@ QUICK = [
 ]
 
 
-def test_worker_killed_once_resumes_from_its_checkpoint(
-    toy_samples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from train.run import main
+def run_cli(args: list[str], timeout_s: int = 400) -> None:
+    """train/run.py in its own process with an embedded Ray: nothing of this test process's
+    imports or Ray state leaks in; token auth off whether or not ~/.ray/auth_token exists."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, str(RUN_PY), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+def test_worker_killed_once_resumes_from_its_checkpoint(toy_samples: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    metrics = main(
+    run_cli(
         [
             "--samples",
             str(toy_samples),
@@ -87,6 +90,7 @@ def test_worker_killed_once_resumes_from_its_checkpoint(
             "fault.kill_worker_after_epoch=1",
         ]
     )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (run_dir / ".fault-drill-tem").exists(), "the drill never killed a worker"
     (stage,) = metrics["stages"]
     # The restarted group resumed after epoch 1 (from its checkpoint), not from scratch.

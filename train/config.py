@@ -89,7 +89,9 @@ def _merge_into(
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{origin}: {where!r} must be a mapping, got {value!r}")
             _merge_into(default, value, origin, (*path, str(key)))
-        elif free_form or where in MIXED_TYPE_KEYS or default is None or _compatible(default, value):
+        elif (
+            free_form or where in MIXED_TYPE_KEYS or default is None or _compatible(default, value)
+        ):
             into[key] = copy.deepcopy(value)
         else:
             raise ConfigError(

@@ -1,15 +1,21 @@
 """The `samples` Delta table as Ray Data streams, and the step from Ray batches to model batches.
 
-Shuffling (docs/training.md, "Shuffling"): the Delta files are read in a new random order every
-epoch (`FileShuffleConfig`, reseeded per execution) and each worker draws its batches from a
-local buffer of `train.shuffle_buffer_rows` rows that mixes rows of several files. Nothing is
-materialised: a global `random_shuffle()` would move the whole table through the object store
-every epoch, which SGD on click logs does not need.
+Shuffling (docs/training.md, "Shuffling"), without materialising the table:
+- each entity's train rows are a stream of their own, read in a new random file order every
+  epoch (`FileShuffleConfig`, reseeded per execution);
+- each worker draws an entity's batches from a local buffer of `train.shuffle_buffer_rows`
+  rows, which mixes users (the ETL writes a user's rows together);
+- a training batch takes from every entity's stream a share proportional to that entity's
+  rows (`mixed_batches`), so every MEM step sees source and target rows in the proportion of
+  the whole table. One stream of both entities would instead hand out long single-entity
+  runs, because files hold one entity each and are read one after another.
+A global `random_shuffle()` would move the whole table through the object store every epoch,
+which SGD on click logs does not need.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +79,44 @@ def read_samples(
         shuffle=shuffle,
     )
     return ds.filter(expr=col(entity_col).is_in(list(entities)) & (col(split_col) == split))
+
+
+def entity_rows(out_dir: str | Path, schema: FeatureSchema, entity: str, split: str) -> int:
+    """Rows of one entity in one split: from the schema file's counts, else counted."""
+    known = schema.counts.get(entity, {}).get(split)
+    if known is not None:
+        return int(known)
+    return read_samples(out_dir, schema, [entity], split, [schema.columns["line_no"]]).count()
+
+
+def train_dataset_name(entity: str) -> str:
+    return f"train_{entity}"
+
+
+def entity_batch_sizes(rows: Mapping[str, int], batch_size: int) -> dict[str, int]:
+    """Each entity's share of a training batch, proportional to its rows (at least one row);
+    entities without rows get none."""
+    total = sum(rows.values())
+    if total == 0:
+        raise DataError(f"no training rows for entities {sorted(rows)}")
+    return {e: max(1, round(batch_size * n / total)) for e, n in rows.items() if n > 0}
+
+
+def mixed_batches(streams: Iterable[Iterable[Batch]]) -> Iterator[Batch]:
+    """One batch from every stream per step, concatenated row-wise. With batch sizes from
+    `entity_batch_sizes` the streams run out together; the last steps take what is left."""
+    active = [iter(stream) for stream in streams]
+    while active:
+        parts = []
+        for stream in list(active):
+            try:
+                parts.append(next(stream))
+            except StopIteration:
+                active.remove(stream)
+        if len(parts) == 1:
+            yield parts[0]
+        elif parts:
+            yield {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
 class ModelBatches(NumpyBatchCollateFn):

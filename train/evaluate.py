@@ -88,7 +88,6 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return DeltaTable(str(path)).to_pyarrow_table().to_pandas()
 
 
-
 def user_activity(samples_dir: Path, schema: FeatureSchema, users: np.ndarray) -> np.ndarray:
     """Per test row: its user's number of target-entity train rows (mkt.metrics' definition).
     Each read block is counted where it is read; the driver only adds up those partial counts
@@ -123,9 +122,7 @@ def oracle_scores(path: Path, schema: FeatureSchema, line_no: np.ndarray) -> np.
     table = pads.dataset(str(path)).to_table(
         columns=["line_no", "p_like"], filter=pc.field("entity") == schema.target_entity
     )
-    truth = pd.Series(
-        table.column("p_like").to_numpy(), index=table.column("line_no").to_numpy()
-    )
+    truth = pd.Series(table.column("p_like").to_numpy(), index=table.column("line_no").to_numpy())
     if not truth.index.is_unique:
         raise ValueError(f"{path}: duplicate (entity, line_no) rows")
     p = truth.reindex(line_no)
@@ -146,7 +143,9 @@ def test_metrics(
 ) -> dict[str, Any]:
     labels = predictions["label"].to_numpy().astype(np.int64)
     users = predictions["user_key"].to_numpy()
-    result = {"model": evaluate(labels, predictions["score"].to_numpy(), users, activity, boundaries)}
+    result = {
+        "model": evaluate(labels, predictions["score"].to_numpy(), users, activity, boundaries)
+    }
     if oracle is not None:
         result["oracle"] = evaluate(labels, oracle, users, activity, boundaries)
     return result

@@ -1,7 +1,8 @@
 """The training loop of one pipeline stage, run by every Ray Train worker.
 
-Each worker iterates its own shard of the `train` stream (Ray Data `streaming_split`, equal
-rows per worker, so every rank takes the same number of DDP steps) and of the `valid` stream.
+Each worker iterates its own shard of every entity's train stream (Ray Data `streaming_split`,
+equal rows per worker, so every rank takes the same number of DDP steps), mixed into batches by
+`train.data.mixed_batches`, and its shard of the `valid` stream.
 After each epoch the workers gather their validation scores, all compute the same metric, and
 so all take the same early-stopping decision; the first worker writes the epoch's checkpoint.
 A restarted worker group (FailureConfig) resumes from the latest checkpoint.
@@ -34,7 +35,7 @@ from train.checkpoints import (
     load_weights,
     save_checkpoint,
 )
-from train.data import ModelBatches
+from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def stage_worker(config: dict[str, Any]) -> None:
             load_optimizer(optimizer, Path(directory))
 
     device = ray.train.torch.get_device()
-    train_shard = ray.train.get_dataset_shard("train")
+    batch_sizes = entity_batch_sizes(config["train_rows"], opts["batch_size"])
+    train_shards = {e: ray.train.get_dataset_shard(train_dataset_name(e)) for e in batch_sizes}
     valid_shard = ray.train.get_dataset_shard("valid")
     collate = ModelBatches(schema)
     collate_valid = ModelBatches(schema, keep=[schema.columns["user_key"]])
@@ -85,12 +87,15 @@ def stage_worker(config: dict[str, Any]) -> None:
     while state.epochs_done < opts["epochs"] and not state.stopped_early:
         epoch = state.epochs_done + 1
         model.train()
-        batches = train_shard.iter_torch_batches(
-            batch_size=opts["batch_size"],
-            collate_fn=collate,
-            device=device,
-            local_shuffle_buffer_size=opts["shuffle_buffer_rows"] or None,
-            local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
+        batches = mixed_batches(
+            shard.iter_torch_batches(
+                batch_size=batch_sizes[entity],
+                collate_fn=collate,
+                device=device,
+                local_shuffle_buffer_size=opts["shuffle_buffer_rows"] or None,
+                local_shuffle_seed=config["seed"] + 1000 * epoch + rank,
+            )
+            for entity, shard in train_shards.items()
         )
         train_stats = _train_epoch(model, wrapped, optimizer, batches, config, epoch, rank, world)
         labels, probs, users = _predict(

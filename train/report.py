@@ -8,12 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+# Figure without pyplot: no GUI backend or global state, just a file.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display on a training node
-import matplotlib.pyplot as plt  # noqa: E402
-
-from train.stage import StageResult  # noqa: E402
+from train.stage import StageResult
 
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
@@ -130,7 +128,8 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
 
 def plot_curves(stages: Sequence[StageResult], path: Path) -> None:
     """Per stage: training loss, and validation AUC / GAUC, by epoch."""
-    fig, axes = plt.subplots(2, len(stages), figsize=(5 * len(stages), 6), squeeze=False)
+    fig = Figure(figsize=(5 * len(stages), 6))
+    axes = fig.subplots(2, len(stages), squeeze=False)
     for column, stage in enumerate(stages):
         history = stage.state.history
         epochs = [h["epoch"] for h in history]
@@ -145,4 +144,3 @@ def plot_curves(stages: Sequence[StageResult], path: Path) -> None:
         valid_ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

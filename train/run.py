@@ -61,7 +61,9 @@ def check_samples(samples_dir: Path) -> None:
     """OUT_DIR must hold what etl/build_samples.py writes: the schema file and the table."""
     FeatureSchema.load(samples_dir)
     if not (samples_dir / "samples" / "_delta_log").is_dir():
-        raise ConfigError(f"{samples_dir / 'samples'}: not a Delta table (run etl/build_samples.py)")
+        raise ConfigError(
+            f"{samples_dir / 'samples'}: not a Delta table (run etl/build_samples.py)"
+        )
 
 
 def prepare_run_dir(run_dir: Path, resolved: str) -> None:

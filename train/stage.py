@@ -26,7 +26,13 @@ from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, TrainState
 from train.config import ConfigError
-from train.data import model_columns, read_samples, stage_entities
+from train.data import (
+    entity_rows,
+    model_columns,
+    read_samples,
+    stage_entities,
+    train_dataset_name,
+)
 from train.loop import SCORE, stage_worker
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -57,10 +63,12 @@ def worker_config(
     schema: FeatureSchema,
     chain: list[ModelLink],
     run_dir: Path,
+    rows: dict[str, int],
 ) -> dict[str, Any]:
     """Everything `stage_worker` needs, as plain data (it crosses process boundaries)."""
     return {
         "stage": stage.name,
+        "train_rows": rows,
         "schema": schema.to_dict(),
         "chain": [link.to_dict() for link in chain],
         "train": config["train"],
@@ -75,25 +83,24 @@ def worker_config(
 
 
 def stage_datasets(
-    stage: Stage, schema: FeatureSchema, samples_dir: Path, seed: int
+    stage: Stage, schema: FeatureSchema, samples_dir: Path, rows: dict[str, int], seed: int
 ) -> dict[str, ray.data.Dataset]:
-    """Train rows of the stage's entities; validation rows of the entity it serves (the
-    target, unless the stage trains on the source alone, as a Finetune pre-training)."""
+    """A train stream per entity with rows (see train.data on mixing them), and the
+    validation rows of the entity the stage serves: the target, unless the stage trains on
+    the source alone (as a Finetune pre-training)."""
     valid_entity = schema.source_entity if stage.entities == "source" else schema.target_entity
     columns = model_columns(schema)
-    return {
-        "train": read_samples(
-            samples_dir,
-            schema,
-            stage_entities(schema, stage.entities),
-            "train",
-            columns,
-            shuffle_seed=seed,
-        ),
-        "valid": read_samples(
-            samples_dir, schema, [valid_entity], "valid", [*columns, schema.columns["user_key"]]
-        ),
+    datasets = {
+        train_dataset_name(entity): read_samples(
+            samples_dir, schema, [entity], "train", columns, shuffle_seed=seed
+        )
+        for entity, n in rows.items()
+        if n > 0
     }
+    datasets["valid"] = read_samples(
+        samples_dir, schema, [valid_entity], "valid", [*columns, schema.columns["user_key"]]
+    )
+    return datasets
 
 
 def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult | None:
@@ -125,7 +132,11 @@ def run_stage(
     gpu = use_gpu(config)
     scaling = config["scaling"]
     resources = {"CPU": scaling["cpus_per_worker"], **({"GPU": 1} if gpu else {})}
-    train_loop_config = worker_config(stage, config, schema, chain, run_dir)
+    rows = {
+        entity: entity_rows(samples_dir, schema, entity, "train")
+        for entity in stage_entities(schema, stage.entities)
+    }
+    train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows)
     storage = str(run_dir / CHECKPOINTS_DIR)
 
     def fit(_: dict[str, Any]) -> None:
@@ -139,7 +150,7 @@ def run_stage(
                 use_gpu=gpu,
                 resources_per_worker=resources,
             ),
-            datasets=stage_datasets(stage, schema, samples_dir, config["seed"]),
+            datasets=stage_datasets(stage, schema, samples_dir, rows, config["seed"]),
             run_config=ray.train.RunConfig(
                 name=stage.name,
                 storage_path=storage,

@@ -1,0 +1,380 @@
+"""The ETL's samples computed by DuckDB in one process: the reference for jobs/bench_etl.py.
+
+    python jobs/duckdb_samples.py --config conf/data/tenrec.yaml --input RAW_DIR --output DIR \
+        [--threads 2] [--memory-limit 6GB] [--history-mode ...] [--seq-len N] [--duplicates ...]
+
+Same rules as etl/build_samples.py (docs/etl.md): line numbers, quarantine reasons, duplicates,
+per-user split, vocabularies (train split, by descending count, entity, raw value), bucket
+boundaries, encoding and liked-item sequences (the same bounded snapshot join). It writes
+DIR/samples (Parquet, hive-partitioned by entity and split), DIR/vocab.parquet and
+DIR/quarantine.parquet with the columns of docs/data-contract.md, and prints a summary.
+
+Differences, on purpose, from the Spark job:
+- Bucket boundaries are exact quantiles (the value at rank ceil(p * n)), which is what Spark's
+  percentile_approx returns while the train values are few (under ~1/(2 * accuracy^-1), 5000
+  at accuracy 10000); above that Spark's are approximate, so bucket indices may differ in
+  a few rows near a boundary.
+- Input must be UTF-8 (DuckDB's CSV reader rejects other bytes); the Spark job quarantines
+  such lines. It is a reference for measurements and equality checks, not a second ETL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import duckdb
+
+from etl.config import DataConfig, Feature, load_config
+
+PAD, MISSING, OOV, FIRST_INDEX = 0, 1, 2, 3
+SPLITS = ("train", "valid", "test")
+# Spark's string -> long cast ignores leading and trailing characters <= ' '.
+_SPARK_BLANK = "[\\x00-\\x20]"
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _raw(feature: Feature) -> str:
+    return f"raw__{feature.name}"
+
+
+def _read_header(path: Path) -> list[str]:
+    with path.open("rb") as fh:
+        first = fh.readline().decode("utf-8").rstrip("\r\n").lstrip("\ufeff")
+    return [c.strip() for c in first.split(",")]
+
+
+def _parsed_sql(config: DataConfig, entity: str, path: Path, header: list[str]) -> str:
+    """One SELECT of an entity's lines: line_no, raw_line, reason, user_key, label, raw features."""
+
+    def field(column: str) -> str:
+        return f"trim(f[{header.index(column) + 1}], ' ')"
+
+    def as_long(value: str) -> str:
+        stripped = f"regexp_replace({value}, '^{_SPARK_BLANK}+|{_SPARK_BLANK}+$', '', 'g')"
+        return (
+            f"CASE WHEN regexp_full_match({stripped}, '[+-]?[0-9]+') "
+            f"THEN try_cast({stripped} AS BIGINT) END"
+        )
+
+    checks = [
+        f"WHEN len(f) != {len(header)} THEN "
+        f"'wrong column count: ' || len(f) || ', expected {len(header)}'"
+    ]
+    for column in dict.fromkeys((config.user_key, *config.id_columns)):
+        value = field(column)
+        checks += [
+            f"WHEN {value} = '' THEN {_sql_str(f'empty {column}')}",
+            f"WHEN {as_long(value)} IS NULL THEN "
+            f"{_sql_str(f'non-numeric {column}: ')} || '''' || {value} || ''''",
+        ]
+    label = field(config.label)
+    checks.append(
+        f"WHEN {label} NOT IN ('0', '1') THEN "
+        f"{_sql_str(f'label {config.label} not in {{0,1}}: ')} || '''' || {label} || ''''"
+    )
+    ids = {config.user_key, *config.id_columns}
+    features = []
+    for f in config.features:
+        if entity not in f.columns:
+            features.append(f"NULL::VARCHAR AS {_raw(f)}")
+        elif f.columns[entity] in ids:
+            # Ids are integers: their canonical text, as user_key, is the vocabulary value.
+            features.append(f"{as_long(field(f.columns[entity]))}::VARCHAR AS {_raw(f)}")
+        else:
+            features.append(f"{field(f.columns[entity])} AS {_raw(f)}")
+    lines = (
+        f"SELECT row_number() OVER () - 1 AS line_no, coalesce(raw_line, '') AS raw_line "
+        f"FROM read_csv({_sql_str(str(path))}, columns = {{'raw_line': 'VARCHAR'}}, "
+        "header = false, delim = '\\x1f', quote = '', escape = '', auto_detect = false, "
+        "strict_mode = false)"
+    )
+    return f"""
+        SELECT {_sql_str(entity)} AS entity, line_no, raw_line,
+               CASE {" ".join(checks)} END AS reason,
+               {as_long(field(config.user_key))} AS user_key,
+               try_cast({label} AS TINYINT) AS label,
+               {", ".join(features)}
+        FROM (SELECT *, string_split(raw_line, ',') AS f FROM ({lines}) WHERE line_no >= 1)
+    """
+
+
+def _boundaries(con: duckdb.DuckDBPyConnection, config: DataConfig) -> dict[str, list[float]]:
+    """Exact train quantiles at rank ceil(i/B * n), minus any equal to the train minimum."""
+    result = {}
+    for f in config.features:
+        if f.kind != "bucketized":
+            continue
+        values = f"SELECT try_cast({_raw(f)} AS DOUBLE) AS v FROM ranked WHERE split = 'train'"
+        n, lowest = con.execute(f"SELECT count(v), min(v) FROM ({values})").fetchone()
+        ranks = sorted({math.ceil(i / f.buckets * n) for i in range(1, f.buckets)} if n else [])
+        quantiles = [
+            v
+            for (v,) in con.execute(
+                f"SELECT v FROM (SELECT v, row_number() OVER (ORDER BY v) AS r FROM ({values}) "
+                f"WHERE v IS NOT NULL) WHERE r IN ({', '.join(map(str, ranks)) or 'NULL'})"
+            ).fetchall()
+        ]
+        result[f.name] = sorted({float(q) for q in quantiles if q > lowest})
+    return result
+
+
+def _encoded_sql(config: DataConfig, boundaries: dict[str, list[float]]) -> str:
+    joins, columns = [], []
+    for i, f in enumerate(config.features):
+        raw = f"r.{_raw(f)}"
+        applies = ", ".join(_sql_str(e) for e in f.columns)
+        if f.kind == "categorical":
+            on = f"v{i}.feature = {_sql_str(f.name)} AND v{i}.raw_value = {raw}"
+            if f.per_entity_ids:
+                on += f" AND v{i}.entity = r.entity"
+            joins.append(f"LEFT JOIN vocab v{i} ON {on}")
+            known = f"coalesce(v{i}.index, {OOV})"
+        else:
+            value = f"try_cast({raw} AS DOUBLE)"
+            bucket = " + ".join(
+                [str(FIRST_INDEX), *[f"({value} >= {b!r})::BIGINT" for b in boundaries[f.name]]]
+            )
+            known = f"CASE WHEN {value} IS NULL THEN {OOV} ELSE {bucket} END"
+        columns.append(
+            f"CASE WHEN r.entity NOT IN ({applies}) THEN {PAD} "
+            f"WHEN {raw} IS NULL OR {raw} IN ('\\N', '') THEN {MISSING} "
+            f"ELSE {known} END::BIGINT AS {f.name}"
+        )
+    return f"""
+        SELECT r.entity, r.split, r.line_no, r.user_key, r.label, {", ".join(columns)},
+               r.likes_before, r.likes_fit, r.history_likes
+        FROM ranked r {" ".join(joins)}
+    """
+
+
+def build_samples_duckdb(
+    config_path: str | Path,
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    history_mode: str | None = None,
+    seq_len: int | None = None,
+    duplicates: str | None = None,
+    threads: int | None = None,
+    memory_limit: str | None = None,
+) -> dict[str, Any]:
+    """Compute and write the samples, vocab and quarantine tables; return a summary dict."""
+    started = time.monotonic()
+    config = load_config(config_path).with_overrides(
+        history_mode=history_mode, seq_len=seq_len, duplicates=duplicates
+    )
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if memory_limit:
+        con.execute(f"SET memory_limit = {_sql_str(memory_limit)}")
+    con.execute(f"SET temp_directory = {_sql_str(str(output_dir / '_duckdb_tmp'))}")
+    con.execute(f"SET VARIABLE seq_len = {config.seq_len}")
+
+    parts = []
+    for e in config.entities:
+        path = input_dir / e.file
+        header = _read_header(path)
+        config.check_header(e.name, header)
+        parts.append(_parsed_sql(config, e.name, path, header))
+    con.execute(
+        "CREATE TEMP TABLE parsed AS SELECT *, row_number() OVER "
+        "(PARTITION BY entity, raw_line ORDER BY line_no) AS occurrence FROM ("
+        + " UNION ALL ".join(parts)
+        + ")"
+    )
+
+    keep = "reason IS NULL" + (" AND occurrence = 1" if config.duplicates == "drop" else "")
+    n_test = f"floor(n * {config.test_fraction!r} + 0.5)"
+    n_fit = f"(n - {n_test})"
+    n_train = f"({n_fit} - floor({n_fit} * {config.valid_fraction!r} + 0.5))"
+    if config.history_mode == "online":
+        history = "likes_before"
+    else:
+        history = (
+            "CASE split WHEN 'train' THEN likes_before WHEN 'valid' THEN likes_train "
+            "ELSE likes_fit END"
+        )
+    raw_columns = ", ".join(_raw(f) for f in config.features)
+    con.execute(f"""
+        CREATE TEMP TABLE ranked AS
+        WITH counted AS (
+            SELECT entity, line_no, user_key, label, {raw_columns},
+                   row_number() OVER w AS rank,
+                   count(*) OVER (PARTITION BY entity, user_key) AS n,
+                   coalesce(sum(label) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
+                            0) AS likes_before
+            FROM parsed WHERE {keep}
+            WINDOW w AS (PARTITION BY entity, user_key ORDER BY line_no)
+        ), split AS (
+            SELECT * EXCLUDE (rank, n),
+                   CASE WHEN rank <= {n_train} THEN 'train' WHEN rank <= {n_fit} THEN 'valid'
+                        ELSE 'test' END AS split
+            FROM counted
+        ), fit AS (
+            SELECT *,
+                   sum(CASE WHEN split = 'train' THEN label ELSE 0 END)
+                       OVER (PARTITION BY entity, user_key) AS likes_train,
+                   sum(CASE WHEN split != 'test' THEN label ELSE 0 END)
+                       OVER (PARTITION BY entity, user_key) AS likes_fit
+            FROM split
+        )
+        SELECT * EXCLUDE (likes_train), ({history})::BIGINT AS history_likes FROM fit
+    """)
+
+    counts = []
+    for f in config.features:
+        if f.kind != "categorical":
+            continue
+        for entity in f.columns:
+            scope = _sql_str(entity) if f.per_entity_ids else "NULL::VARCHAR"
+            counts.append(
+                f"SELECT {_sql_str(f.name)} AS feature, {scope} AS entity, "
+                f"{_raw(f)} AS raw_value FROM ranked WHERE split = 'train' "
+                f"AND entity = {_sql_str(entity)}"
+            )
+    con.execute(f"""
+        CREATE TEMP TABLE vocab AS
+        SELECT feature, entity, raw_value,
+               (row_number() OVER (PARTITION BY feature
+                   ORDER BY count DESC, entity ASC NULLS FIRST, raw_value) + {FIRST_INDEX - 1}
+               )::BIGINT AS index,
+               count
+        FROM (SELECT feature, entity, raw_value, count(*)::BIGINT AS count
+              FROM ({" UNION ALL ".join(counts)})
+              WHERE raw_value IS NOT NULL AND raw_value NOT IN ('\\N', '')
+              GROUP BY ALL)
+    """)
+    boundaries = _boundaries(con, config)
+    con.execute(f"CREATE TEMP TABLE encoded AS {_encoded_sql(config, boundaries)}")
+    bucket_rows = []
+    for f in config.features:
+        if f.kind != "bucketized":
+            continue
+        per_bucket = dict(
+            con.execute(
+                f"SELECT {f.name}, count(*) FROM encoded WHERE split = 'train' GROUP BY 1"
+            ).fetchall()
+        )
+        for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
+            index = FIRST_INDEX + i
+            bucket_rows.append((f.name, None, repr(lower), index, per_bucket.get(index, 0)))
+    if bucket_rows:
+        con.executemany("INSERT INTO vocab VALUES (?, ?, ?, ?, ?)", bucket_rows)
+
+    item, entities = config.item_feature, config.entity_names
+    fit_columns = ", ".join(
+        f"any_value(items) FILTER (WHERE entity = {_sql_str(e)}) AS fit__{e}" for e in entities
+    )
+    sequences = []
+    for e in entities:
+        items = f"coalesce(CASE WHEN s.entity = {_sql_str(e)} THEN own.items ELSE fit.fit__{e} END, [])"
+        sequences += [
+            f"list_resize(list_reverse({items}), {config.seq_len}, 0)::BIGINT[] AS seq_{e}",
+            f"len({items})::BIGINT AS seq_{e}_len",
+        ]
+    features = ", ".join(f"s.{f.name}" for f in config.features)
+    con.execute(f"""
+        CREATE TEMP TABLE snapshots AS
+        SELECT entity, user_key, likes_before + 1 AS like_no, likes_fit,
+               list({item}) OVER (PARTITION BY entity, user_key ORDER BY line_no
+                                  ROWS BETWEEN {config.seq_len - 1} PRECEDING AND CURRENT ROW)
+                   AS items
+        FROM encoded WHERE label = 1
+    """)
+    samples = f"""
+        SELECT s.entity, s.split, s.line_no, s.user_key, s.label, {features}, {", ".join(sequences)}
+        FROM encoded s
+        LEFT JOIN snapshots own ON own.entity = s.entity AND own.user_key = s.user_key
+                               AND own.like_no = s.history_likes
+        LEFT JOIN (SELECT user_key, {fit_columns} FROM snapshots WHERE like_no = likes_fit
+                   GROUP BY user_key) fit ON fit.user_key = s.user_key
+    """
+    con.execute(
+        f"COPY ({samples}) TO {_sql_str(str(output_dir / 'samples'))} "
+        "(FORMAT parquet, PARTITION_BY (entity, split), OVERWRITE_OR_IGNORE)"
+    )
+    con.execute(f"COPY vocab TO {_sql_str(str(output_dir / 'vocab.parquet'))} (FORMAT parquet)")
+    con.execute(
+        "COPY (SELECT entity, line_no, raw_line, reason FROM parsed WHERE reason IS NOT NULL) "
+        f"TO {_sql_str(str(output_dir / 'quarantine.parquet'))} (FORMAT parquet)"
+    )
+    summary = _summary(con, config)
+    summary["wall_s"] = round(time.monotonic() - started, 1)
+    con.close()
+    return summary
+
+
+def _summary(con: duckdb.DuckDBPyConnection, config: DataConfig) -> dict[str, Any]:
+    """Per entity: input lines = samples + quarantined + removed duplicates (checked)."""
+    entities = {}
+    for e in config.entity_names:
+        lines, quarantined, found = con.execute(
+            "SELECT count(*), count(reason), count(*) FILTER (reason IS NULL AND occurrence > 1) "
+            "FROM parsed WHERE entity = ?",
+            [e],
+        ).fetchone()
+        splits = dict(
+            con.execute(
+                "SELECT split, count(*) FROM encoded WHERE entity = ? GROUP BY split", [e]
+            ).fetchall()
+        )
+        removed = found if config.duplicates == "drop" else 0
+        samples = sum(splits.values())
+        if lines != samples + quarantined + removed:
+            raise RuntimeError(
+                f"{e}: {lines} input lines != {samples} samples + {quarantined} quarantined "
+                f"+ {removed} removed duplicates"
+            )
+        entities[e] = {
+            "input_lines": lines,
+            "samples": samples,
+            "quarantined": quarantined,
+            "duplicates_found": found,
+            "duplicates_removed": removed,
+            "splits": {s: splits.get(s, 0) for s in SPLITS},
+        }
+    return {"history_mode": config.history_mode, "seq_len": config.seq_len, "entities": entities}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--history-mode", choices=("frozen", "online"))
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--duplicates", choices=("keep", "drop"))
+    parser.add_argument("--threads", type=int, help="DuckDB threads (default: all cores)")
+    parser.add_argument("--memory-limit", help="DuckDB memory_limit, e.g. 6GB")
+    args = parser.parse_args(argv)
+    summary = build_samples_duckdb(
+        args.config,
+        args.input,
+        args.output,
+        history_mode=args.history_mode,
+        seq_len=args.seq_len,
+        duplicates=args.duplicates,
+        threads=args.threads,
+        memory_limit=args.memory_limit,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Run config layering, override parsing and the checks of train/run.py before Ray starts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# train.data imports Ray: keep any Ray this test process starts on the loopback address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest
+import torch
+
+from mkt.synthetic import toy_batch, toy_schema
+from train.config import ConfigError, load_run_config, parse_overrides
+from train.data import entity_batch_sizes, mixed_batches
+from train.run import check_stage_params, prepare_run_dir
+
+
+def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text("model: tem_only\ntrain:\n  lr: 0.01\n  epochs: 3\n")
+    config = load_run_config(run_config, ["train.epochs=5", "params.mem.gamma=0"])
+    assert config["model"] == "tem_only"
+    assert config["train"]["lr"] == 0.01  # from the file
+    assert config["train"]["epochs"] == 5  # the override wins over the file
+    assert config["params"]["mem"] == {"gamma": 0}
+    assert config["train"]["batch_size"] == 1024  # untouched default
+
+
+def test_override_values_are_yaml() -> None:
+    assert parse_overrides(["a.b=0.5", "c=[10, 30]", "d=null", "e=true", "f=text"]) == {
+        "a": {"b": 0.5},
+        "c": [10, 30],
+        "d": None,
+        "e": True,
+        "f": "text",
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lr"], "expected dotted.key=value"),
+        (["train.learning_rate=0.1"], "unknown key 'train.learning_rate'"),
+        (["train.epochs=two"], "'train.epochs' expects int"),
+        (["train.find_unused_parameters=1"], "expects bool"),
+        (["train.early_stopping.metric=logloss"], "train.early_stopping.metric"),
+        (["scaling.num_workers=4", "ray.num_cpus=1"], "ray.num_cpus"),
+        (["scaling.use_gpu=maybe"], "scaling.use_gpu"),
+        (["fault.kill_worker_after_epoch=0"], "fault.kill_worker_after_epoch"),
+        (["train=3"], "'train' must be a mapping"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(None, overrides)
+
+
+def test_int_where_float_expected_and_gpu_choices() -> None:
+    config = load_run_config(None, ["train.lr=1", "scaling.use_gpu=false"])
+    assert config["train"]["lr"] == 1
+    assert config["scaling"]["use_gpu"] is False
+
+
+def test_missing_or_bad_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_run_config(bad)
+
+
+def test_stage_params_are_checked_against_the_models() -> None:
+    check_stage_params(load_run_config(None, ["params.mem.gamma=0.5"]))
+    with pytest.raises(ConfigError, match=r"params.mem: .*unknown parameter"):
+        check_stage_params(load_run_config(None, ["params.mem.gama=0.5"]))
+    with pytest.raises(ConfigError, match=r"params\.memm: not a stage or model name"):
+        check_stage_params(load_run_config(None, ["params.memm.gamma=0"]))
+    with pytest.raises(ValueError, match="neither a pipeline"):
+        check_stage_params(load_run_config(None, ["model=nope"]))
+
+
+def test_run_dir_resumes_only_with_the_same_config(tmp_path: Path) -> None:
+    prepare_run_dir(tmp_path / "run", "a: 1\n")
+    prepare_run_dir(tmp_path / "run", "a: 1\n")  # the same config: a resume
+    with pytest.raises(ConfigError, match="another config"):
+        prepare_run_dir(tmp_path / "run", "a: 2\n")
+
+
+def test_batches_mix_entities_in_proportion() -> None:
+    sizes = entity_batch_sizes({"video": 3000, "article": 1000, "empty": 0}, 100)
+    assert sizes == {"video": 75, "article": 25}
+    schema = toy_schema()
+    batches = [toy_batch(schema, n, seed=seed) for seed, n in enumerate([75, 75, 30])]
+    other = [toy_batch(schema, n, seed=10 + seed) for seed, n in enumerate([25, 25, 25, 5])]
+    mixed = list(mixed_batches([iter(batches), iter(other)]))
+    assert [len(b["label"]) for b in mixed] == [100, 100, 55, 5]
+    assert torch.equal(mixed[0]["label"], torch.cat([batches[0]["label"], other[0]["label"]]))

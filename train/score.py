@@ -1,0 +1,213 @@
+"""Score a Delta table with a serving artifact on Ray; write `entity, line_no, score, error`.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python train/score.py --artifact ARTIFACT --input OUT_DIR/samples --output SCORES \\
+        [--kind samples|raw] [--split test] [--workers 2] [--cpus-per-worker 1]
+
+`--kind samples` (default) reads rows of the ETL's samples table (indices); `--kind raw`
+reads raw requests: one column per raw field, `recent_likes` as a struct of one list of raw
+item ids per entity, and `line_no`. Only the artifact's target entity is scored (when the
+table has an `entity` column, other entities' rows are not read).
+
+The driver reads and checks the artifact once and hands its bytes to the workers, so they
+need no shared file system. A table the artifact cannot read (a column missing or of the
+wrong type) fails at once with exit status 2; a bad row is written with a null `score` and
+its reason in `error`, and counted in the summary the job prints. Without a cluster address
+(`--ray-address` or RAY_ADDRESS) it starts a local Ray on 127.0.0.1. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, read_artifact_files
+from train.cluster import start_ray
+
+KINDS = ("samples", "raw")
+ENTITY, LINE_NO, SPLIT = "entity", "line_no", "split"
+OUTPUT_SCHEMA = pa.schema(
+    [(ENTITY, pa.string()), (LINE_NO, pa.int64()), ("score", pa.float64()), ("error", pa.string())]
+)
+
+
+class ScoreInputError(ValueError):
+    """The input table cannot be scored at all; the message names the column."""
+
+
+class BatchScorer:
+    """Ray Data actor: loads the artifact from its bytes once, then scores batches."""
+
+    def __init__(self, files: Mapping[str, bytes], kind: str, torch_threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        self.artifact = Artifact.from_files(files)
+        self.kind = kind
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.kind == "samples":
+            result = self.artifact.score_samples(batch)
+        else:
+            result = self.artifact.score(batch)
+        n = batch.num_rows
+        errors = [result.errors.get(i) for i in range(n)]
+        return pa.table(
+            {
+                ENTITY: pa.array([self.artifact.interface.target_entity] * n, pa.string()),
+                LINE_NO: batch.column(LINE_NO).cast(pa.int64()),
+                "score": pa.array(result.scores, pa.float64(), mask=~result.ok),
+                "error": pa.array(errors, pa.string()),
+            },
+            schema=OUTPUT_SCHEMA,
+        )
+
+
+def input_columns(table_schema: pa.Schema, artifact: Artifact, kind: str) -> list[str]:
+    """The columns to read; raises ScoreInputError for a table no row of which could be
+    scored (a column missing, or of a type the artifact cannot take)."""
+    interface = artifact.interface
+    names = set(table_schema.names)
+    if kind == "samples":
+        needed = [*interface.scalars, *interface.sequences]
+    else:
+        needed = [*artifact.requests.fields, RECENT_LIKES]
+    missing = [c for c in [LINE_NO, *needed] if c not in names]
+    if missing:
+        raise ScoreInputError(f"input table lacks columns {missing} (--kind {kind})")
+    if kind == "samples":
+        for name in interface.scalars:
+            if not pa.types.is_integer(table_schema.field(name).type):
+                raise ScoreInputError(f"column {name!r} is {table_schema.field(name).type}")
+        for name in interface.sequences:
+            kind_of = table_schema.field(name).type
+            if not (pa.types.is_list(kind_of) or pa.types.is_large_list(kind_of)) or not (
+                pa.types.is_integer(kind_of.value_type)
+            ):
+                raise ScoreInputError(f"column {name!r} is {kind_of}, not a list of integers")
+    elif not pa.types.is_struct(table_schema.field(RECENT_LIKES).type):
+        raise ScoreInputError(
+            f"column {RECENT_LIKES!r} is {table_schema.field(RECENT_LIKES).type}; expected a "
+            "struct with one list of item ids per entity"
+        )
+    return [LINE_NO, *needed, *([ENTITY] if ENTITY in names else [])]
+
+
+def summarize(output: str) -> dict[str, Any]:
+    """Rows written, scored and rejected, and rejected rows by the field at fault."""
+    errors = DeltaTable(output).to_pyarrow_dataset().to_table(columns=["error"]).column("error")
+    rejected = errors.filter(pc.is_valid(errors)).to_pylist()
+    by_field: Counter[str] = Counter()
+    for text in rejected:
+        by_field.update({part.split(":")[0] for part in text.split("; ")})
+    return {
+        "rows": len(errors),
+        "scored": len(errors) - len(rejected),
+        "rejected": len(rejected),
+        "rejected_by_field": dict(sorted(by_field.items())),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", required=True, help="directory written by train/export.py")
+    parser.add_argument("--input", required=True, help="Delta table to score")
+    parser.add_argument("--output", required=True, help="Delta table to write (overwritten)")
+    parser.add_argument("--kind", choices=KINDS, default="samples", help="what the rows hold")
+    parser.add_argument("--split", help="samples kind: only rows of this split")
+    parser.add_argument("--workers", type=int, default=2, help="scoring actors")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--torch-threads", type=int, default=1, help="per actor")
+    parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of a local Ray")
+    args = parser.parse_args(argv)
+    if args.split and args.kind != "samples":
+        parser.error("--split applies to --kind samples only")
+    for name in ("workers", "batch_size", "torch_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.cpus_per_worker <= 0:
+        parser.error("--cpus-per-worker must be > 0")
+    return args
+
+
+def score_table(args: argparse.Namespace) -> dict[str, Any]:
+    files = read_artifact_files(args.artifact)
+    artifact = Artifact.from_files(files, origin=args.artifact)
+    try:
+        table = DeltaTable(args.input)
+    except TableNotFoundError as e:
+        raise ScoreInputError(f"--input {args.input}: not a Delta table ({e})") from e
+    columns = input_columns(pa.schema(table.schema().to_arrow()), artifact, args.kind)
+
+    # A caller (a test, a notebook) may have started Ray already; otherwise start_ray must
+    # run before Ray is first imported (see train/cluster.py).
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    started_here = False
+    if not running:
+        started_here = start_ray({"ray": {"address": args.ray_address, "num_cpus": args.num_cpus}})
+    import ray
+    from ray.data import ActorPoolStrategy, SaveMode
+    from ray.data.expressions import col
+
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        read = [*columns, *([SPLIT] if args.split else [])]
+        rows = ray.data.read_delta(args.input, columns=read)
+        if ENTITY in columns:
+            rows = rows.filter(expr=col(ENTITY) == artifact.interface.target_entity)
+        if args.split:
+            rows = rows.filter(expr=col(SPLIT) == args.split)
+        scored = rows.map_batches(
+            BatchScorer,
+            fn_constructor_kwargs={
+                "files": files,
+                "kind": args.kind,
+                "torch_threads": args.torch_threads,
+            },
+            batch_size=args.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=args.workers),
+            num_cpus=args.cpus_per_worker,
+        )
+        scored.write_delta(args.output, mode=SaveMode.OVERWRITE)
+    finally:
+        if started_here:
+            ray.shutdown()
+    summary = {
+        "artifact": artifact.manifest["run"].get("run_id"),
+        "input": args.input,
+        "output": args.output,
+        **summarize(args.output),
+    }
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        score_table(args)
+    except (ArtifactError, ScoreInputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
