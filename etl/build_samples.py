@@ -212,40 +212,65 @@ def _parse_lines(
     Fields are split by hand rather than by Spark's CSV reader, which would turn a malformed
     line into nulls silently; here every bad line gets a reason. Columns are found by header
     name, so a file with reordered columns reads the same.
+
+    Each step is its own projection so that the line is split once and every field trimmed
+    and cast once: inside a CASE WHEN branch Spark does not share a repeated subexpression,
+    and re-splitting the line for every field reference was most of this phase's CPU.
     """
-    fields = F.split(F.col("raw_line"), ",", -1)
-
-    def field(column: str) -> Column:
-        return F.trim(F.get(fields, header.index(column)))
-
-    reason = F.when(
-        F.size(fields) != len(header),
-        F.format_string(f"wrong column count: %d, expected {len(header)}", F.size(fields)),
+    ids = list(dict.fromkeys((config.user_key, *config.id_columns)))
+    feature_columns = {f.columns[entity] for f in config.features_of(entity)}
+    columns = list(dict.fromkeys([*ids, config.label, *sorted(feature_columns)]))
+    lines = (
+        _numbered_lines(spark, path)
+        .where(F.col("line_no") >= 1)
+        .select(
+            "line_no",
+            # A string column must hold UTF-8: such lines are quarantined with their bad bytes
+            # replaced by U+FFFD (line_no still points at the raw line).
+            F.make_valid_utf8("raw_line").alias("raw_line"),
+            F.is_valid_utf8("raw_line").alias("utf8"),
+            F.split(F.col("raw_line"), ",", -1).alias("fields"),
+        )
+        .select(
+            "line_no",
+            "raw_line",
+            "utf8",
+            F.size("fields").alias("n_fields"),
+            *[F.trim(F.get("fields", header.index(c))).alias(f"f__{c}") for c in columns],
+        )
+        .select("*", *[F.col(f"f__{c}").try_cast("long").alias(f"id__{c}") for c in ids])
     )
-    for column in dict.fromkeys((config.user_key, *config.id_columns)):
-        value = field(column)
+    reason = F.when(~F.col("utf8"), F.lit("invalid UTF-8")).when(
+        F.col("n_fields") != len(header),
+        F.format_string(f"wrong column count: %d, expected {len(header)}", F.col("n_fields")),
+    )
+    for column in ids:
+        value = F.col(f"f__{column}")
         reason = reason.when(value == "", F.lit(f"empty {column}")).when(
-            value.try_cast("long").isNull(),
+            F.col(f"id__{column}").isNull(),
             F.concat(F.lit(f"non-numeric {column}: '"), value, F.lit("'")),
         )
-    label = field(config.label)
+    label = F.col(f"f__{config.label}")
     reason = reason.when(
         ~label.isin("0", "1"),
         F.concat(F.lit(f"label {config.label} not in {{0,1}}: '"), label, F.lit("'")),
     )
-    features = [field(f.columns[entity]).alias(_raw(f)) for f in config.features_of(entity)]
-    return (
-        _numbered_lines(spark, path)
-        .where(F.col("line_no") >= 1)
-        .select(
-            F.lit(entity).alias("entity"),
-            "line_no",
-            "raw_line",
-            reason.alias("reason"),
-            field(config.user_key).try_cast("long").alias("user_key"),
-            label.try_cast("tinyint").alias("label"),
-            *features,
-        )
+
+    def raw_value(column: str) -> Column:
+        # An id is an integer: its canonical text is its value, so ' 7', '+7' and '007' are
+        # the same user or item, as user_key says.
+        if column in ids:
+            return F.col(f"id__{column}").cast("string")
+        return F.col(f"f__{column}")
+
+    return lines.select(
+        F.lit(entity).alias("entity"),
+        "line_no",
+        "raw_line",
+        reason.alias("reason"),
+        F.col(f"id__{config.user_key}").alias("user_key"),
+        label.try_cast("tinyint").alias("label"),
+        *[raw_value(f.columns[entity]).alias(_raw(f)) for f in config.features_of(entity)],
     )
 
 
@@ -425,7 +450,9 @@ def _encode(
             rows = rows.join(lookup, keys, "left")
             known = F.coalesce(F.col(f"index__{f.name}"), F.lit(OOV))
         else:
-            value = raw.try_cast("double")
+            # Parsed once, in its own projection (a repeated cast inside CASE WHEN is not shared).
+            rows = rows.withColumn(f"number__{f.name}", raw.try_cast("double"))
+            value = F.col(f"number__{f.name}")
             bucket = reduce(
                 lambda acc, b: acc + (value >= b).cast("long"),
                 boundaries[f.name],

@@ -109,7 +109,6 @@ def _planted_lines() -> dict[str, list[str]]:
 
 @dataclass
 class Built:
-    raw: Path
     out: Path
     schema: FeatureSchema
     samples: pd.DataFrame
@@ -135,7 +134,6 @@ def built(spark, tmp_path_factory: pytest.TempPathFactory) -> Built:
         }
     samples = DeltaTable(str(out / "samples")).to_pyarrow_table().to_pandas()
     return Built(
-        raw=raw,
         out=out,
         schema=FeatureSchema.load(out),
         samples=samples.sort_values(["entity", "line_no"]).reset_index(drop=True),
@@ -186,7 +184,8 @@ def write_run_dir(run_dir: Path, samples_dir: Path, models: dict[str, torch.nn.M
     for name, model in models.items():
         checkpoint = run_dir / "checkpoints" / name / "checkpoint_000001"
         checkpoint.mkdir(parents=True)
-        optimizer = torch.optim.Adam(p for p in model.parameters() if p.requires_grad)
+        # A MEM under a TEM is frozen; the optimizer is only there to be saved.
+        optimizer = torch.optim.Adam(model.parameters())
         save_checkpoint(checkpoint, model, optimizer, TrainState(epochs_done=1))
         stages.append(
             {"name": name, "model": name, "params": {}, "best_checkpoint": str(checkpoint)}
@@ -224,7 +223,7 @@ def raw_requests(built: Built, rows: pd.DataFrame) -> list[dict]:
     recent likes as raw item ids. For a test row in frozen mode (docs/etl.md) those are the
     likes of the user's train and valid rows of each entity, in line order."""
     schema = built.schema
-    likes: dict[tuple[str, int], list[str]] = defaultdict(list)
+    likes: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
     s = built.samples
     fit = s[s["split"].isin(["train", "valid"]) & (s["label"] == 1)]
     for entity, user, line_no in fit[["entity", "user_key", "line_no"]].itertuples(index=False):
@@ -428,9 +427,8 @@ def test_altered_or_unsafe_artifacts_are_refused(trained: Trained, tmp_path: Pat
         graph["guards_code"] = ["__import__('os').system('true')"]
 
     def shape_code(graph: dict) -> None:
-        values = graph["graph_module"]["graph"]["tensor_values"]
-        sizes = next(iter(values.values()))["sizes"]
-        sizes[0]["as_expr"]["expr_str"] = "__import__('os').getcwd()"
+        batch_size = graph["graph_module"]["graph"]["tensor_values"]["scalars"]["sizes"][0]
+        batch_size["as_expr"]["expr_str"] = "__import__('os').getcwd()"
 
     refused(with_graph(os_call), "calls 'torch.os.system'")
     refused(with_graph(guard_code), "guard code")
@@ -441,18 +439,20 @@ def test_altered_or_unsafe_artifacts_are_refused(trained: Trained, tmp_path: Pat
 def test_export_stamps_the_run_and_rejects_an_unfinished_one(
     trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    from train.export import final_chain, read_run, run_stamp
     from train.export import main as export_main
 
     run = trained.artifact.manifest["run"]
     assert run["run_id"].startswith("run-7-")
     assert run["pipeline"] == "mkt" and [s["model"] for s in run["stages"]] == ["mem", "tem"]
     assert len(run["config_sha256"]) == 64 and len(run["schema_sha256"]) == 64
-    # The same run exports the same stamp.
-    again = tmp_path / "again"
-    assert export_main(["--run", str(trained.run_dir), "--output", str(again)]) == 0
-    assert Artifact.load(again).manifest["run"] == run
+    # The same run gets the same stamp.
+    config, metrics = read_run(trained.run_dir)
+    links = final_chain(config, metrics, trained.run_dir)
+    assert run_stamp(trained.run_dir, config, metrics, links) == run
     # Not over an existing artifact; not from a run without metrics.json.
-    assert export_main(["--run", str(trained.run_dir), "--output", str(again)]) == 2
+    argv = ["--run", str(trained.run_dir), "--output", str(trained.artifact_dir)]
+    assert export_main(argv) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     unfinished = tmp_path / "unfinished"
     shutil.copytree(trained.run_dir, unfinished)
@@ -545,7 +545,11 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     raw_written = DeltaTable(str(raw_out)).to_pandas().set_index("line_no").sort_index()
     assert "more than seq_len" in raw_written.loc[-1, "error"]
     raw_scores = raw_written.drop(index=-1)["score"]
-    assert np.array_equal(raw_scores.to_numpy(), scored.loc[raw_scores.index, "score"].to_numpy())
+    # Not bit for bit: the rows meet the graph in other batches.
+    assert (
+        np.abs(raw_scores.to_numpy() - scored.loc[raw_scores.index, "score"].to_numpy()).max()
+        < 1e-6
+    )
 
     # A table the artifact cannot read fails at once, naming the column.
     assert score_main([*common, "--input", str(raw_source), "--output", str(tmp_path / "x")]) == 2

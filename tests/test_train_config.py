@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
         load_run_config(None, overrides)
 
 
+def test_mlflow_uri_needs_mlflow() -> None:
+    """mlflow is not a dependency: configuring a tracking URI without it fails, naming it."""
+    if importlib.util.find_spec("mlflow") is not None:
+        pytest.skip("mlflow is installed here")
+    with pytest.raises(ConfigError, match="mlflow is not installed"):
+        load_run_config(None, ["tracking.mlflow_uri=http://127.0.0.1:5000"])
+
+
 def test_int_where_float_expected_and_gpu_choices() -> None:
     config = load_run_config(None, ["train.lr=1", "scaling.use_gpu=false"])
     assert config["train"]["lr"] == 1
@@ -78,7 +87,7 @@ def test_stage_params_are_checked_against_the_models() -> None:
         check_stage_params(load_run_config(None, ["params.mem.gama=0.5"]))
     with pytest.raises(ConfigError, match=r"params\.memm: not a stage or model name"):
         check_stage_params(load_run_config(None, ["params.memm.gamma=0"]))
-    with pytest.raises(ValueError, match="neither a pipeline"):
+    with pytest.raises(ConfigError, match="neither a pipeline"):
         check_stage_params(load_run_config(None, ["model=nope"]))
 
 

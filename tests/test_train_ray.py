@@ -123,6 +123,19 @@ def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout_s: float = 12
     raise TimeoutError("the Ray dashboard (job API) did not come up")
 
 
+def _submit_when_agent_is_up(
+    command: list[str], env: dict[str, str], attempts: int = 30
+) -> subprocess.CompletedProcess:
+    """The dashboard answers before the node's job agent has registered; until it has, a
+    submission is refused with "No available agent" and nothing runs, so it can be retried."""
+    for _ in range(attempts):
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+        if "No available agent" not in job.stderr:
+            return job
+        time.sleep(2)
+    return job
+
+
 def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: Path) -> None:
     """`ray start --head` on 127.0.0.1 with token auth, then `ray job submit` of the unchanged
     command. The temp dir is short: Ray's socket paths must stay under 107 bytes."""
@@ -182,9 +195,8 @@ def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: P
             timeout=120,
         )
         assert unauthenticated.returncode != 0, "the head accepted a job with a wrong token"
-        job = subprocess.run(
-            [*submit, "--", *command], env=env, capture_output=True, text=True, timeout=400
-        )
+        assert "token" in unauthenticated.stderr.lower()
+        job = _submit_when_agent_is_up([*submit, "--", *command], env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["ray_nodes"] == ["127.0.0.1"]

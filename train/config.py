@@ -9,6 +9,7 @@ read the config before it decides how to start Ray.
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -165,6 +166,11 @@ def check(config: Mapping[str, Any]) -> None:
         section, name = key.split(".")
         if config[section][name] is not None and not isinstance(config[section][name], str):
             raise ConfigError(f"{key}: null or a string, got {config[section][name]!r}")
+    if config["tracking"]["mlflow_uri"] and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"tracking.mlflow_uri is set ({config['tracking']['mlflow_uri']}) but mlflow is not "
+            "installed: `pip install mlflow`, or leave tracking.mlflow_uri null"
+        )
     kill = config["fault"]["kill_worker_after_epoch"]
     if kill is not None and (not isinstance(kill, int) or kill < 1):
         raise ConfigError("fault.kill_worker_after_epoch: null or an epoch number >= 1")

@@ -109,13 +109,15 @@ def run_stamp(
         "".join([config_sha, *(s["weights_sha256"] for s in stages)]).encode()
     ).hexdigest()
     test = metrics.get("test", {}).get("model", {})
+    samples = config["invocation"]["samples"]
     return {
         "run_id": f"{run_dir.name}-{identity[:12]}",
         "run_dir": str(run_dir),
         "config_sha256": config_sha,
         "pipeline": config["model"],
         "seed": config.get("seed"),
-        "samples": config["invocation"].get("samples"),
+        "samples": samples,
+        "schema_sha256": _sha256(Path(samples) / "feature_schema.json"),
         "stages": stages,
         "test": {k: test.get(k) for k in ("rows", "auc", "gauc", "logloss")},
     }
@@ -133,7 +135,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     links = final_chain(config, metrics, run_dir)
     model = build_chain(schema, links).eval()
     stamp = run_stamp(run_dir, config, metrics, links)
-    stamp["schema_sha256"] = _sha256(samples / "feature_schema.json")
     vocab = DeltaTable(str(vocab_path)).to_pyarrow_table()
     return export_artifact(model, schema, vocab, stamp, out_dir)
 

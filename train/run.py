@@ -49,7 +49,11 @@ def check_stage_params(config: dict[str, Any]) -> None:
     for name in config["params"]:
         if name not in known:
             raise ConfigError(f"params.{name}: not a stage or model name; known: {sorted(known)}")
-    for stage in pipeline(config["model"]):
+    try:
+        stages = pipeline(config["model"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    for stage in stages:
         params = config["params"].get(stage.name, {})
         try:
             resolve_params(MODELS[stage.model], params)

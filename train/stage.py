@@ -9,7 +9,6 @@ and early stopping are Train's and the loop's; Tune adds no retries of its own.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from ray.train import Result
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
+from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, TrainState
-from train.config import ConfigError
 from train.data import (
     entity_rows,
     model_columns,
@@ -166,19 +165,24 @@ def run_stage(
         )
         trainer.fit()
 
-    tuner = tune.Tuner(
-        tune.with_resources(fit, TRIAL_RESOURCES),
-        param_space=_flat(config),
-        run_config=tune.RunConfig(
-            name=stage.name,
-            storage_path=str(run_dir / TENSORBOARD_DIR),
-            callbacks=tracking_callbacks(config, stage.name),
-            verbose=0,
-        ),
-    )
-    grid = tuner.fit()
-    if grid.errors:
-        raise RuntimeError(f"stage {stage.name!r} failed: {grid.errors[0]}")
+    if _in_tune_session():
+        # Already a trial of a sweep (train/tune.py): fit here, so that TuneReportCallback hands
+        # every epoch to that trial and its scheduler; a Tuner of our own would keep them.
+        fit({})
+    else:
+        tuner = tune.Tuner(
+            tune.with_resources(fit, TRIAL_RESOURCES),
+            param_space=_flat(config),
+            run_config=tune.RunConfig(
+                name=stage.name,
+                storage_path=str(run_dir / TENSORBOARD_DIR),
+                callbacks=tracking_callbacks(config, stage.name),
+                verbose=0,
+            ),
+        )
+        grid = tuner.fit()
+        if grid.errors:
+            raise RuntimeError(f"stage {stage.name!r} failed: {grid.errors[0]}")
     result = Result.from_path(str(run_dir / CHECKPOINTS_DIR / stage.name))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name!r} reported no checkpoint")
@@ -197,12 +201,7 @@ def _stage_result(
 def tracking_callbacks(config: dict[str, Any], stage: str) -> list[Any]:
     callbacks: list[Any] = [TBXLoggerCallback()]
     uri = config["tracking"]["mlflow_uri"]
-    if uri:
-        if importlib.util.find_spec("mlflow") is None:
-            raise ConfigError(
-                f"tracking.mlflow_uri is set ({uri}) but mlflow is not installed: "
-                "`pip install mlflow`, or set tracking.mlflow_uri=null"
-            )
+    if uri:  # mlflow's presence is checked with the config (train.config.check)
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
         callbacks.append(

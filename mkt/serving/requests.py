@@ -123,7 +123,7 @@ class RequestEncoder:
     def encode(self, requests: Any) -> PackedRows:
         """`requests`: a sequence of row mappings, a mapping of columns (lists of equal
         length), or a pyarrow Table / RecordBatch (`recent_likes` a struct of lists)."""
-        n, columns, errors = self._columns(requests)
+        n, columns, errors, not_rows = self._columns(requests)
         scalars = np.zeros((n, len(self.interface.scalars)), dtype=np.int64)
         sequences = np.zeros(
             (n, len(self.interface.sequences), self.interface.seq_len), dtype=np.int64
@@ -131,9 +131,9 @@ class RequestEncoder:
         target = self.interface.target_entity
         for j, name in enumerate(self.interface.scalars):
             if name in self.fields:
-                values = self._field_values(name, columns[name], errors)
+                values = self._field_values(name, columns[name], errors, not_rows)
                 scalars[:, j] = self.encoder.encode(name, values, target)
-        likes = self._recent_likes(columns[RECENT_LIKES], errors)
+        likes = self._recent_likes(columns[RECENT_LIKES], errors, not_rows)
         for s, name in enumerate(self.interface.sequences):
             entity = self.sequence_entities[name]
             lengths = np.fromiter((len(row[entity]) for row in likes), np.int64, n)
@@ -145,7 +145,9 @@ class RequestEncoder:
             scalars[:, self.interface.scalars.index(self.length_columns[name])] = lengths
         return PackedRows(scalars, sequences, errors.joined())
 
-    def _columns(self, requests: Any) -> tuple[int, dict[str, list[Any]], _RowErrors]:
+    def _columns(self, requests: Any) -> tuple[int, dict[str, list[Any]], _RowErrors, set[int]]:
+        """(rows, columns of the wanted fields, errors so far, positions of rows that are not
+        mappings: their fields are not checked again)."""
         errors = _RowErrors()
         wanted = [*self.fields, RECENT_LIKES]
         if isinstance(requests, pa.RecordBatch):
@@ -156,45 +158,52 @@ class RequestEncoder:
             columns = {
                 c: requests.column(c).to_pylist() if c in names else [ABSENT] * n for c in wanted
             }
-            return n, columns, errors
+            return n, columns, errors, set()
         if isinstance(requests, Mapping):
             lengths = {len(v) for v in requests.values()}
             if len(lengths) > 1:
                 raise RequestError(f"columns of different lengths {sorted(lengths)}")
             n = lengths.pop() if lengths else 0
             columns = {c: list(requests[c]) if c in requests else [ABSENT] * n for c in wanted}
-            return n, columns, errors
+            return n, columns, errors, set()
         if isinstance(requests, str | bytes) or not isinstance(requests, Sequence):
             raise RequestError(
                 "requests must be rows, a mapping of columns or a pyarrow Table, "
                 f"not {type(requests).__name__}"
             )
-        columns = {c: [] for c in wanted}
+        columns: dict[str, list[Any]] = {c: [] for c in wanted}
+        not_rows = set()
         for i, row in enumerate(requests):
             if not isinstance(row, Mapping):
                 errors.add(i, f"row is a {type(row).__name__}, not a mapping of fields")
-                # Its fields are not also reported as absent: that says nothing new.
-                row = dict.fromkeys(wanted, None)
+                not_rows.add(i)
+                row = {}
             for c in wanted:
                 columns[c].append(row.get(c, ABSENT))
-        return len(requests), columns, errors
+        return len(requests), columns, errors, not_rows
 
-    def _field_values(self, name: str, values: list[Any], errors: _RowErrors) -> list[Any]:
+    def _field_values(
+        self, name: str, values: list[Any], errors: _RowErrors, skip: set[int]
+    ) -> list[Any]:
         convert = _text_or_number if self.kinds[name] == "bucketized" else _text
         out: list[Any] = []
         for i, value in enumerate(values):
-            if value is ABSENT:
+            if i in skip:
+                out.append(None)
+            elif value is ABSENT:
                 errors.add(i, f"{name}: missing field")
                 out.append(None)
-                continue
-            try:
-                out.append(convert(value))
-            except TypeError as e:
-                errors.add(i, f"{name}: {e}")
-                out.append(None)
+            else:
+                try:
+                    out.append(convert(value))
+                except TypeError as e:
+                    errors.add(i, f"{name}: {e}")
+                    out.append(None)
         return out
 
-    def _recent_likes(self, values: list[Any], errors: _RowErrors) -> list[dict[str, list]]:
+    def _recent_likes(
+        self, values: list[Any], errors: _RowErrors, skip: set[int]
+    ) -> list[dict[str, list]]:
         """Per row, entity -> the items as text (or None); rows with errors get no items."""
         entities = list(self.sequence_entities.values())
         seq_len = self.interface.seq_len
@@ -202,8 +211,8 @@ class RequestEncoder:
         for i, value in enumerate(values):
             row: dict[str, list] = {e: [] for e in entities}
             out.append(row)
-            if value is None and i in errors.by_row:
-                continue  # a row that is not a mapping at all
+            if i in skip:
+                continue
             if value is ABSENT:
                 errors.add(i, f"{RECENT_LIKES}: missing field")
                 continue

@@ -1,0 +1,635 @@
+"""The Ray side of train/tune.py: the trial, the shared stage-1 cache, the Tuner and its files.
+
+A trial is `train.pipeline.run_pipeline` (train/run.py's code) in its own RUN_DIR,
+SWEEP_DIR/trials/<trial id>. Inside a Tune trial, `train.stage.run_stage` fits its TorchTrainer
+directly, and Train's `TuneReportCallback` hands every epoch's validation report to the trial:
+the scheduler sees one report per epoch of every stage, then the trial's last report, the
+pipeline's score (the last stage's best-checkpoint validation metric).
+
+Stage 1 (MEM) depends on fewer settings than the pipeline: trials that agree on all of them
+(e.g. that differ only in TEM parameters) share one, trained once in SWEEP_DIR/stage1/<key>
+under a file lock and linked into each trial's RUN_DIR. Epochs a trial takes from there (or
+from its own RUN_DIR, after an interruption) are reported again before training goes on, so a
+trial's k-th report means the same whether its epochs were trained now or earlier.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import math
+import os
+import signal
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from deltalake import DeltaTable
+from matplotlib.figure import Figure
+from ray import tune
+from ray.train import Result
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from mkt.models import MODELS
+from mkt.models.base import resolve_params
+from mkt.pipelines import Stage, pipeline
+from mkt.schema import FeatureSchema
+from train.checkpoints import ModelLink, TrainState
+from train.cluster import cluster_address
+from train.config import dump, load_yaml
+from train.data import samples_path
+from train.loop import SCORE
+from train.pipeline import run_pipeline
+from train.report import METRICS_FILE, SUMMARY_FILE, results_table
+from train.run import CONFIG_FILE, prepare_run_dir
+from train.stage import (
+    CHECKPOINTS_DIR,
+    TRIAL_RESOURCES,
+    finished,
+    run_stage,
+    tracking_callbacks,
+    use_gpu,
+)
+from train.tune import max_reports, trial_run_config
+
+EXPERIMENT = "tune"
+TRIALS_DIR = "trials"
+STAGE1_DIR = "stage1"
+STAGE1_KEY_FILE = "key.json"  # what a cache entry's key hashes, for people
+TABLE_FILE = "trials.csv"
+BEST_CONFIG_FILE = "best_config.yaml"
+PLOT_FILE = "metric.png"
+# Key of a trial's last report, present once its whole pipeline finished and was evaluated.
+DONE = "pipeline_done"
+INTERRUPT_MARKER = ".interrupt-drill"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage-1 cache
+
+
+def samples_fingerprint(samples_dir: Path) -> str:
+    """What identifies a samples table's content: the schema file and the data files of the
+    Delta snapshot (their names carry a fresh UUID on every write, so a rebuilt table differs
+    even where its version number restarts)."""
+    digest = hashlib.sha256((samples_dir / "feature_schema.json").read_bytes())
+    uris = DeltaTable(str(samples_path(samples_dir))).file_uris()
+    for name in sorted(uri.rsplit("/", 1)[-1] for uri in uris):
+        digest.update(name.encode())
+    return digest.hexdigest()[:16]
+
+
+def stage1_material(
+    config: Mapping[str, Any], stage: Stage, fingerprint: str, gpu: bool
+) -> dict[str, Any]:
+    """Everything the first stage's checkpoints depend on: the samples, the stage and its
+    resolved model parameters (so a default written out equals the default left out), the
+    training settings, the seed and the worker count (it shards the data)."""
+    return {
+        "samples": fingerprint,
+        "stage": [stage.name, stage.model, stage.entities],
+        "params": resolve_params(MODELS[stage.model], config["params"].get(stage.name, {})),
+        "train": config["train"],
+        "seed": config["seed"],
+        "num_workers": config["scaling"]["num_workers"],
+        "use_gpu": gpu,
+    }
+
+
+def stage1_key(material: Mapping[str, Any]) -> str:
+    encoded = json.dumps(material, sort_keys=True, default=str).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path`, held by this process; the OS drops it if the process dies
+    (a trial stopped by the scheduler leaves no stale lock)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def recorded_history(storage: Path) -> list[dict[str, Any]]:
+    """The per-epoch reports held by a stage's latest checkpoint (none if it has none)."""
+    if not storage.is_dir():
+        return []
+    try:
+        latest = Result.from_path(str(storage)).checkpoint
+    except RuntimeError:  # the stage never reached its first checkpoint
+        return []
+    return TrainState.load(Path(latest.path)).history if latest else []
+
+
+def _replay(history: Sequence[Mapping[str, Any]]) -> None:
+    for metrics in history:
+        tune.report(dict(metrics))
+
+
+def shared_first_stage(
+    stage: Stage,
+    config: dict[str, Any],
+    schema: FeatureSchema,
+    samples_dir: Path,
+    run_dir: Path,
+    context: Mapping[str, Any],
+) -> str:
+    """Make sure the cache holds `stage` trained for `config` (training or finishing it here if
+    not), link it into `run_dir`; returns "trained" or "cached"."""
+    material = stage1_material(config, stage, context["fingerprint"], use_gpu(config))
+    key = stage1_key(material)
+    cache = Path(context["stage1_cache"])
+    entry = cache / key
+    with _locked(cache / f"{key}.lock"):
+        _replay(recorded_history(entry / CHECKPOINTS_DIR / stage.name))
+        how = "cached"
+        if finished(stage, config, entry) is None:
+            entry.mkdir(parents=True, exist_ok=True)
+            (entry / STAGE1_KEY_FILE).write_text(json.dumps(material, indent=1, default=str))
+            link = ModelLink(stage.model, config["params"].get(stage.name, {}))
+            run_stage(stage, config, schema, samples_dir, entry, [link])
+            how = "trained"
+    target = run_dir / CHECKPOINTS_DIR / stage.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(entry / CHECKPOINTS_DIR / stage.name, target_is_directory=True)
+    return how
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+
+
+def _plain(value: Any) -> Any:
+    """Tune samples numpy scalars; the run config (and YAML) wants Python ones."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def pipeline_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
+    """One Tune trial: train/run.py's pipeline with the trial's values, in its own RUN_DIR."""
+    config = trial_run_config(
+        context["base"], {k: _plain(v) for k, v in sampled.items()}, context["metric"]
+    )
+    run_dir = Path(context["output"]) / TRIALS_DIR / tune.get_context().get_trial_id()
+    samples_dir = Path(context["samples"])
+    prepare_run_dir(run_dir, dump({"invocation": context["invocation"], **config}))
+    stages = pipeline(config["model"])
+    stage1 = "none"
+    if len(stages) > 1:
+        schema = FeatureSchema.load(samples_dir)
+        stage1 = shared_first_stage(stages[0], config, schema, samples_dir, run_dir, context)
+        stages = stages[1:]
+    for stage in stages:
+        _replay(recorded_history(run_dir / CHECKPOINTS_DIR / stage.name))
+    metrics = run_pipeline(config, samples_dir, run_dir, context["oracle"])
+    best = metrics["stages"][-1]["best_valid"]
+    value = best.get(f"valid_{context['metric']}")
+    tune.report(
+        {
+            # As the loop ranks checkpoints: NaN (one class only) ranks last.
+            SCORE: value if value is not None and math.isfinite(value) else -1.0,
+            "valid_auc": best.get("valid_auc"),
+            "valid_gauc": best.get("valid_gauc"),
+            "stage1": stage1,
+            DONE: True,
+        }
+    )
+
+
+def _trial_dirname(trial: Trial) -> str:
+    return trial.trial_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def param_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """conf/tune search-space entries as Tune domains, keyed by the dotted run-config key."""
+    makers = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda a: tune.uniform(*a),
+        "loguniform": lambda a: tune.loguniform(*a),
+        "randint": lambda a: tune.randint(*a),
+    }
+    return {key: makers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
+
+
+def expected_trials(sweep: Mapping[str, Any]) -> int:
+    grid = math.prod(len(spec["grid"]) for spec in sweep["search_space"].values() if "grid" in spec)
+    return grid * sweep["num_samples"]
+
+
+def trial_concurrency(sweep: Mapping[str, Any]) -> int:
+    """Trials at once: the configured number, else the free CPUs over a trial's cores (each
+    worker keeps `torch_threads` cores busy), and no more than the free GPUs allow."""
+    if sweep["max_concurrent_trials"] is not None:
+        return sweep["max_concurrent_trials"]
+    run = sweep["run"]
+    scaling = run["scaling"]
+    free = ray.available_resources()
+    cpus = free.get("CPU", 0.0)
+    if cluster_address(run) is None:
+        # The embedded Ray declares ray.num_cpus logical CPUs, more than the cores on purpose
+        # (fractional workers beside Ray Data's tasks); trials need real cores.
+        cpus = min(cpus, len(os.sched_getaffinity(0)))
+    trials = int(cpus // (scaling["num_workers"] * scaling["torch_threads"]))
+    if use_gpu(run):
+        trials = min(trials, int(free.get("GPU", 0.0) // scaling["num_workers"]))
+    return max(1, trials)
+
+
+def make_scheduler(sweep: Mapping[str, Any]) -> TrialScheduler:
+    opts = sweep["scheduler"]
+    if opts["name"] == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_reports(sweep["run"]),
+        grace_period=opts["grace_period"],
+        reduction_factor=opts["reduction_factor"],
+    )
+
+
+class SweepProgress(tune.Callback):
+    """A line on the driver's console for every report and every ended trial: trials ended,
+    running, and the best score so far."""
+
+    def __init__(self, total: int, keys: Sequence[str]) -> None:
+        self.total = total
+        self.keys = list(keys)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        done = bool(result.get(DONE))
+        what = "finished" if done else f"report {result['training_iteration']}"
+        event = f"{trial.trial_id} {what}: {SCORE} {result[SCORE]:.4f}"
+        self._line(trials, event, trial if done else None, result)
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        if not trial.last_result.get(DONE):  # a finished pipeline was announced with its result
+            self._line(trials, f"{trial.trial_id} stopped by the scheduler", trial)
+
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        self._line(trials, f"{trial.trial_id} failed", trial)
+
+    def _line(
+        self,
+        trials: list[Trial],
+        event: str,
+        ending: Trial | None,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        # Tune updates a trial's last result and status only after these callbacks.
+        last = {t.trial_id: t.last_result or {} for t in trials}
+        if result is not None and ending is not None:
+            last[ending.trial_id] = result
+        ended = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR) or t is ending]
+        running = sum(t.status == Trial.RUNNING and t is not ending for t in trials)
+        done = [t for t in ended if last[t.trial_id].get(DONE)]
+        best = max(done, key=lambda t: last[t.trial_id][SCORE], default=None)
+        leader = "none finished yet"
+        if best is not None:
+            values = ", ".join(f"{k}={best.config.get(k)}" for k in self.keys)
+            leader = f"{last[best.trial_id][SCORE]:.4f} ({values})"
+        print(
+            f"[sweep] {len(ended)}/{self.total} ended ({len(done)} finished), {running} "
+            f"running; best so far {leader} | {event}",
+            flush=True,
+        )
+
+
+class InterruptAfterTrials(tune.Callback):
+    """Fault drill (tests): once, when `count` trials have ended, interrupt the sweep as Ctrl-C
+    does; Tune then saves its state and stops, and rerunning the command must resume."""
+
+    def __init__(self, count: int, marker: Path) -> None:
+        self.count = count
+        self.marker = marker
+
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        ended = sum(t.status == Trial.TERMINATED for t in trials if t is not trial) + 1
+        if ended >= self.count and not self.marker.exists():
+            self.marker.write_text(f"interrupted after {ended} trial(s)\n")
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_sweep(
+    sweep: dict[str, Any], samples_dir: Path, output: Path, oracle: str | None
+) -> dict[str, Any]:
+    """Run or resume the sweep in `output`, then write its files; returns the summary."""
+    experiment = output / EXPERIMENT
+    context = {
+        "base": sweep["run"],
+        "metric": sweep["metric"],
+        "samples": str(samples_dir),
+        "output": str(output),
+        "oracle": oracle,
+        "invocation": {"samples": str(samples_dir), "oracle": oracle},
+        "fingerprint": samples_fingerprint(samples_dir),
+        "stage1_cache": sweep["stage1_cache"] or str(output / STAGE1_DIR),
+    }
+    trainable = tune.with_resources(
+        tune.with_parameters(pipeline_trial, context=context), TRIAL_RESOURCES
+    )
+    concurrency = trial_concurrency(sweep)
+    keys = list(sweep["search_space"])
+    if tune.Tuner.can_restore(str(experiment)):
+        print(f"[sweep] resuming {experiment}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
+    else:
+        callbacks = [*tracking_callbacks(sweep["run"], "sweep")]
+        callbacks.append(SweepProgress(expected_trials(sweep), keys))
+        drill = sweep["fault"]["interrupt_after_trials"]
+        if drill is not None:
+            callbacks.append(InterruptAfterTrials(drill, output / INTERRUPT_MARKER))
+        print(
+            f"[sweep] {expected_trials(sweep)} trial(s), {concurrency} at a time, "
+            f"scheduler {sweep['scheduler']['name']}",
+            flush=True,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(sweep["search_space"]),
+            tune_config=tune.TuneConfig(
+                metric=SCORE,
+                mode="max",
+                scheduler=make_scheduler(sweep),
+                num_samples=sweep["num_samples"],
+                max_concurrent_trials=concurrency,
+                trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=EXPERIMENT,
+                storage_path=str(output),
+                callbacks=callbacks,
+                # Train retries failed workers within a stage; a failed trial is reported.
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+            ),
+        )
+    tuner.fit()
+    trials = collect_trials(experiment, output, keys)
+    return write_sweep_outputs(sweep, output, samples_dir, trials, concurrency)
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    values: dict[str, Any]  # the trial's search-space values
+    status: str  # finished | stopped (by the scheduler) | failed | unfinished
+    reports: int
+    last_score: float | None
+    run_dir: Path
+    stage1: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)  # the trial's metrics.json
+
+    @property
+    def valid(self) -> dict[str, Any]:
+        """The last stage's best-checkpoint validation metrics."""
+        return self.metrics["stages"][-1]["best_valid"] if self.metrics else {}
+
+
+def collect_trials(experiment: Path, output: Path, keys: Sequence[str]) -> list[TrialRow]:
+    rows = []
+    for trial in tune.ExperimentAnalysis(str(experiment)).trials:
+        last = trial.last_result or {}
+        done = bool(last.get(DONE))
+        if trial.status == Trial.ERROR:
+            status = "failed"
+        elif trial.status == Trial.TERMINATED:
+            status = "finished" if done else "stopped"
+        else:
+            status = "unfinished"
+        run_dir = output / TRIALS_DIR / trial.trial_id
+        metrics_file = run_dir / METRICS_FILE
+        rows.append(
+            TrialRow(
+                trial_id=trial.trial_id,
+                values={k: _plain(trial.config.get(k)) for k in keys},
+                status=status,
+                reports=int(last.get("training_iteration", 0)),
+                last_score=last.get(SCORE),
+                run_dir=run_dir,
+                stage1=str(last.get("stage1", "")) if done else "",
+                metrics=json.loads(metrics_file.read_text()) if done else {},
+            )
+        )
+    order = {"finished": 0, "stopped": 1, "unfinished": 2, "failed": 3}
+    rows.sort(key=lambda r: (order[r.status], -(r.last_score or -math.inf), r.trial_id))
+    return rows
+
+
+def _f(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.4f}"
+
+
+def _epochs(row: TrialRow) -> str:
+    return ", ".join(f"{s['name']} {s['epochs_run']}" for s in row.metrics.get("stages", []))
+
+
+def write_table_csv(rows: Sequence[TrialRow], keys: Sequence[str], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "trial",
+                *keys,
+                "status",
+                "reports",
+                "stage1",
+                "epochs",
+                "valid_auc",
+                "valid_gauc",
+                "last_score",
+                "run_dir",
+            ]
+        )
+        for r in rows:
+            writer.writerow(
+                [
+                    r.trial_id,
+                    *(r.values[k] for k in keys),
+                    r.status,
+                    r.reports,
+                    r.stage1,
+                    _epochs(r),
+                    r.valid.get("valid_auc", ""),
+                    r.valid.get("valid_gauc", ""),
+                    r.last_score if r.last_score is not None else "",
+                    str(r.run_dir),
+                ]
+            )
+
+
+def trials_markdown(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> list[str]:
+    chosen = {"auc": "AUC", "gauc": "GAUC"}[metric]
+    header = ["trial", *keys, "status", "reports", "stage 1", "epochs run"]
+    header += [f"valid {m}{' (selects)' if m == chosen else ''}" for m in ("GAUC", "AUC")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        status = r.status
+        if r.status != "finished" and r.last_score is not None:
+            status += f" (last report {_f(r.last_score)})"
+        cells = [r.trial_id, *(str(r.values[k]) for k in keys), status, str(r.reports)]
+        cells += [r.stage1, _epochs(r), _f(r.valid.get("valid_gauc")), _f(r.valid.get("valid_auc"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _point(value: Any) -> Any:
+    """A search-space value as a plot coordinate (lists, e.g. layer sizes, as their text)."""
+    return json.dumps(value) if isinstance(value, list | dict) else value
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    return (0, value) if isinstance(value, int | float) else (1, str(value))
+
+
+def plot_sweep(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, path: Path) -> None:
+    """The pipeline's validation metric over the first search key (one point per value, evenly
+    spaced, so a log-scale grid with 0 reads naturally), one line per value of the second key;
+    the best trial of each point when other keys vary too."""
+    finished_rows = [r for r in rows if r.status == "finished"]
+    x_key = keys[0]
+    line_key = keys[1] if len(keys) > 1 else None
+
+    def coords(row: TrialRow) -> tuple[Any, Any]:
+        return _point(row.values[x_key]), _point(row.values[line_key]) if line_key else None
+
+    xs = sorted({coords(r)[0] for r in finished_rows}, key=_sort_key)
+    lines = sorted({coords(r)[1] for r in finished_rows}, key=_sort_key)
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for line in lines:
+        points = []
+        for i, x in enumerate(xs):
+            scores = [r.last_score for r in finished_rows if coords(r) == (x, line)]
+            if scores:
+                points.append((i, max(scores)))
+        label = f"{line_key} = {line}" if line_key else None
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    best = max(finished_rows, key=lambda r: r.last_score)
+    ax.plot(
+        xs.index(coords(best)[0]),
+        best.last_score,
+        marker="*",
+        markersize=16,
+        color="black",
+        linestyle="none",
+        label="best",
+    )
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"target validation {metric.upper()}")
+    ax.set_title(f"{len(finished_rows)} finished trial(s)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def write_sweep_outputs(
+    sweep: Mapping[str, Any],
+    output: Path,
+    samples_dir: Path,
+    rows: Sequence[TrialRow],
+    concurrency: int,
+) -> dict[str, Any]:
+    keys = list(sweep["search_space"])
+    metric = sweep["metric"]
+    run = sweep["run"]
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "failed")}
+    unfinished = expected_trials(sweep) - sum(counts.values())
+    finished_rows = [r for r in rows if r.status == "finished"]
+    best = max(finished_rows, key=lambda r: r.last_score, default=None)
+    write_table_csv(rows, keys, output / TABLE_FILE)
+    lines = [
+        f"# Sweep of `{run['model']}` over {' × '.join(f'`{k}`' for k in keys)}",
+        "",
+        f"- samples: `{samples_dir}`",
+        f"- trials: {counts['finished']} finished, {counts['stopped']} stopped early by the "
+        f"scheduler ({sweep['scheduler']['name']}), {counts['failed']} failed"
+        + (f", {unfinished} not run yet (interrupted)" if unfinished else ""),
+        f"- {concurrency} trial(s) at a time; each: {run['scaling']['num_workers']} worker(s) x "
+        f"{run['scaling']['cpus_per_worker']} CPU, at most {run['train']['epochs']} epochs per "
+        f"stage, early stopping on validation {metric.upper()}",
+        f"- stage 1 trained {sum(r.stage1 == 'trained' for r in finished_rows)} time(s), taken "
+        f"from the cache {sum(r.stage1 == 'cached' for r in finished_rows)} time(s) (finished "
+        "trials)",
+        "",
+    ]
+    summary: dict[str, Any] = {**counts, "unfinished": unfinished, "best": None}
+    if best is None:
+        lines += ["No trial finished its pipeline yet: no best config.", ""]
+    else:
+        config = load_yaml(best.run_dir / CONFIG_FILE)
+        config.pop("invocation")
+        values = ", ".join(f"`{k}={best.values[k]}`" for k in keys)
+        test = best.metrics["test"]
+        (output / BEST_CONFIG_FILE).write_text(
+            f"# Best trial {best.trial_id} of the sweep in {output}, chosen on target validation "
+            f"{metric.upper()} {best.last_score:.4f}.\n"
+            f"# python train/run.py --samples {samples_dir} --output RUN_DIR "
+            f"--config {output / BEST_CONFIG_FILE}\n" + dump(config)
+        )
+        lines += [
+            f"## Best trial, chosen on target validation {metric.upper()}",
+            "",
+            f"{values} (trial `{best.trial_id}`): validation GAUC "
+            f"{_f(best.valid.get('valid_gauc'))}, AUC {_f(best.valid.get('valid_auc'))}.",
+            "",
+            f"Its run config: `{BEST_CONFIG_FILE}` (`python train/run.py --samples "
+            f"{samples_dir} --output RUN_DIR --config {output / BEST_CONFIG_FILE}`).",
+            "",
+            f"### Its target test rows ({test['model']['rows']}; not used to choose it)",
+            "",
+            *results_table(test, {"model": "best trial", "oracle": "oracle (true p_like)"}),
+            "",
+        ]
+        plot_sweep(rows, keys, metric, output / PLOT_FILE)
+        summary["best"] = {
+            "trial_id": best.trial_id,
+            "values": best.values,
+            "valid": best.valid,
+            "test": test,
+            "config": str(output / BEST_CONFIG_FILE),
+        }
+    lines += [
+        f"## All trials, best validation {metric.upper()} first",
+        "",
+        *trials_markdown(rows, keys, metric),
+        "",
+        f"Table as CSV: `{TABLE_FILE}`."
+        + (f" Plot: `{PLOT_FILE}`." if best is not None else "")
+        + f" Each trial's run (train/run.py files): `{TRIALS_DIR}/<trial>/`.",
+        "",
+    ]
+    text = "\n".join(lines)
+    (output / SUMMARY_FILE).write_text(text)
+    print(text, flush=True)
+    return summary
