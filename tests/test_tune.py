@@ -31,7 +31,7 @@ from train.sweep import (
     stage1_key,
     stage1_material,
 )
-from train.tune import INTERRUPTED, load_sweep_config, trial_run_config
+from train.tune import INTERRUPTED, load_sweep_config, max_reports, trial_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_PY = REPO / "train" / "tune.py"
@@ -90,6 +90,15 @@ def test_sweep_config_layers(tmp_path: Path) -> None:
 def test_bad_sweep_configs_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_sweep_config(None, overrides)
+
+
+def test_scheduler_horizon_covers_every_trial() -> None:
+    """ASHA's max_t must not stop a trial before its last report, whatever epochs it draws."""
+    swept = ["run.train.epochs=2", "search_space={train.epochs: {grid: [1, 5]}}"]
+    assert max_reports(load_sweep_config(None, swept)) == 2 * 5 + 1  # MEM + TEM epochs, + 1
+    load_sweep_config(None, [*swept, "scheduler.grace_period=11"])
+    with pytest.raises(ConfigError, match=r"scheduler\.grace_period"):
+        load_sweep_config(None, [*swept, "scheduler.grace_period=12"])
 
 
 def test_stage1_key_is_what_mem_depends_on() -> None:

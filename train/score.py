@@ -89,6 +89,8 @@ def input_columns(table_schema: pa.Schema, artifact: Artifact, kind: str) -> lis
     missing = [c for c in [LINE_NO, *needed] if c not in names]
     if missing:
         raise ScoreInputError(f"input table lacks columns {missing} (--kind {kind})")
+    if not pa.types.is_integer(table_schema.field(LINE_NO).type):
+        raise ScoreInputError(f"column {LINE_NO!r} is {table_schema.field(LINE_NO).type}")
     if kind == "samples":
         for name in interface.scalars:
             if not pa.types.is_integer(table_schema.field(name).type):

@@ -256,7 +256,7 @@ def make_scheduler(sweep: Mapping[str, Any]) -> TrialScheduler:
         return FIFOScheduler()
     return ASHAScheduler(
         time_attr="training_iteration",
-        max_t=max_reports(sweep["run"]),
+        max_t=max_reports(sweep),
         grace_period=opts["grace_period"],
         reduction_factor=opts["reduction_factor"],
     )

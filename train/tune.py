@@ -85,9 +85,16 @@ def load_sweep_config(
     return sweep
 
 
-def max_reports(run: Mapping[str, Any]) -> int:
-    """The most reports a trial makes: one per epoch of every stage, then the pipeline's."""
-    return len(pipeline(run["model"])) * run["train"]["epochs"] + 1
+def max_reports(sweep: Mapping[str, Any]) -> int:
+    """The most reports a trial can make: one per epoch of every stage, then the pipeline's
+    (with the most stages and epochs any search-space value gives `model` or `train.epochs`)."""
+    configs = [sweep["run"]] + [
+        trial_run_config(sweep["run"], {key: value}, sweep["metric"])
+        for key, spec in sweep["search_space"].items()
+        for value in _values_to_check(key, spec)
+    ]
+    stages = max(len(pipeline(c["model"])) for c in configs)
+    return stages * max(c["train"]["epochs"] for c in configs) + 1
 
 
 def check_sweep(sweep: Mapping[str, Any]) -> None:
@@ -106,12 +113,6 @@ def check_sweep(sweep: Mapping[str, Any]) -> None:
         raise ConfigError(f"scheduler.name: {scheduler['name']!r} is not one of {SCHEDULERS}")
     if scheduler["grace_period"] < 1:
         raise ConfigError("scheduler.grace_period: must be >= 1")
-    if scheduler["grace_period"] > max_reports(sweep["run"]):
-        raise ConfigError(
-            f"scheduler.grace_period: {scheduler['grace_period']} is more than the "
-            f"{max_reports(sweep['run'])} reports a trial makes (an epoch of each stage, "
-            "then the pipeline's score)"
-        )
     if scheduler["reduction_factor"] <= 1:
         raise ConfigError("scheduler.reduction_factor: must be > 1")
     concurrent = sweep["max_concurrent_trials"]
@@ -128,6 +129,12 @@ def check_sweep(sweep: Mapping[str, Any]) -> None:
                 check_stage_params(trial_run_config(sweep["run"], {key: value}, sweep["metric"]))
             except ValueError as e:  # the run config's ConfigError, or a model's
                 raise ConfigError(f"search_space.{key} = {value!r}: {e}") from e
+    if scheduler["grace_period"] > max_reports(sweep):
+        raise ConfigError(
+            f"scheduler.grace_period: {scheduler['grace_period']} is more than the "
+            f"{max_reports(sweep)} reports a trial makes (an epoch of each stage, then the "
+            "pipeline's score)"
+        )
 
 
 def _values_to_check(key: str, spec: Any) -> list[Any]:
