@@ -90,6 +90,11 @@ def build_samples(
     paths = {e.name: f"{input_dir}/{e.file}" for e in config.entities}
     headers = {e: _read_header(spark, fs, config, e, paths[e]) for e in config.entity_names}
 
+    # A run killed before its `finally` leaves its staging dir behind; a job owns its OUT_DIR
+    # (one writer at a time), so anything left there is garbage.
+    for leftover in fs.glob(f"{output_dir}/_staging-*"):
+        log.info("removing %s, left by an interrupted run", leftover)
+        fs.delete(leftover)
     staging = f"{output_dir}/_staging-{uuid.uuid4().hex[:12]}"
     stage = _Stager(spark, staging)
     try:
@@ -121,10 +126,15 @@ def build_samples(
         phase(6, f"summary; committing Delta tables ({chosen_writer} writer) to {output_dir}")
         summary = _summarize(parsed, samples, config)
         schema = _feature_schema(config, vocab, boundaries, input_dir, summary)
-        for table, partition_by in TABLES.items():
-            write_delta(
+        # Each table commits atomically, but the three commits are not one transaction: the
+        # schema file, written last, names the versions that belong together.
+        schema["table_versions"] = {
+            table: write_delta(
                 spark, stage.path(table), f"{output_dir}/{table}", partition_by, chosen_writer
             )
+            for table, partition_by in TABLES.items()
+        }
+        summary["table_versions"] = schema["table_versions"]
         summary["output_dir"] = output_dir
         summary["writer"] = chosen_writer
         summary["wall_s"] = round(time.monotonic() - started, 1)

@@ -46,6 +46,11 @@ class HadoopFs:
         jpath, fs = self._resolve(path)
         return bool(fs.exists(jpath)) and bool(fs.getFileStatus(jpath).isFile())
 
+    def glob(self, pattern: str) -> list[str]:
+        """Paths matching a glob pattern (Hadoop syntax: *, ?, [...])."""
+        jpath, fs = self._resolve(pattern)
+        return [str(status.getPath().toString()) for status in fs.globStatus(jpath) or []]
+
     def delete(self, path: str) -> None:
         jpath, fs = self._resolve(path)
         fs.delete(jpath, True)
@@ -87,9 +92,14 @@ def write_delta(
     table_path: str,
     partition_by: list[str],
     writer: Literal["spark", "rs"],
-) -> None:
-    """Overwrite the Delta table at table_path with the Parquet rows under staging_path."""
+) -> int:
+    """Overwrite the Delta table at table_path with the Parquet rows under staging_path.
+
+    Returns the table version this commit created (the job is the table's only writer).
+    """
     if writer == "spark":
+        from delta.tables import DeltaTable as SparkDeltaTable
+
         (
             spark.read.parquet(staging_path)
             .write.format("delta")
@@ -98,9 +108,9 @@ def write_delta(
             .partitionBy(*partition_by)
             .save(table_path)
         )
-        return
+        return int(SparkDeltaTable.forPath(spark, table_path).history(1).first()["version"])
     import pyarrow.dataset as ds
-    from deltalake import write_deltalake
+    from deltalake import DeltaTable, write_deltalake
 
     # Files whose names start with "_" or "." (Spark's _SUCCESS) are skipped by pyarrow.
     reader = ds.dataset(staging_path, format="parquet").scanner().to_reader()
@@ -111,3 +121,4 @@ def write_delta(
         schema_mode="overwrite",
         partition_by=partition_by or None,
     )
+    return DeltaTable(table_path).version()

@@ -124,16 +124,16 @@ def _wait_for_dashboard(port: int, head: subprocess.Popen, timeout_s: float = 12
 
 
 def _submit_when_agent_is_up(
-    command: list[str], env: dict[str, str], attempts: int = 30
+    command: list[str], env: dict[str, str], patience_s: float = 120
 ) -> subprocess.CompletedProcess:
     """The dashboard answers before the node's job agent has registered; until it has, a
     submission is refused with "No available agent" and nothing runs, so it can be retried."""
-    for _ in range(attempts):
+    deadline = time.monotonic() + patience_s
+    while True:
         job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
-        if "No available agent" not in job.stderr:
+        if "No available agent" not in job.stderr or time.monotonic() > deadline:
             return job
         time.sleep(2)
-    return job
 
 
 def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: Path) -> None:
@@ -150,7 +150,20 @@ def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: P
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard = _free_port(), _free_port()
+    dashboard = _free_port()
+    # Every service on a port of its own: another Ray on this machine may hold the defaults
+    # (an agent that cannot bind never registers, and jobs are then refused).
+    ports = {
+        name: _free_port()
+        for name in (
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+        )
+    }
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = subprocess.Popen(
         [
@@ -159,7 +172,7 @@ def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: P
             "--head",
             "--block",
             "--node-ip-address=127.0.0.1",
-            f"--port={gcs}",
+            *(f"--{name}={port}" for name, port in ports.items()),
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard}",
             "--num-cpus=4",
