@@ -102,25 +102,38 @@ def pin_one_core() -> str:
     return "unpinned (no sched_setaffinity)"
 
 
-def latencies_us(call: Callable[[int], Any], n: int) -> np.ndarray:
-    for i in range(min(n, 50)):
-        call(i)
-    times = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        call(i)
-        times[i] = time.perf_counter() - start
-    return times * 1e6
+Runner = Callable[[int, int], Any]  # (first row, rows) -> scores
 
 
-def rows_per_second(call: Callable[[int], Any], batch: int, seconds: float) -> float:
-    call(0)
-    done, calls, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 3:
-        call(calls)
-        done += batch
-        calls += 1
-    return done / (time.perf_counter() - start)
+def latencies_us(runners: dict[str, Runner], rows: int, n: int) -> dict[str, np.ndarray]:
+    """One request at a time, the runners taking turns on the same request, so that a busy
+    machine slows them alike."""
+    times = {name: np.empty(n) for name in runners}
+    for i in range(-min(n, 50), n):  # the first calls warm up
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(i % rows, 1)
+            if i >= 0:
+                times[name][i] = time.perf_counter() - start
+    return {name: t * 1e6 for name, t in times.items()}
+
+
+def rows_per_second(runners: dict[str, Runner], rows: int, batch: int, seconds: float) -> dict:
+    """Batches of `batch` rows, the runners taking turns (2048 rows each per turn), until
+    each has run for about `seconds`."""
+    calls = max(1, 2048 // batch)
+    spent = dict.fromkeys(runners, 0.0)
+    for run in runners.values():
+        run(0, batch)
+    turns = 0
+    while min(spent.values()) < seconds:
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for c in range(calls):
+                run(((turns * calls + c) * batch) % (rows - batch + 1), batch)
+            spent[name] += time.perf_counter() - start
+        turns += 1
+    return {name: turns * calls * batch / t for name, t in spent.items()}
 
 
 def bench(run_dir: Path, artifact_dir: Path | None, n_requests: int, seconds: float) -> dict:
@@ -168,19 +181,15 @@ def bench(run_dir: Path, artifact_dir: Path | None, n_requests: int, seconds: fl
 
     n = len(requests)
     runners = {"artifact": end_to_end, "artifact_graph": graph, "eager": eager}
-    result: dict[str, Any] = {"rows_available": n, "latency_us": {}, "rows_per_s": {}}
-    for name, run in runners.items():
-        t = latencies_us(lambda i, run=run: run(i % n, 1), n_requests)
-        result["latency_us"][name] = {
-            "p50": float(np.percentile(t, 50)),
-            "p99": float(np.percentile(t, 99)),
-        }
-        result["rows_per_s"][name] = {
-            str(b): rows_per_second(
-                lambda i, run=run, b=b: run((i * b) % (n - b + 1), b), b, seconds
-            )
-            for b in BATCH_SIZES
-        }
+    result: dict[str, Any] = {"rows_available": n}
+    result["latency_us"] = {
+        name: {"p50": float(np.percentile(t, 50)), "p99": float(np.percentile(t, 99))}
+        for name, t in latencies_us(runners, n, n_requests).items()
+    }
+    by_batch = {b: rows_per_second(runners, n, b, seconds) for b in BATCH_SIZES}
+    result["rows_per_s"] = {
+        name: {str(b): by_batch[b][name] for b in BATCH_SIZES} for name in runners
+    }
     latency, rate = result["latency_us"], result["rows_per_s"]
     result["artifact_over_eager"] = {
         "latency_p50": latency["artifact"]["p50"] / latency["eager"]["p50"],

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -38,6 +39,13 @@ RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 DEFAULT_USERS = 24000
 PROGRESS_MARKS = ("[etl]", "] epoch ", "resuming after", "fault drill", "error")
 RUNS = {"mkt": "TEM with MEM (MKT)", "tem_only": "TEM alone"}
+COLOUR = re.compile(r"\x1b\[[0-9;]*m")
+RAY_PREFIX = re.compile(r"^\(\S+ pid=\d+\) ")
+
+
+def plain(line: str) -> str:
+    """A log line without Ray's colour codes and "(RayTrainWorker pid=...)" prefix."""
+    return RAY_PREFIX.sub("", COLOUR.sub("", line.rstrip()))
 
 
 def step(name: str, command: list[str], log_dir: Path, env: dict[str, str]) -> float:
@@ -53,7 +61,7 @@ def step(name: str, command: list[str], log_dir: Path, env: dict[str, str]) -> f
         for line in child.stdout:
             log.write(line)
             if any(mark in line for mark in PROGRESS_MARKS):
-                print("   " + line.rstrip()[-150:], flush=True)
+                print("   " + plain(line), flush=True)
         child.wait()
     seconds = time.monotonic() - started
     if child.returncode != 0:

@@ -26,7 +26,7 @@ from mkt.features import to_tensors
 from mkt.metrics import evaluate
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, build_chain
-from train.data import model_columns, read_samples
+from train.data import entity_rows, model_columns, read_samples
 
 PREDICTIONS_DIR = "predictions"
 ORACLE_FILE = "oracle.parquet"
@@ -63,7 +63,7 @@ def write_predictions(
     cols = schema.columns
     extra = [cols["line_no"], cols["user_key"]]
     target = schema.target_entity
-    if read_samples(samples_dir, schema, [target], "test", [cols["line_no"]]).count() == 0:
+    if entity_rows(samples_dir, schema, target, "test") == 0:
         raise ValueError(f"{samples_dir}: no test rows of the target entity {target!r}")
     rows = read_samples(samples_dir, schema, [target], "test", [*model_columns(schema), *extra])
     scaling = config["scaling"]

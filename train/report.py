@@ -10,6 +10,7 @@ from typing import Any
 
 # Figure without pyplot: no GUI backend or global state, just a file.
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from train.stage import StageResult
 
@@ -142,5 +143,7 @@ def plot_curves(stages: Sequence[StageResult], path: Path) -> None:
         valid_ax.set_title(f"{stage.name}: validation")
         valid_ax.set_xlabel("epoch")
         valid_ax.legend()
+        for ax in (loss_ax, valid_ax):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
