@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", help="also write the result as JSON here")
     args = parser.parse_args(argv)
     where = pin_one_core()
+    # Other processes on the machine share the core: record how busy it was.
+    load_before = os.getloadavg()[0]
     result = bench(
         Path(args.run).resolve(),
         Path(args.artifact) if args.artifact else None,
@@ -239,7 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         args.seconds,
     )
     result["cpu"] = where
+    result["load_average_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
     print(markdown(result))
+    print(f"{where}; 1-minute load average {result['load_average_1m']}")
     print(json.dumps({"artifact_over_eager": result["artifact_over_eager"]}, indent=2))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
