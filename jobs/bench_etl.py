@@ -80,9 +80,7 @@ class TreeMemory:
             total = 0
             for pid in self._tree():
                 status = _read(f"/proc/{pid}/status")
-                fields = dict(
-                    line.split(":", 1) for line in status.splitlines() if ":" in line
-                )
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
                 if "VmHWM" not in fields:
                     continue
                 hwm = int(fields["VmHWM"].split()[0]) * 1024
@@ -159,7 +157,10 @@ def parse_event_log(path: Path) -> dict[str, Any]:
             kind = event["Event"]
             if kind == "SparkListenerJobStart":
                 description = event.get("Properties", {}).get("spark.job.description") or "(none)"
-                jobs[event["Job ID"]] = {"description": description, "start": event["Submission Time"]}
+                jobs[event["Job ID"]] = {
+                    "description": description,
+                    "start": event["Submission Time"],
+                }
                 for stage in event["Stage IDs"]:
                     stage_job[stage] = event["Job ID"]
             elif kind == "SparkListenerJobEnd":
@@ -180,7 +181,8 @@ def parse_event_log(path: Path) -> dict[str, Any]:
                     metrics.get("Shuffle Write Metrics", {}).get("Shuffle Bytes Written", 0) / MB
                 )
                 t["shuffle_read_mb"] += (
-                    shuffle_read.get("Remote Bytes Read", 0) + shuffle_read.get("Local Bytes Read", 0)
+                    shuffle_read.get("Remote Bytes Read", 0)
+                    + shuffle_read.get("Local Bytes Read", 0)
                 ) / MB
                 t["spill_disk_mb"] += metrics.get("Disk Bytes Spilled", 0) / MB
             elif kind == "SparkListenerStageExecutorMetrics":
@@ -304,7 +306,9 @@ def compare(spark_out: Path, duck_out: Path) -> dict[str, Any]:
         f"CREATE VIEW d AS SELECT * FROM read_parquet('{duck_out}/samples/*/*/*.parquet', "
         "hive_partitioning = true)"
     )
-    columns = [c for (c, *_) in con.execute("DESCRIBE s").fetchall() if c not in ("entity", "line_no")]
+    columns = [
+        c for (c, *_) in con.execute("DESCRIBE s").fetchall() if c not in ("entity", "line_no")
+    ]
     counts = con.execute(
         "SELECT (SELECT count(*) FROM s), (SELECT count(*) FROM d), "
         "(SELECT count(*) FROM s JOIN d USING (entity, line_no))"

@@ -282,7 +282,9 @@ def build_samples_duckdb(
     )
     sequences = []
     for e in entities:
-        items = f"coalesce(CASE WHEN s.entity = {_sql_str(e)} THEN own.items ELSE fit.fit__{e} END, [])"
+        items = (
+            f"coalesce(CASE WHEN s.entity = {_sql_str(e)} THEN own.items ELSE fit.fit__{e} END, [])"
+        )
         sequences += [
             f"list_resize(list_reverse({items}), {config.seq_len}, 0)::BIGINT[] AS seq_{e}",
             f"len({items})::BIGINT AS seq_{e}_len",

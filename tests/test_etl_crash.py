@@ -84,7 +84,9 @@ def kill_when(out: Path, started_writing: str, tmp: Path) -> str:
         deadline = time.monotonic() + 300
         try:
             while not list(out.glob(started_writing)):
-                assert job.poll() is None, f"job ended before {started_writing}:\n{log.read_text()[-3000:]}"
+                assert job.poll() is None, (
+                    f"job ended before {started_writing}:\n{log.read_text()[-3000:]}"
+                )
                 assert time.monotonic() < deadline, f"no {started_writing} after 300 s"
                 time.sleep(0.005)
         finally:

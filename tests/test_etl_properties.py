@@ -113,7 +113,11 @@ def raw_line(draw: st.DrawFn, entity: str) -> bytes:
     if draw(st.integers(0, 5)) == 0:
         # Not inside a multi-byte character (before a continuation byte): how a replaced
         # sequence splits into U+FFFD characters is then unambiguous.
-        at = draw(st.sampled_from([i for i in range(len(data) + 1) if data[i : i + 1] < b"\x80" or data[i] >= 0xC0]))
+        at = draw(
+            st.sampled_from(
+                [i for i in range(len(data) + 1) if data[i : i + 1] < b"\x80" or data[i] >= 0xC0]
+            )
+        )
         data = data[:at] + draw(st.sampled_from(INVALID_UTF8)) + data[at:]
     return data
 
@@ -143,7 +147,7 @@ def base_samples(spark, base_raw: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 def _data_lines(path: Path) -> list[bytes]:
-    header, *lines = path.read_bytes().split(b"\n")
+    _, *lines = path.read_bytes().split(b"\n")
     assert lines[-1] == b"", "files end with a newline"
     return lines[:-1]
 
@@ -168,10 +172,15 @@ def assert_every_line_accounted_for(raw: Path, out: Path, summary: dict) -> None
     for entity, file in FILES.items():
         lines = _data_lines(raw / file)
         sampled = dict(
-            zip(*(samples.loc[samples.entity == entity, c] for c in ("line_no", "user_key")), strict=True)
+            zip(
+                *(samples.loc[samples.entity == entity, c] for c in ("line_no", "user_key")),
+                strict=True,
+            )
         )
         rows = quarantine[quarantine.entity == entity]
-        quarantined = dict(zip(rows.line_no, zip(rows.raw_line, rows.reason, strict=True), strict=True))
+        quarantined = dict(
+            zip(rows.line_no, zip(rows.raw_line, rows.reason, strict=True), strict=True)
+        )
         assert len(sampled) + len(quarantined) == len(lines)
         assert sampled.keys().isdisjoint(quarantined)
         assert sampled.keys() | quarantined.keys() == set(range(1, len(lines) + 1))
@@ -279,7 +288,9 @@ def test_header_only_file_gives_an_entity_without_rows(
     summary = build_samples(spark, CONFIG, raw, out)
     assert_every_line_accounted_for(raw, out, summary)
     samples = _samples(out)
-    assert set(samples.entity) == {"article"} and len(samples) == len(_data_lines(raw / FILES["article"]))
+    assert set(samples.entity) == {"article"} and len(samples) == len(
+        _data_lines(raw / FILES["article"])
+    )
     assert (samples.seq_video_len == 0).all() and (samples.seq_article_len > 0).any()
     assert summary["entities"]["video"]["input_lines"] == 0
 

@@ -155,7 +155,10 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
         table = DeltaTable(args.input)
     except TableNotFoundError as e:
         raise ScoreInputError(f"--input {args.input}: not a Delta table ({e})") from e
-    columns = input_columns(pa.schema(table.schema().to_arrow()), artifact, args.kind)
+    table_schema = pa.schema(table.schema().to_arrow())
+    columns = input_columns(table_schema, artifact, args.kind)
+    if args.split and SPLIT not in table_schema.names:
+        raise ScoreInputError(f"--split {args.split}: the input table has no {SPLIT!r} column")
 
     # A caller (a test, a notebook) may have started Ray already; otherwise start_ray must
     # run before Ray is first imported (see train/cluster.py).
