@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from deltalake import DeltaTable
+from safetensors.torch import load_file
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
@@ -59,6 +61,15 @@ def test_generated_data_through_spark_and_both_stages(spark, tmp_path: Path) -> 
     for name in ("config.yaml", "summary.md", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert list((run_dir / "tensorboard" / "tem").glob("*/events.out.tfevents.*"))
+
+    # Stage 2 ran on the stage-1 MEM from its best checkpoint, and left it untouched: every MEM
+    # tensor TEM holds (its `knowledge.` part) equals that checkpoint's.
+    mem_weights = load_file(str(Path(mem["best_checkpoint"]) / "model.safetensors"))
+    tem_weights = load_file(str(Path(tem["best_checkpoint"]) / "model.safetensors"))
+    shared = [k for k in mem_weights if f"knowledge.{k}" in tem_weights]
+    assert "inputs.embeddings.tables.user_id.weight" in shared
+    for key in shared:
+        assert torch.equal(mem_weights[key], tem_weights[f"knowledge.{key}"]), key
 
     # One prediction per target test row, each naming its raw line.
     schema = json.loads((out / "feature_schema.json").read_text())
