@@ -33,7 +33,7 @@ SAMPLES_TABLE = "samples"
 
 
 class DataError(ValueError):
-    """The samples directory is not what etl/build_samples.py writes."""
+    """Samples that are missing or cannot feed a stage."""
 
 
 def samples_path(out_dir: str | Path) -> Path:
