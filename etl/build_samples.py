@@ -224,8 +224,7 @@ def _parse_lines(
     name, so a file with reordered columns reads the same.
 
     Each step is its own projection so that the line is split once and every field trimmed
-    and cast once: inside a CASE WHEN branch Spark does not share a repeated subexpression,
-    and re-splitting the line for every field reference was most of this phase's CPU.
+    and cast once: inside a CASE WHEN branch Spark does not share a repeated subexpression.
     """
     ids = list(dict.fromkeys((config.user_key, *config.id_columns)))
     feature_columns = {f.columns[entity] for f in config.features_of(entity)}
@@ -488,7 +487,7 @@ def _bucket_index(value: Column, boundaries: list[float]) -> Column:
 
     Unrolled into one comparison per boundary, the encoding stage's generated method grew
     past 8000 bytes of bytecode, which the JVM does not JIT-compile: the stage then ran
-    interpreted, at half speed.
+    interpreted, at three times its CPU (docs/BENCHMARKS.md).
     """
     return F.aggregate(
         F.array(*[F.lit(b) for b in boundaries]).cast("array<double>"),

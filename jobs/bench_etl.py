@@ -1,7 +1,8 @@
 """Benchmark etl/build_samples.py (spark-submit) against the DuckDB reference on generated data.
 
     python jobs/bench_etl.py --rows 1000000 5000000 20000000 --work-dir /tmp/etl-bench \
-        [--master local[2]] [--driver-memory 4g] [--duckdb-threads 2] [--no-duckdb] [--keep]
+        [--master local[2]] [--driver-memory 4g] [--duckdb-threads 2] [--duckdb-max-rss-gb 14] \
+        [--no-duckdb] [--keep]
 
 Per size: generate Tenrec-format CSVs of about that many raw rows (jobs/generate_tenrec.py, seed
 0), run the Spark job as its own spark-submit process with the event log on, run
@@ -14,8 +15,15 @@ driver (which streams the tables into Delta with delta-rs), the JVM heap peak, a
 DuckDB/Spark time ratio. Machine load (1-minute load average) before and after each run goes
 beside the figures: on a shared machine wall time is not CPU time.
 
-Results: printed as Markdown and written to WORK_DIR/results.json. Raw data and outputs are
-deleted after each size unless --keep (20M rows are ~1.2 GB of CSV); event logs are kept.
+Results: printed as Markdown and written to WORK_DIR/results.json, merged by size: results of
+other sizes already there are kept, a size that is run again replaces its entry. Raw data is
+generated once per size and reused while WORK_DIR/rows-N/raw holds it; raw data and outputs
+are deleted after each size unless --keep (20M rows are ~1 GB of CSV and oracle); event logs
+are kept.
+
+The machine is shared, so the DuckDB reference is stopped (and reported as stopped, with the
+RSS and time it had reached) if its process tree exceeds --duckdb-max-rss-gb or
+--duckdb-timeout-s: its memory_limit bounds its buffer manager, not everything it allocates.
 """
 
 from __future__ import annotations
@@ -51,28 +59,38 @@ EXECUTOR_PEAKS = (
 # --------------------------------------------------------------------------------------------
 
 
-class TreeMemory:
-    """Polls a process and its descendants; keeps each one's peak RSS (VmHWM) and the peak sum."""
+class ProcessTree:
+    """Polls a process and its descendants: each one's peak RSS (VmHWM) and CPU time, peak sum.
+
+    CPU time is the whole process's (user + system, all threads: GC and JIT included), as last
+    seen; a process's final quarter second is missed.
+    """
 
     def __init__(self, root: int, interval_s: float = 0.25) -> None:
         self._root, self._interval = root, interval_s
         self.peak_by_pid: dict[int, tuple[str, int]] = {}  # pid -> (kind, peak bytes)
+        self.cpu_by_pid: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds)
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def stop(self) -> dict[str, float]:
-        """Peak RSS in MB: the largest JVM, the largest Python process, and the whole tree."""
+        """Peak RSS (MB) of the largest JVM and Python process and of the tree; CPU seconds."""
         self._stop.set()
         self._thread.join()
         peaks: dict[str, float] = defaultdict(float)
         for kind, peak in self.peak_by_pid.values():
             peaks[kind] = max(peaks[kind], peak / MB)
+        cpu: dict[str, float] = defaultdict(float)
+        for kind, seconds in self.cpu_by_pid.values():
+            cpu[kind] += seconds
         return {
             "jvm_rss_mb": round(peaks["java"], 1),
             "python_rss_mb": round(peaks["python"], 1),
             "tree_rss_mb": round(self.peak_total / MB, 1),
+            "jvm_cpu_s": round(cpu["java"], 1),
+            "python_cpu_s": round(cpu["python"], 1),
         }
 
     def _run(self) -> None:
@@ -89,6 +107,10 @@ class TreeMemory:
                 kind = "java" if name == "java" else "python" if "python" in name else name
                 _, seen = self.peak_by_pid.get(pid, (kind, 0))
                 self.peak_by_pid[pid] = (kind, max(seen, hwm))
+                stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+                if len(stat) > 12:  # utime and stime, fields 14 and 15, in clock ticks
+                    ticks = int(stat[11]) + int(stat[12])
+                    self.cpu_by_pid[pid] = (kind, ticks / os.sysconf("SC_CLK_TCK"))
             self.peak_total = max(self.peak_total, total)
 
     def _tree(self) -> list[int]:
@@ -119,17 +141,39 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def _run_measured(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    max_rss_mb: float | None = None,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Runs cmd, measuring it; past max_rss_mb (whole tree) or timeout_s it is killed and the
+    result says so in "stopped" instead of raising."""
     load_before = _load()
     started = time.monotonic()
+    stopped = None
     with log.open("w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-        memory = TreeMemory(process.pid)
-        code = process.wait()
+        tree = ProcessTree(process.pid)
+        while process.poll() is None:
+            elapsed = time.monotonic() - started
+            if max_rss_mb is not None and tree.peak_total / MB > max_rss_mb:
+                stopped = f"process tree RSS over {max_rss_mb:.0f} MB after {elapsed:.0f} s"
+            elif timeout_s is not None and elapsed > timeout_s:
+                stopped = f"still running after {timeout_s:.0f} s"
+            if stopped:
+                process.kill()
+                process.wait()
+                break
+            time.sleep(0.25)
+        code = process.returncode
     wall = time.monotonic() - started
-    result = {"wall_s": round(wall, 1), **memory.stop(), "load_before": load_before}
+    result = {"wall_s": round(wall, 1), **tree.stop(), "load_before": load_before}
     result["load_after"] = _load()
-    if code != 0:
+    if stopped:
+        result["stopped"] = stopped
+    elif code != 0:
         raise RuntimeError(f"{cmd[0]} exited with {code}; see {log}")
     return result
 
@@ -278,6 +322,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
     summary = json.loads((out / "etl_summary.json").read_text())
     result["job_wall_s"] = summary["wall_s"]
     result["samples"] = sum(e["samples"] for e in summary["entities"].values())
+    result["samples_table_mb"] = _size_mb(out / "samples")
     (log_file,) = set(events.iterdir()) - before
     result["event_log"] = str(log_file)
     result["profile"] = parse_event_log(log_file)
@@ -288,7 +333,19 @@ def run_duckdb(raw: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]
     cmd = [sys.executable, str(REPO / "jobs" / "duckdb_samples.py"), "--config", str(CONFIG)]
     cmd += ["--input", str(raw), "--output", str(out), "--threads", str(args.duckdb_threads)]
     cmd += ["--memory-limit", args.duckdb_memory]
-    return _run_measured(cmd, out.parent / f"{out.name}.log")
+    result = _run_measured(
+        cmd,
+        out.parent / f"{out.name}.log",
+        max_rss_mb=args.duckdb_max_rss_gb * 1e3,
+        timeout_s=args.duckdb_timeout_s,
+    )
+    if "stopped" not in result:
+        result["samples_table_mb"] = _size_mb(out / "samples")
+    return result
+
+
+def _size_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MB, 1)
 
 
 def compare(spark_out: Path, duck_out: Path) -> dict[str, Any]:
@@ -337,17 +394,20 @@ def bench_size(rows: int, args: argparse.Namespace) -> dict[str, Any]:
     raw = work / "raw"
     result: dict[str, Any] = {"rows_requested": rows, **generate(rows, raw)}
     print(f"== {result['raw_rows']:,} raw rows ({result['raw_mb']} MB CSV)", flush=True)
+    for out in (work / "spark-out", work / "duckdb-out"):
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted earlier run's output
     result["spark"] = run_spark(raw, work / "spark-out", args.work_dir / "events", args)
     result["spark"]["rows_per_s"] = round(result["raw_rows"] / result["spark"]["wall_s"])
     print(f"   spark  {result['spark']['wall_s']} s", flush=True)
     if not args.no_duckdb:
-        result["duckdb"] = run_duckdb(raw, work / "duckdb-out", args)
-        result["duckdb"]["rows_per_s"] = round(result["raw_rows"] / result["duckdb"]["wall_s"])
-        result["spark_over_duckdb"] = round(
-            result["spark"]["wall_s"] / result["duckdb"]["wall_s"], 1
-        )
-        print(f"   duckdb {result['duckdb']['wall_s']} s", flush=True)
-        result["comparison"] = compare(work / "spark-out", work / "duckdb-out")
+        result["duckdb"] = duck = run_duckdb(raw, work / "duckdb-out", args)
+        if "stopped" in duck:
+            print(f"   duckdb stopped: {duck['stopped']}", flush=True)
+        else:
+            duck["rows_per_s"] = round(result["raw_rows"] / duck["wall_s"])
+            result["spark_over_duckdb"] = round(result["spark"]["wall_s"] / duck["wall_s"], 1)
+            print(f"   duckdb {duck['wall_s']} s", flush=True)
+            result["comparison"] = compare(work / "spark-out", work / "duckdb-out")
     if not args.keep:
         shutil.rmtree(work)
     return result
@@ -358,19 +418,26 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"master {args.master}, driver memory {args.driver_memory}, "
         f"DuckDB threads {args.duckdb_threads}, {os.cpu_count()} cores",
         "",
-        "| raw rows | Spark wall s | rows/s | executor CPU s | JVM peak RSS MB | JVM heap peak MB "
-        "| Python driver peak RSS MB | DuckDB wall s | DuckDB peak RSS MB | Spark/DuckDB "
-        "| differing cells | load before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| raw rows | Spark wall s | rows/s | executor CPU s | JVM CPU s | driver CPU s "
+        "| JVM peak RSS MB | JVM heap peak MB | Python driver peak RSS MB | DuckDB wall s "
+        "| DuckDB CPU s | DuckDB peak RSS MB | Spark/DuckDB | differing cells | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d = r["spark"], r.get("duckdb", {})
+        if "stopped" in d:
+            d = {
+                "wall_s": f"stopped ({d['stopped']})",
+                **{k: v for k, v in d.items() if k != "wall_s"},
+            }
         comparison = r.get("comparison", {})
         lines.append(
             f"| {r['raw_rows']:,} | {s['wall_s']} | {s['rows_per_s']:,} "
-            f"| {s['profile']['totals']['cpu_s']} | {s['jvm_rss_mb']:.0f} "
+            f"| {s['profile']['totals']['cpu_s']} | {s['jvm_cpu_s']} | {s['python_cpu_s']} "
+            f"| {s['jvm_rss_mb']:.0f} "
             f"| {s['profile']['executor_peaks_mb'].get('JVMHeapMemory', 0):.0f} "
-            f"| {s['python_rss_mb']:.0f} | {d.get('wall_s', '-')} | {d.get('tree_rss_mb', '-')} "
+            f"| {s['python_rss_mb']:.0f} | {d.get('wall_s', '-')} | {d.get('python_cpu_s', '-')} "
+            f"| {d.get('tree_rss_mb', '-')} "
             f"| {r.get('spark_over_duckdb', '-')} "
             f"| {sum(comparison.get('differing_cells', {}).values()) if comparison else '-'} "
             f"| {s['load_before']}/{s['load_after']} |"
@@ -402,15 +469,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conf", action="append", default=[], help="extra KEY=VALUE for Spark")
     parser.add_argument("--duckdb-threads", type=int, default=2)
     parser.add_argument("--duckdb-memory", default="6GB")
+    parser.add_argument(
+        "--duckdb-max-rss-gb", type=float, default=14.0, help="stop DuckDB past this RSS"
+    )
+    parser.add_argument(
+        "--duckdb-timeout-s", type=float, default=3600.0, help="stop DuckDB after this long"
+    )
     parser.add_argument("--no-duckdb", action="store_true", help="Spark only")
     parser.add_argument("--keep", action="store_true", help="keep raw data and outputs")
     args = parser.parse_args(argv)
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results_file = args.work_dir / "results.json"
-    results = []
+    by_size = {}
+    if results_file.exists():
+        by_size = {r["rows_requested"]: r for r in json.loads(results_file.read_text())}
     for rows in args.rows:
-        results.append(bench_size(rows, args))
+        by_size[rows] = bench_size(rows, args)
+        results = [by_size[n] for n in sorted(by_size)]
         results_file.write_text(json.dumps(results, indent=2))
     print(markdown(results, args))
     print(f"\nresults: {results_file}")

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
+from mkt.schema import FeatureSchema
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -63,13 +64,27 @@ def test_generated_data_through_spark_and_both_stages(spark, tmp_path: Path) -> 
     assert list((run_dir / "tensorboard" / "tem").glob("*/events.out.tfevents.*"))
 
     # Stage 2 ran on the stage-1 MEM from its best checkpoint, and left it untouched: every MEM
-    # tensor TEM holds (its `knowledge.` part) equals that checkpoint's.
+    # tensor TEM holds (its `knowledge.` part, the target path only) equals the checkpoint's.
+    # Two names differ: the target's HFA sits under `hfa.<target>` in MEM and `hfa` in TEM, and
+    # the CKE keeps only the target gate, renumbered 0.
+    schema = FeatureSchema.load(out / "feature_schema.json")
     mem_weights = load_file(str(Path(mem["best_checkpoint"]) / "model.safetensors"))
     tem_weights = load_file(str(Path(tem["best_checkpoint"]) / "model.safetensors"))
-    shared = [k for k in mem_weights if f"knowledge.{k}" in tem_weights]
-    assert "inputs.embeddings.tables.user_id.weight" in shared
-    for key in shared:
-        assert torch.equal(mem_weights[key], tem_weights[f"knowledge.{key}"]), key
+    knowledge = {
+        k.removeprefix("knowledge."): v
+        for k, v in tem_weights.items()
+        if k.startswith("knowledge.")
+    }
+
+    def in_mem(key: str) -> str:
+        if key.startswith("hfa."):
+            return f"hfa.{schema.target_entity}.{key.removeprefix('hfa.')}"
+        return key.replace("cke.gates.0.", f"cke.gates.{schema.target_index}.")
+
+    assert "inputs.embeddings.tables.user_id.weight" in knowledge
+    assert any(k.startswith("cke.gates.") for k in knowledge)
+    for key, value in knowledge.items():
+        assert torch.equal(mem_weights[in_mem(key)], value), key
 
     # One prediction per target test row, each naming its raw line.
     schema = json.loads((out / "feature_schema.json").read_text())

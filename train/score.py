@@ -39,6 +39,7 @@ from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, read_artifact_fil
 from train.cluster import start_ray
 
 KINDS = ("samples", "raw")
+ACTOR_INIT_DEATHS = 3
 ENTITY, LINE_NO, SPLIT = "entity", "line_no", "split"
 OUTPUT_SCHEMA = pa.schema(
     [(ENTITY, pa.string()), (LINE_NO, pa.int64()), ("score", pa.float64()), ("error", pa.string())]
@@ -171,7 +172,14 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
     from ray.data.expressions import col
 
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        # Ray Data's default (0) fails the whole job on the first scoring actor that dies while
+        # starting. A lost node does that on a cluster, and so, occasionally, does a race in
+        # Ray Data's pool on a loaded machine (an actor reaped before it ever ran); the actor's
+        # constructor is deterministic, so a replacement is safe. A broken artifact still fails
+        # fast: it dies in every replacement and exhausts the budget.
+        context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
         read = [*columns, *([SPLIT] if args.split else [])]
         rows = ray.data.read_delta(args.input, columns=read)
         if ENTITY in columns:
