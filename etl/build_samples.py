@@ -698,6 +698,8 @@ def _feature_schema(
             return FIRST_INDEX + len(boundaries[f.name]) + 1
         return sizes.get(f.name, FIRST_INDEX)
 
+    # As `_parse_lines` checks and canonicalises them.
+    id_columns = {config.user_key, *config.id_columns}
     features: list[dict[str, Any]] = []
     for f in config.features:
         entry: dict[str, Any] = {
@@ -709,6 +711,9 @@ def _feature_schema(
         }
         if f.kind == "bucketized":
             entry["boundaries"] = boundaries[f.name]
+        integer_id = [e for e in config.entity_names if f.columns.get(e) in id_columns]
+        if integer_id:
+            entry["integer_id"] = integer_id
         features.append(entry)
     item = config.feature(config.item_feature)
     for e in config.entity_names:

@@ -12,7 +12,10 @@ The rules (docs/data-contract.md, "Reserved indices"):
 2. `\\N` or the empty string (after trimming) is missing: index 1 (`MISSING`).
 3. Categorical: the trimmed text is looked up, exactly, in the feature's train vocabulary
    (for `per_entity_ids` features, in the vocabulary of the row's entity); a value not in
-   it is out-of-vocabulary: index 2 (`OOV`).
+   it is out-of-vocabulary: index 2 (`OOV`). An integer id (the feature's `integer_id`
+   entities) is first parsed as Spark's `try_cast(... AS BIGINT)` does (`parse_integer_id`)
+   and looked up by its decimal text, so `+007` is `7`; the ETL quarantines a line whose id
+   does not parse or is missing, and serving rejects such a request (`mkt.serving`).
 4. Bucketized: the trimmed text is parsed as Spark's `try_cast(... AS DOUBLE)` does
    (`parse_number`); text that does not parse is OOV. A number x gets bucket
    `3 + #{b in boundaries : x >= b}`; NaN counts as greater than every boundary (Spark
@@ -31,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from mkt.schema import FeatureSchema
+from mkt.schema import Feature, FeatureSchema
 
 PAD, MISSING, OOV = 0, 1, 2
 FIRST_INDEX = 3
@@ -46,6 +49,9 @@ _JAVA_HEX = re.compile(
     r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+[fFdD]?"
 )
 _JAVA_SPECIAL = {"NaN": math.nan, "Infinity": math.inf}
+# UTF8String.toLong's grammar: an optional sign and ASCII digits, nothing else.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Spark's fallback when parseDouble fails: these words, matched case-insensitively.
 _SPARK_SPECIAL = {
     "inf": math.inf,
@@ -82,6 +88,24 @@ def parse_number(text: str) -> float | None:
     if _JAVA_HEX.fullmatch(trimmed):
         return float.fromhex(trimmed.rstrip("fFdD"))
     return _SPARK_SPECIAL.get(trimmed.lower())
+
+
+def parse_integer_id(text: str) -> int | None:
+    """Spark's `try_cast(text AS BIGINT)`: the integer, or None where Spark gives null."""
+    trimmed = text.strip(_JAVA_TRIM)
+    if not _INTEGER.fullmatch(trimmed):
+        return None
+    value = int(trimmed)
+    return value if _INT64_MIN <= value <= _INT64_MAX else None
+
+
+def canonical_id(value: str | None) -> str | None:
+    """An id value as the ETL keys it: its decimal text; None for a missing or non-integer
+    value (lines the ETL quarantines, so the encoder gives them no index of their own)."""
+    if value is None:
+        return None
+    number = parse_integer_id(clean_text(value))
+    return None if number is None else str(number)
 
 
 def bucket_indices(numbers: np.ndarray, boundaries: Sequence[float]) -> np.ndarray:
@@ -184,20 +208,28 @@ class FeatureEncoder:
             return np.full(len(values), PAD, dtype=np.int64)  # rule 5
         if f.kind == "bucketized":
             return self._bucketize(values, f.boundaries)
-        return self._categorical(values, self.vocabulary(feature, entity))
+        return self._categorical(values, f, entity)
 
     def encode_items(self, items: Sequence[str | None], entity: str) -> np.ndarray:
         """Rule 6: indices of liked items of `entity` (before padding)."""
-        return self._categorical(items, self.vocabulary(self.schema.item_feature, entity))
+        return self._categorical(items, self.schema.feature(self.schema.item_feature), entity)
 
-    @staticmethod
-    def _categorical(values: Sequence[str | None], vocab: Vocabulary) -> np.ndarray:
+    def _categorical(
+        self, values: Sequence[str | None], feature: Feature, entity: str
+    ) -> np.ndarray:
+        vocab = self.vocabulary(feature.name, entity)
         cleaned = [None if v is None else clean_text(v) for v in values]
         missing = np.fromiter((c is None or is_missing(c) for c in cleaned), bool, len(cleaned))
         out = np.full(len(cleaned), MISSING, dtype=np.int64)
         present = np.flatnonzero(~missing)
-        if len(present):
-            out[present] = vocab.lookup([cleaned[i] for i in present])
+        if not len(present):
+            return out
+        keys = [cleaned[i] for i in present]
+        if entity in feature.integer_id:
+            canonical = [canonical_id(k) for k in keys]
+            # Not an integer: never a vocabulary key (the ETL quarantines such lines).
+            keys = ["" if c is None else c for c in canonical]
+        out[present] = vocab.lookup(keys)
         return out
 
     @staticmethod

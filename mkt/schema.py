@@ -31,6 +31,10 @@ class Feature:
     item_feature: str | None = None
     length_column: str | None = None
     boundaries: tuple[float, ...] = ()
+    # Entities in whose raw files this feature's column is an integer id (`id_columns` of the
+    # data config): the ETL rejects a line whose id is not an integer and looks up the id's
+    # canonical text ("+007" -> "7"), so serving must do both too.
+    integer_id: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,9 @@ class FeatureSchema:
                 raise SchemaError(f"{where}.entity: {f['entity']!r} is not one of {entities}")
             if f["group"] in ("specific", "sequence") and f.get("entity") is None:
                 raise SchemaError(f"{where}.entity: a {f['group']} feature needs an entity")
+            unknown = [e for e in f.get("integer_id", ()) if e not in entities]
+            if unknown:
+                raise SchemaError(f"{where}.integer_id: {unknown} are not among {entities}")
             if f["kind"] != "sequence" and int(f.get("vocab_size", 0)) < 4:
                 raise SchemaError(f"{where}.vocab_size: must be >= 4 (3 reserved indices + 1)")
             features.append(
@@ -138,6 +145,7 @@ class FeatureSchema:
                     item_feature=f.get("item_feature"),
                     length_column=f.get("length_column"),
                     boundaries=tuple(f.get("boundaries", ())),
+                    integer_id=tuple(f.get("integer_id", ())),
                 )
             )
         schema = cls(
@@ -198,6 +206,8 @@ class FeatureSchema:
                 d["vocab_size"] = f.vocab_size
             if f.boundaries:
                 d["boundaries"] = list(f.boundaries)
+            if f.integer_id:
+                d["integer_id"] = list(f.integer_id)
             feats.append(d)
         return {
             "format_version": SUPPORTED_FORMAT,

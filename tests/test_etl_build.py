@@ -440,6 +440,9 @@ def assert_schema_describes_samples(b: Built, config: DataConfig) -> None:
     for f in config.features:
         entry = features[f.name]
         assert (entry["group"], entry["entity"], entry["kind"]) == (f.group, f.entity, f.kind)
+        ids = {config.user_key, *config.id_columns}
+        id_in = [e for e in config.entity_names if f.columns.get(e) in ids]
+        assert entry.get("integer_id", []) == id_in, f.name
         # The embedding table of vocab_size rows covers every index in the data.
         assert int(b.samples[f.name].max()) < entry["vocab_size"]
         if f.kind == "categorical":

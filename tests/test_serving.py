@@ -30,7 +30,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import COLUMNS, FILE_NAMES, generate
-from mkt.encoding import FeatureEncoder, clean_text, parse_number
+from mkt.encoding import FeatureEncoder, clean_text, parse_integer_id, parse_number
 from mkt.features import to_tensors
 from mkt.models.mem import MEM
 from mkt.models.tem import TEM
@@ -55,6 +55,8 @@ ODD_NUMBERS = [
     *["\u00a07", "٣", "1e-2f", "5l", "NaNd", "Infinityd", "-0", "99999999"],
 ]
 ODD_CATEGORIES = ["\\N", "", " 3 ", "03", "3.0", "\t3", " ", "2"]
+# Integer ids as the raw files may write them: the ETL keys each by its value.
+ODD_IDS = ["{} ", "+{}", "00{}", "\t{}", "+00{}", "{}"]
 BUCKETIZED = ["item_score1", "item_score2", "item_score3", "exposure_count", "click_count"]
 BUCKETIZED += ["like_count", "comment_count"]
 
@@ -79,8 +81,8 @@ def _planted_lines() -> dict[str, list[str]]:
         article.append(
             _line(
                 "article",
-                user_id=PLANTED_USER,
-                item_id=f" {i % 15}" if i % 4 else 9_999_000 + i,
+                user_id=f"0{PLANTED_USER}" if i % 7 == 0 else PLANTED_USER,
+                item_id=ODD_IDS[i % len(ODD_IDS)].format(i % 15) if i % 4 else 9_999_000 + i,
                 like=int(i % 3 == 0),
                 click=1,
                 gender=ODD_CATEGORIES[i % len(ODD_CATEGORIES)],
@@ -94,8 +96,8 @@ def _planted_lines() -> dict[str, list[str]]:
     video = [
         _line(
             "video",
-            user_id=PLANTED_USER,
-            item_id=f"{i % 11} " if i % 5 else 8_888_000 + i,
+            user_id=f"+{PLANTED_USER}" if i % 9 == 0 else PLANTED_USER,
+            item_id=ODD_IDS[i % len(ODD_IDS)].format(i % 11) if i % 5 else 8_888_000 + i,
             like=int(i % 2 == 0),
             click=1,
             video_category=f"zz{i}" if i >= 50 else ODD_CATEGORIES[i % len(ODD_CATEGORIES)],
@@ -266,6 +268,13 @@ def test_number_parsing_and_trimming_match_spark(spark) -> None:
         else:
             assert ours == row.d or (math.isnan(ours) and math.isnan(row.d)), (row.v, ours)
 
+    # Integer ids: the ETL's trim, then try_cast to BIGINT.
+    ids = [*ODD_NUMBERS, *(f.format(7) for f in ODD_IDS), "9223372036854775807"]
+    ids += ["9223372036854775808", "-9223372036854775808", "-9223372036854775809", "+", "7L"]
+    frame = spark.createDataFrame([(t,) for t in ids], "v string")
+    for row in frame.select("v", F.trim("v").try_cast("long").alias("n")).collect():
+        assert parse_integer_id(clean_text(row.v)) == row.n, row.v
+
 
 def test_encoder_reproduces_every_etl_index(built: Built) -> None:
     """Every raw line of both files, every non-sequence feature: mkt.encoding gives exactly
@@ -342,8 +351,12 @@ def test_bad_rows_get_a_reason_and_the_rest_are_scored(built: Built, trained: Tr
     no_likes_entity = {**good[2], RECENT_LIKES: {"video": []}}
     unknown_entity = {**good[3], RECENT_LIKES: {**good[3][RECENT_LIKES], "audio": []}}
     bad_item = {**good[3], RECENT_LIKES: {"video": [{"id": 1}], "article": []}}
+    text_id = {**good[0], "item_id": "7a"}
+    missing_id = {**good[0], "user_id": None}
+    text_like = {**good[0], RECENT_LIKES: {"video": ["+3", "x"], "article": []}}
     batch = [good[0], missing_field, good[1], wrong_type, float_id, good[2], oversized]
     batch += [no_likes_entity, "not a row", unknown_entity, good[3], bad_item]
+    batch += [text_id, missing_id, text_like]
     result = trained.artifact.score(batch)
     expected_errors = {
         1: "age: missing field",
@@ -354,6 +367,10 @@ def test_bad_rows_get_a_reason_and_the_rest_are_scored(built: Built, trained: Tr
         8: "row is a str",
         9: "recent_likes.audio: not an entity",
         11: "recent_likes.video: item of wrong type dict",
+        # The ETL quarantines a line whose id is missing or not an integer: never scored.
+        12: "item_id: not a 64-bit integer id: '7a'",
+        13: "user_id: missing id",
+        14: "recent_likes.video: not a 64-bit integer id: 'x'",
     }
     assert set(result.errors) == set(expected_errors)
     for row, text in expected_errors.items():

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mkt.encoding import FeatureEncoder
+from mkt.encoding import FeatureEncoder, canonical_id, clean_text, is_missing
 from mkt.serving.graph import Interface
 
 RECENT_LIKES = "recent_likes"
@@ -90,6 +90,14 @@ def _text(value: Any) -> str | None:
     raise TypeError(f"wrong type {_type_name(value)} (expected text or an integer)")
 
 
+def _check_id(text: str | None) -> None:
+    """Raises ValueError for an id the ETL would have quarantined its line for."""
+    if text is None or is_missing(clean_text(text)):
+        raise ValueError("missing id (the raw files' ids are never missing)")
+    if canonical_id(text) is None:
+        raise ValueError(f"not a 64-bit integer id: {text!r}")
+
+
 def _text_or_number(value: Any) -> str | float | None:
     if value is None or isinstance(value, str):
         return value
@@ -118,6 +126,9 @@ class RequestEncoder:
         lengths = set(self.length_columns.values())
         self.fields = [n for n in interface.scalars if n not in lengths]
         self.kinds = {n: schema.feature(n).kind for n in self.fields}
+        target = interface.target_entity
+        self.integer_ids = {n for n in self.fields if target in schema.feature(n).integer_id}
+        self.item_ids = schema.feature(schema.item_feature).integer_id
         self.sequence_entities = {n: schema.feature(n).entity for n in interface.sequences}
 
     def encode(self, requests: Any) -> PackedRows:
@@ -195,8 +206,11 @@ class RequestEncoder:
                 out.append(None)
             else:
                 try:
-                    out.append(convert(value))
-                except TypeError as e:
+                    text = convert(value)
+                    if name in self.integer_ids:
+                        _check_id(text)
+                    out.append(text)
+                except (TypeError, ValueError) as e:
                     errors.add(i, f"{name}: {e}")
                     out.append(None)
         return out
@@ -238,8 +252,13 @@ class RequestEncoder:
                 else:
                     try:
                         row[entity] = [_text(item) for item in items]
+                        if entity in self.item_ids:
+                            for item in row[entity]:
+                                _check_id(item)
                     except TypeError as e:
                         errors.add(i, f"{where}: item of {e}")
+                    except ValueError as e:
+                        errors.add(i, f"{where}: {e}")
         for i in errors.by_row:
             out[i] = {e: [] for e in entities}
         return out
