@@ -49,7 +49,7 @@ def test_override_values_are_yaml() -> None:
         (["train.early_stopping.metric=logloss"], "train.early_stopping.metric"),
         (["scaling.num_workers=4", "ray.num_cpus=1"], "ray.num_cpus"),
         (["scaling.use_gpu=maybe"], "scaling.use_gpu"),
-        (["fault.kill_worker_after_epoch=0"], "fault.kill_worker_after_epoch"),
+        (["fault.kill_worker_at.epoch=0", "fault.kill_worker_at.batch=1"], "kill_worker_at.epoch"),
         (["train=3"], "'train' must be a mapping"),
     ],
 )

@@ -3,7 +3,11 @@
 A checkpoint directory (one per epoch, written through `ray.train.report`):
 - `model.safetensors`: the stage model's weights (safetensors: loading runs no code);
 - `optimizer.pt`: the optimizer state, read back with `torch.load(weights_only=True)`;
-- `train_state.json`: epoch, early-stopping state and the per-epoch history.
+- `train_state.json`: epoch, global step, early-stopping state and the per-epoch history;
+- `manifest.json`, written last: the size and sha256 of each file above. Every load checks the
+  file it reads against it first and raises `CheckpointError`, naming the file, when the
+  manifest or the file is missing, or the file is truncated or changed; a damaged checkpoint is
+  never loaded. A checkpoint written before manifests existed is refused the same way.
 
 A model of a later stage is built on the model of the stage it continues from (`pretrained`,
 e.g. TEM on MEM), so rebuilding it means rebuilding that chain, oldest first.
@@ -11,6 +15,7 @@ e.g. TEM on MEM), so rebuilding it means rebuilding that chain, oldest first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +31,11 @@ from mkt.schema import FeatureSchema
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that must not be loaded; the message names the file."""
 
 
 @dataclass
@@ -33,6 +43,8 @@ class TrainState:
     """Where a stage's training stands after its last finished epoch."""
 
     epochs_done: int = 0
+    # Optimizer steps over all epochs done (per worker: every rank takes the same steps).
+    global_step: int = 0
     best_score: float = float("-inf")
     best_epoch: int = 0
     epochs_without_improvement: int = 0
@@ -45,8 +57,9 @@ class TrainState:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, directory: Path) -> TrainState:
-        return cls(**json.loads((directory / STATE_FILE).read_text()))
+    def load(cls, directory: str | Path) -> TrainState:
+        path = verified(directory, STATE_FILE)
+        return cls(**json.loads(path.read_text()))
 
 
 def save_checkpoint(
@@ -56,12 +69,53 @@ def save_checkpoint(
     safetensors.torch.save_model(model, str(directory / MODEL_FILE))
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     state.save(directory)
+    # Last: a save cut short leaves no manifest, and so a checkpoint no load accepts.
+    files = {}
+    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+        size, digest = _digest(directory / name)
+        files[name] = {"bytes": size, "sha256": digest}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    sha, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return size, sha.hexdigest()
+
+
+def verified(directory: str | Path, name: str) -> Path:
+    """The path of checkpoint file `name`, once it matches the checkpoint's manifest."""
+    directory = Path(directory)
+    manifest_path, path = directory / MANIFEST_FILE, directory / name
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"{manifest_path}: no manifest, so {path} cannot be verified (the checkpoint was "
+            "not completely written, or predates manifests); it is not loaded"
+        )
+    try:
+        entry = json.loads(manifest_path.read_text())["files"][name]
+        expected_size, expected_sha = int(entry["bytes"]), str(entry["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{manifest_path}: unreadable or has no entry for {name} ({e!r})"
+        ) from e
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing, though {manifest_path} lists it")
+    size, sha = _digest(path)
+    if size != expected_size:
+        raise CheckpointError(
+            f"{path}: {size} bytes, the manifest says {expected_size} (truncated or overwritten)"
+        )
+    if sha != expected_sha:
+        raise CheckpointError(f"{path}: sha256 differs from the manifest's (corrupt or changed)")
+    return path
 
 
 def load_weights(model: CTRModel, directory: str | Path) -> None:
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no model weights in this checkpoint")
+    path = verified(directory, MODEL_FILE)
     missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -70,8 +124,9 @@ def load_weights(model: CTRModel, directory: str | Path) -> None:
         )
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=True))
+def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+    path = verified(directory, OPTIMIZER_FILE)
+    optimizer.load_state_dict(torch.load(path, weights_only=True))
 
 
 @dataclass(frozen=True)

@@ -171,9 +171,33 @@ def check(config: Mapping[str, Any]) -> None:
             f"tracking.mlflow_uri is set ({config['tracking']['mlflow_uri']}) but mlflow is not "
             "installed: `pip install mlflow`, or leave tracking.mlflow_uri null"
         )
-    kill = config["fault"]["kill_worker_after_epoch"]
-    if kill is not None and (not isinstance(kill, int) or kill < 1):
-        raise ConfigError("fault.kill_worker_after_epoch: null or an epoch number >= 1")
+    check_fault(config)
+
+
+def check_fault(config: Mapping[str, Any]) -> None:
+    """The drills' keys; a drill that could never fire is an error, not a silent no-op."""
+    fault = config["fault"]
+    kill = fault["kill_worker_at"]
+    for name in ("epoch", "batch"):
+        value = kill[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"fault.kill_worker_at.{name}: null or an integer, got {value!r}")
+        if value is not None and value < 1:
+            raise ConfigError(f"fault.kill_worker_at.{name}: must be >= 1 (1-based), got {value}")
+    if (kill["epoch"] is None) != (kill["batch"] is None):
+        unset = "epoch" if kill["epoch"] is None else "batch"
+        raise ConfigError(
+            f"fault.kill_worker_at.{unset}: must be set together with the other key of "
+            "fault.kill_worker_at (or both null)"
+        )
+    if kill["epoch"] is not None and kill["epoch"] > config["train"]["epochs"]:
+        raise ConfigError(
+            f"fault.kill_worker_at.epoch: {kill['epoch']} is after the last epoch "
+            f"(train.epochs={config['train']['epochs']}); the drill would never fire"
+        )
+    step = fault["nonfinite_loss_at_step"]
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ConfigError(f"fault.nonfinite_loss_at_step: null or a step number >= 1, got {step!r}")
 
 
 def dump(config: Mapping[str, Any]) -> str:

@@ -7,7 +7,9 @@ directory under `invocation.samples`) and `metrics.json` (each stage's best chec
 It rebuilds the pipeline's final model from those checkpoints (TEM on its MEM for `mkt`),
 takes the vocabularies from the samples directory's `vocab` table, and writes the artifact
 with a stamp of the run: run id, config hash, checkpoints and their weights' hashes.
-Exit status 0 on success, 2 with one line `error: ...` when RUN_DIR or ARTIFACT_DIR is wrong.
+Every checkpoint is checked against its manifest before it is loaded (train.checkpoints).
+Exit status 0 on success, 2 with one line `error: ...` when RUN_DIR or ARTIFACT_DIR is wrong or
+a checkpoint is damaged.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mkt.models import ConfigError
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving import ArtifactError, ProgramError, export_artifact
-from train.checkpoints import MODEL_FILE, ModelLink, build_chain
+from train.checkpoints import MODEL_FILE, CheckpointError, ModelLink, build_chain
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = export_run(args.run, args.output)
-    except (RunError, ConfigError, SchemaError, ArtifactError, ProgramError) as e:
+    except (RunError, ConfigError, SchemaError, ArtifactError, ProgramError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sizes = {name: entry["bytes"] for name, entry in manifest["files"].items()}

@@ -6,13 +6,19 @@ equal rows per worker, so every rank takes the same number of DDP steps), mixed 
 After each epoch the workers gather their validation scores, all compute the same metric, and
 so all take the same early-stopping decision; the first worker writes the epoch's checkpoint.
 A restarted worker group (FailureConfig) resumes from the latest checkpoint.
+
+Failures that a restart would only repeat - a non-finite loss, a damaged checkpoint, a drill
+that cannot fire - end the run without FailureConfig's retries: each worker writes the error to
+`config["error_file"]` and returns, and the driver raises it (`train.stage.raise_stage_error`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +34,7 @@ from mkt.metrics import auc, gauc, log_loss
 from mkt.models import CTRModel
 from mkt.schema import FeatureSchema
 from train.checkpoints import (
+    CheckpointError,
     ModelLink,
     TrainState,
     build_chain,
@@ -35,7 +42,9 @@ from train.checkpoints import (
     load_weights,
     save_checkpoint,
 )
+from train.config import ConfigError
 from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
+from train.errors import NonFiniteLossError
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -44,9 +53,32 @@ log = logging.getLogger(__name__)
 SCORE = "score"
 
 
+# Errors a restart would only repeat, by the name the error file gives their kind.
+STAGE_ERRORS: dict[str, type[Exception]] = {
+    "nonfinite_loss": NonFiniteLossError,
+    "checkpoint": CheckpointError,
+    "config": ConfigError,
+}
+
+
 def stage_worker(config: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the stage's TorchTrainer; `config` is built by
     `train.stage.worker_config`."""
+    try:
+        _train_stage(config)
+    except tuple(STAGE_ERRORS.values()) as e:
+        # A restart from the same checkpoint would fail the same way, so this ends the run
+        # instead of spending FailureConfig's retries: Train sees the workers return, and the
+        # driver raises the error it finds in the file.
+        kind = next(k for k, cls in STAGE_ERRORS.items() if isinstance(e, cls))
+        path = Path(config["error_file"])
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({"kind": kind, "message": str(e)}))
+        partial.replace(path)  # atomic: the driver never reads half a file
+        log.error("[%s] %s", config["stage"], e)
+
+
+def _train_stage(config: dict[str, Any]) -> None:
     torch.set_num_threads(config["torch_threads"])
     torch.manual_seed(config["seed"])
     ctx = ray.train.get_context()
@@ -97,7 +129,11 @@ def stage_worker(config: dict[str, Any]) -> None:
             )
             for entity, shard in train_shards.items()
         )
-        train_stats = _train_epoch(model, wrapped, optimizer, batches, config, epoch, rank, world)
+        train_stats = _train_epoch(
+            model, wrapped, optimizer, batches, config, epoch, state.global_step, rank, world
+        )
+        state.global_step += int(train_stats.pop("steps"))
+        _check_finite_weights(model, config["stage"], epoch, state.global_step)
         labels, probs, users = _predict(
             model,
             valid_shard.iter_torch_batches(
@@ -123,7 +159,6 @@ def stage_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info(_epoch_line(config["stage"], opts["epochs"], metrics, state))
         _report(metrics, model, optimizer, state, rank)
-        _fault_drill(config["fault"], epoch, rank, world)
 
 
 def _train_epoch(
@@ -133,18 +168,24 @@ def _train_epoch(
     batches: Any,
     config: dict[str, Any],
     epoch: int,
+    steps_before: int,
     rank: int,
     world: int,
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns loss components and throughput, summed
-    over all workers."""
+    over all workers, and the number of steps taken."""
     every = config["train"]["progress_every_batches"]
+    fault = config["fault"]
     sums: dict[str, float] = {}
-    rows = 0
+    rows = step = 0
     started = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
         out = wrapped(batch)
         losses = model.loss(batch, out)
+        if fault["nonfinite_loss_at_step"] == steps_before + step and rank == world - 1:
+            losses["loss"] = losses["loss"] * float("nan")
+        # Before backward: the parameters and the optimizer never see the bad step.
+        _check_finite(losses["loss"], config["stage"], epoch, steps_before, step, rank, world)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
@@ -163,6 +204,13 @@ def _train_epoch(
                 rows * world / elapsed,
                 sums["loss"] / rows,
             )
+        _kill_drill(fault, epoch, step, rank, world)
+    kill = fault["kill_worker_at"]
+    if kill["epoch"] == epoch and step < kill["batch"] and not Path(fault["marker"]).exists():
+        raise ConfigError(
+            f"fault.kill_worker_at.batch: {kill['batch']}, but epoch {epoch} has only {step} "
+            "batches per worker; the drill would never fire"
+        )
     elapsed = time.perf_counter() - started
     names = sorted(sums)
     totals = torch.tensor([float(rows), *(sums[k] for k in names)], dtype=torch.float64)
@@ -176,8 +224,34 @@ def _train_epoch(
         train_rows=totals[0].item(),
         train_seconds=seconds.item(),
         rows_per_s=totals[0].item() / max(seconds.item(), 1e-9),
+        steps=float(step),
     )
     return stats
+
+
+def _check_finite(
+    loss: torch.Tensor, stage: str, epoch: int, steps_before: int, step: int, rank: int, world: int
+) -> None:
+    """Raise NonFiniteLossError on every rank when any rank's loss is NaN or infinite. The sum
+    over the ranks is non-finite exactly then (float64: finite losses cannot overflow it), so
+    all ranks stop at the same step, and none waits in a collective for one that stopped."""
+    local = loss.detach().double().reshape(1)
+    total = local.clone()
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if math.isfinite(total.item()):
+        return
+    values = [local.clone() for _ in range(world)]
+    if world > 1:
+        dist.all_gather(values, local)
+    bad = {r: v.item() for r, v in enumerate(values) if not math.isfinite(v.item())}
+    last = f"epoch {epoch - 1}'s" if epoch > 1 else "none"
+    raise NonFiniteLossError(
+        f"stage {stage!r}: non-finite loss at epoch {epoch}, global step {steps_before + step} "
+        f"(batch {step} of the epoch), on worker rank(s) {sorted(bad)} (loss {bad}); the run "
+        f"stops without writing epoch {epoch}'s checkpoint (latest kept: {last}); a restart "
+        "would repeat it, so no retry is made: lower train.lr or check the inputs"
+    )
 
 
 @torch.no_grad()
@@ -231,23 +305,45 @@ def _report(
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _fault_drill(fault: dict[str, Any], epoch: int, rank: int, world: int) -> None:
-    """Kill the last worker's process once, after the given epoch's checkpoint (tests). It
-    first waits until Train has registered that checkpoint, so the restart must resume after
-    exactly this epoch: a deterministic drill, not a race with the controller."""
-    if fault["kill_worker_after_epoch"] != epoch or rank != world - 1:
+def _check_finite_weights(model: CTRModel, stage: str, epoch: int, global_step: int) -> None:
+    """A finite loss can still give an infinite gradient, whose update leaves non-finite
+    weights; the next step's loss would catch it, but not after an epoch's last step. Checked
+    before the epoch's checkpoint, so that none holds such weights. Every rank holds the same
+    weights (DDP), so all stop alike."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteLossError(
+            f"stage {stage!r}: non-finite weights after epoch {epoch} (global step "
+            f"{global_step}), e.g. {bad[:3]}; epoch {epoch}'s checkpoint is not written"
+        )
+
+
+def _kill_drill(fault: dict[str, Any], epoch: int, step: int, rank: int, world: int) -> None:
+    """SIGKILL the last worker's own process once, right after step `batch` of epoch `epoch`
+    (tests). SIGKILL, not an exception: nothing in the process runs after it (no `finally`,
+    no Ray or gloo shutdown), as when the OOM killer or a lost node takes a worker. It first
+    waits until Train has registered the previous epoch's checkpoint, so the restart must
+    resume after exactly that epoch: a deterministic drill, not a race with the controller."""
+    kill = fault["kill_worker_at"]
+    if (kill["epoch"], kill["batch"]) != (epoch, step) or rank != world - 1:
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
     deadline = time.monotonic() + 120
-    while _registered_epochs(fault["storage"]) < epoch:
+    while _registered_epochs(fault["storage"]) < epoch - 1:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"fault drill: epoch {epoch}'s checkpoint never registered")
+            raise TimeoutError(f"fault drill: epoch {epoch - 1}'s checkpoint never registered")
         time.sleep(0.5)
-    marker.write_text(f"worker {rank} killed after epoch {epoch}\n")
-    log.warning("fault drill: killing worker %d (pid %d) after epoch %d", rank, os.getpid(), epoch)
-    os._exit(1)
+    marker.write_text(f"worker {rank} killed in epoch {epoch} after batch {step}\n")
+    log.warning(
+        "fault drill: SIGKILL of worker %d (pid %d) in epoch %d after batch %d",
+        rank,
+        os.getpid(),
+        epoch,
+        step,
+    )
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _registered_epochs(storage: str) -> int:

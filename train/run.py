@@ -27,8 +27,10 @@ from mkt.models import MODELS
 from mkt.models.base import resolve_params
 from mkt.pipelines import PIPELINES, pipeline
 from mkt.schema import FeatureSchema, SchemaError
+from train.checkpoints import CheckpointError
 from train.cluster import start_ray
 from train.config import ConfigError, dump, load_run_config
+from train.errors import NonFiniteLossError
 
 CONFIG_FILE = "config.yaml"
 
@@ -112,3 +114,5 @@ if __name__ == "__main__":
         main()
     except (ConfigError, SchemaError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    except (CheckpointError, NonFiniteLossError) as e:
+        sys.exit(f"error: {type(e).__name__}: {e}")

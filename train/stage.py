@@ -9,6 +9,7 @@ and early stopping are Train's and the loop's; Tune adds no retries of its own.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from train.data import (
     stage_entities,
     train_dataset_name,
 )
-from train.loop import SCORE, stage_worker
+from train.loop import SCORE, STAGE_ERRORS, stage_worker
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
@@ -74,11 +75,25 @@ def worker_config(
         "seed": config["seed"],
         "torch_threads": config["scaling"]["torch_threads"],
         "fault": {
-            "kill_worker_after_epoch": config["fault"]["kill_worker_after_epoch"],
+            **config["fault"],
             "marker": str(run_dir / f".fault-drill-{stage.name}"),
             "storage": str(run_dir / CHECKPOINTS_DIR / stage.name),
         },
+        "error_file": str(error_file(run_dir, stage)),
     }
+
+
+def error_file(run_dir: Path, stage: Stage) -> Path:
+    """Where a worker leaves the error that ended the stage without retries (train.loop)."""
+    return run_dir / f".error-{stage.name}.json"
+
+
+def raise_stage_error(path: Path) -> None:
+    """Raise the error a worker ended the stage with, if any, as its own exception class."""
+    if not path.is_file():
+        return
+    error = json.loads(path.read_text())
+    raise STAGE_ERRORS[error["kind"]](error["message"])
 
 
 def stage_datasets(
@@ -137,6 +152,8 @@ def run_stage(
     }
     train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows)
     storage = str(run_dir / CHECKPOINTS_DIR)
+    errors = error_file(run_dir, stage)
+    errors.unlink(missing_ok=True)  # an earlier invocation's; this one starts afresh
 
     def fit(_: dict[str, Any]) -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
@@ -164,6 +181,7 @@ def run_stage(
             ),
         )
         trainer.fit()
+        raise_stage_error(errors)
 
     if _in_tune_session():
         # Already a trial of a sweep (train/tune.py): fit here, so that TuneReportCallback hands
@@ -181,6 +199,7 @@ def run_stage(
             ),
         )
         grid = tuner.fit()
+        raise_stage_error(errors)  # the worker's own error, not Tune's wrapping of it
         if grid.errors:
             raise RuntimeError(f"stage {stage.name!r} failed: {grid.errors[0]}")
     result = Result.from_path(str(run_dir / CHECKPOINTS_DIR / stage.name))
