@@ -348,7 +348,7 @@ def _size_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / MB, 1)
 
 
-def compare(spark_out: Path, duck_out: Path) -> dict[str, Any]:
+def compare(spark_out: Path, duck_out: Path, memory_limit: str) -> dict[str, Any]:
     """Rows of both outputs joined on (entity, line_no): row counts and differing cells per column."""
     import duckdb
     from deltalake import DeltaTable
@@ -358,6 +358,9 @@ def compare(spark_out: Path, duck_out: Path) -> dict[str, Any]:
         return f"read_parquet([{files}], hive_partitioning = true)"
 
     con = duckdb.connect()
+    # Unlimited, DuckDB takes 80% of RAM: the join of 20M rows reached 11.9 GB on a shared box.
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    con.execute(f"SET temp_directory = '{duck_out / '_compare_tmp'}'")
     con.execute(f"CREATE VIEW s AS SELECT * FROM {delta('samples')}")
     con.execute(
         f"CREATE VIEW d AS SELECT * FROM read_parquet('{duck_out}/samples/*/*/*.parquet', "
@@ -407,7 +410,9 @@ def bench_size(rows: int, args: argparse.Namespace) -> dict[str, Any]:
             duck["rows_per_s"] = round(result["raw_rows"] / duck["wall_s"])
             result["spark_over_duckdb"] = round(result["spark"]["wall_s"] / duck["wall_s"], 1)
             print(f"   duckdb {duck['wall_s']} s", flush=True)
-            result["comparison"] = compare(work / "spark-out", work / "duckdb-out")
+            result["comparison"] = compare(
+                work / "spark-out", work / "duckdb-out", args.duckdb_memory
+            )
     if not args.keep:
         shutil.rmtree(work)
     return result

@@ -9,7 +9,7 @@ batches, checkpoints) with 1 and 2 workers, and takes the rows per second of the
 (the first one also pays for starting the data streams). The ceiling is the same model and
 optimizer stepping through the same rows held as tensors in this process, sliced into batches
 of the same size (`--ceiling-threads`, default 1). Reported: rows/s of both
-and their ratio, from one run. docs/training.md records the figures.
+and their ratio, from one run. docs/BENCHMARKS.md records the figures.
 """
 
 from __future__ import annotations
