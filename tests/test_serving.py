@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -483,17 +486,24 @@ def test_export_stamps_the_run_and_rejects_an_unfinished_one(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def local_ray(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    import ray
-
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+def run_score(argv: list[str]) -> tuple[int, dict | None, str]:
+    """`python train/score.py ARGV` as its own process with its own local Ray, as users run it
+    (a fresh process: in this test process other tests have already started and stopped Ray,
+    and Ray Data's actor pool then lost every scoring actor before it ran).
+    -> (exit status, the printed summary or None, stderr)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "train" / "score.py"), *argv, "--num-cpus", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    # The summary is the last thing printed: a JSON object opening on a line of its own.
+    starts = [m.start() for m in re.finditer(r"^\{$", done.stdout, flags=re.MULTILINE)]
+    summary = json.loads(done.stdout[starts[-1] :]) if done.returncode == 0 and starts else None
+    return done.returncode, summary, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def _with_bad_samples(table: pa.Table, vocab_size: int, seq_len: int) -> pa.Table:
@@ -509,10 +519,8 @@ def _with_bad_samples(table: pa.Table, vocab_size: int, seq_len: int) -> pa.Tabl
 
 
 def test_score_job_writes_scores_and_keeps_bad_rows(
-    built: Built, trained: Trained, tmp_path: Path, local_ray, capsys: pytest.CaptureFixture
+    built: Built, trained: Trained, tmp_path: Path
 ) -> None:
-    from train.score import main as score_main
-
     schema = built.schema
     samples = DeltaTable(str(built.out / "samples")).to_pyarrow_table()
     split = pc.field("split") == "test"
@@ -525,10 +533,10 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     common += ["--cpus-per-worker", "0.5", "--batch-size", "64"]
 
     out = tmp_path / "scores"
-    assert (
-        score_main([*common, "--input", str(source), "--output", str(out), "--split", "test"]) == 0
+    status, summary, log = run_score(
+        [*common, "--input", str(source), "--output", str(out), "--split", "test"]
     )
-    summary = json.loads(capsys.readouterr().out)
+    assert status == 0 and summary is not None, log
     assert summary["rows"] == table.num_rows and summary["rejected"] == 3
     assert summary["rejected_by_field"] == {"age": 1, "item_id": 1, "seq_video": 1}
     written = DeltaTable(str(out)).to_pandas().set_index("line_no").sort_index()
@@ -557,8 +565,9 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     write_deltalake(str(raw_source), pa.Table.from_pylist(requests))
     raw_out = tmp_path / "raw_scores"
     argv = [*common, "--kind", "raw", "--input", str(raw_source), "--output", str(raw_out)]
-    assert score_main(argv) == 0
-    assert json.loads(capsys.readouterr().out)["rejected_by_field"] == {"recent_likes.video": 1}
+    status, summary, log = run_score(argv)
+    assert status == 0 and summary is not None, log
+    assert summary["rejected_by_field"] == {"recent_likes.video": 1}
     raw_written = DeltaTable(str(raw_out)).to_pandas().set_index("line_no").sort_index()
     assert "more than seq_len" in raw_written.loc[-1, "error"]
     raw_scores = raw_written.drop(index=-1)["score"]
@@ -569,5 +578,7 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     )
 
     # A table the artifact cannot read fails at once, naming the column.
-    assert score_main([*common, "--input", str(raw_source), "--output", str(tmp_path / "x")]) == 2
-    assert "lacks columns" in capsys.readouterr().err
+    status, _, log = run_score(
+        [*common, "--input", str(raw_source), "--output", str(tmp_path / "x")]
+    )
+    assert status == 2 and "lacks columns" in log

@@ -125,7 +125,8 @@ def check(config: Mapping[str, Any]) -> None:
     train = config["train"]
     if not isinstance(config["model"], str) or not config["model"]:
         raise ConfigError("model: a pipeline or model name is required")
-    for key in ("epochs", "batch_size", "eval_batch_size", "progress_every_batches"):
+    keys = ("epochs", "batch_size", "eval_batch_size", "progress_every_batches")
+    for key in (*keys, "read_tasks_per_stream"):
         if train[key] < 1:
             raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
     if train["lr"] <= 0:

@@ -68,8 +68,10 @@ def read_samples(
     split: str,
     columns: Iterable[str],
     shuffle_seed: int | None = None,
+    read_tasks: int | None = None,
 ) -> ray.data.Dataset:
-    """`columns` of the rows of `entities` in `split`, streamed. The filter is on the partition
+    """`columns` of the rows of `entities` in `split`, streamed, by at most `read_tasks` read
+    tasks at a time (None: as many as Ray Data likes). The filter is on the partition
     columns, so Ray pushes it into the read and files of other partitions are never opened."""
     entity_col, split_col = schema.columns["entity"], schema.columns["split"]
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
@@ -77,6 +79,7 @@ def read_samples(
         str(samples_path(out_dir)),
         columns=list(dict.fromkeys([*columns, entity_col, split_col])),
         shuffle=shuffle,
+        concurrency=read_tasks,
     )
     return ds.filter(expr=col(entity_col).is_in(list(entities)) & (col(split_col) == split))
 

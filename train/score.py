@@ -175,10 +175,8 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         # Ray Data's default (0) fails the whole job on the first scoring actor that dies while
-        # starting. A lost node does that on a cluster, and so, occasionally, does a race in
-        # Ray Data's pool on a loaded machine (an actor reaped before it ever ran); the actor's
-        # constructor is deterministic, so a replacement is safe. A broken artifact still fails
-        # fast: it dies in every replacement and exhausts the budget.
+        # starting, as on a lost node of a cluster; the constructor is deterministic, so a
+        # replacement is safe. A broken artifact still fails first, in this driver.
         context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
         read = [*columns, *([SPLIT] if args.split else [])]
         rows = ray.data.read_delta(args.input, columns=read)

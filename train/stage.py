@@ -97,7 +97,12 @@ def raise_stage_error(path: Path) -> None:
 
 
 def stage_datasets(
-    stage: Stage, schema: FeatureSchema, samples_dir: Path, rows: dict[str, int], seed: int
+    stage: Stage,
+    schema: FeatureSchema,
+    samples_dir: Path,
+    rows: dict[str, int],
+    seed: int,
+    read_tasks: int,
 ) -> dict[str, ray.data.Dataset]:
     """A train stream per entity with rows (see train.data on mixing them), and the
     validation rows of the entity the stage serves: the target, unless the stage trains on
@@ -106,13 +111,18 @@ def stage_datasets(
     columns = model_columns(schema)
     datasets = {
         train_dataset_name(entity): read_samples(
-            samples_dir, schema, [entity], "train", columns, shuffle_seed=seed
+            samples_dir, schema, [entity], "train", columns, seed, read_tasks
         )
         for entity, n in rows.items()
         if n > 0
     }
     datasets["valid"] = read_samples(
-        samples_dir, schema, [valid_entity], "valid", [*columns, schema.columns["user_key"]]
+        samples_dir,
+        schema,
+        [valid_entity],
+        "valid",
+        [*columns, schema.columns["user_key"]],
+        read_tasks=read_tasks,
     )
     return datasets
 
@@ -166,7 +176,14 @@ def run_stage(
                 use_gpu=gpu,
                 resources_per_worker=resources,
             ),
-            datasets=stage_datasets(stage, schema, samples_dir, rows, config["seed"]),
+            datasets=stage_datasets(
+                stage,
+                schema,
+                samples_dir,
+                rows,
+                config["seed"],
+                config["train"]["read_tasks_per_stream"],
+            ),
             run_config=ray.train.RunConfig(
                 name=stage.name,
                 storage_path=storage,
