@@ -1,0 +1,696 @@
+"""The paper's Tables 2, 3 and 4 (section 4.2-4.3): every baseline, MKT and its ablations.
+
+    python jobs/reproduce_tables.py --output runs/tables [--samples OUT_DIR | --users N]
+                                    [--seeds 0 1 2] [--quick] [--config conf/run/X.yaml]
+                                    [--oracle PATH] [key=value ...]
+
+Data: `--samples` is an OUT_DIR of etl/build_samples.py (generated or real Tenrec files);
+without it the job generates Tenrec-format data (jobs/generate_tenrec.py, `--users`) and builds
+the samples (spark-submit etl/build_samples.py) under OUTPUT/data, as jobs/quickstart.py does;
+both steps are skipped when their output is already there.
+
+Training: every (model, seed) is one train/run.py run - `train.pipeline.run_pipeline`, the same
+code, in its own RUN_DIR, OUTPUT/runs/<model>/seed<k> - all inside one Ray session. The seeds
+vary the run config's `seed` (weight init, file order, shuffle buffer); the data stay the same.
+Two runs whose first stage would be trained identically (the MEM of `mkt` and of `mem_only`,
+the source pre-training of `finetune` and `ctnet`, with the same seed) share one training of
+it, in OUTPUT/stage1/<key>. Rerunning the command resumes: finished runs are skipped and
+unfinished ones continue from their checkpoints.
+
+Outputs in OUTPUT: tables.md (the three tables), table2.csv, table3.csv, table4.csv,
+tables.png (Tables 2 and 4 as bars, error bars one standard deviation over the seeds) and
+summary.json. Run config: conf/run/tables.yaml (conf/run/tables_quick.yaml with --quick, a
+smoke run of a few minutes on tiny data).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mkt.metrics import activity_group_names
+from mkt.pipelines import pipeline
+from mkt.schema import SchemaError
+from train.cluster import start_ray
+from train.config import REPO_ROOT, ConfigError, dump, load_run_config
+from train.run import check_samples, check_stage_params, prepare_run_dir
+
+DATA_CONFIG = REPO_ROOT / "conf" / "data" / "tenrec.yaml"
+RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
+QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"
+# Sized so that the whole job (45 runs) fits about an hour on a 2-core machine: see
+# docs/RESULTS.md ("Tables 2, 3 and 4").
+DEFAULT_USERS = 8000
+# The smoke run: tiny data whose like rates are raised (a documented generator knob, as in the
+# end-to-end tests) so that a few hundred users still give test likes to rank.
+QUICK_USERS = 400
+QUICK_LIKE_RATES = ("--video-like-rate", "0.2", "--article-like-rate", "0.15")
+MIN_SEEDS = 3  # mean and standard deviation need a few; fewer only with --quick
+METRICS_FILE = "metrics.json"
+STAGE1_DIR = "stage1"
+METRICS = ("auc", "gauc")
+LOG_PREFIX = "[tables]"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # run directory name and row id
+    label: str  # as the paper names it
+    group: str  # the paper's family (Table 2) or "ablation" (Table 4)
+    overrides: tuple[str, ...]  # run-config overrides
+
+
+SINGLE, JOINT, PRETRAIN, OURS, ABLATION = (
+    "single-domain",
+    "joint training",
+    "pre-training & fine-tuning",
+    "MKT",
+    "ablation",
+)
+TABLE2 = (
+    Entry("mlp", "MLP", SINGLE, ("model=mlp",)),
+    Entry("din", "DIN", SINGLE, ("model=din",)),
+    Entry("fibinet", "FiBiNet", SINGLE, ("model=fibinet",)),
+    Entry("mmoe", "MMoE", JOINT, ("model=mmoe",)),
+    Entry("ple", "PLE", JOINT, ("model=ple",)),
+    Entry("star", "STAR", JOINT, ("model=star",)),
+    Entry("conet", "CoNet", JOINT, ("model=conet",)),
+    Entry("minet", "MiNet", JOINT, ("model=minet",)),
+    Entry("finetune", "Finetune", PRETRAIN, ("model=finetune",)),
+    Entry("ctnet", "CTNet", PRETRAIN, ("model=ctnet",)),
+    Entry("mkt", "MKT", OURS, ("model=mkt",)),
+)
+TABLE4 = (
+    Entry("wo_mem", "w/o MEM", ABLATION, ("model=tem_only",)),
+    Entry("wo_tem", "w/o TEM", ABLATION, ("model=mem_only",)),
+    Entry("wo_pdl", "w/o PDL", ABLATION, ("model=mkt", "params.mem.gamma=0")),
+    Entry("wo_hfa", "w/o HFA", ABLATION, ("model=mkt", "params.mem.hfa=false")),
+)
+ENTRIES = TABLE2 + TABLE4
+MKT, FINETUNE = "mkt", "finetune"
+
+# Results: entry key -> the metrics.json of each seed's run.
+Results = Mapping[str, Sequence[Mapping[str, Any]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables (pure functions of the runs' metrics.json)
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    std: float  # sample standard deviation over seeds; NaN with one seed
+    n: int  # seeds with a finite value
+
+
+def stat(values: Sequence[float | None]) -> Stat:
+    """Mean and sample standard deviation of the finite values (a GAUC is null in
+    metrics.json when no user of a group has both labels)."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return Stat(math.nan, math.nan, 0)
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+    return Stat(float(np.mean(finite)), std, len(finite))
+
+
+def pct(value: float, base: float) -> float:
+    """Relative change in percent, as the paper's "Improv." columns: (value - base) / base."""
+    return (value - base) / base * 100.0
+
+
+def test_stat(runs: Sequence[Mapping[str, Any]], metric: str, group: str | None = None) -> Stat:
+    """A test metric of the model over the seeds, overall or in one user-activity group."""
+    values = []
+    for run in runs:
+        m = run["test"]["model"]
+        values.append((m["by_activity"][group] if group else m)[metric])
+    return stat(values)
+
+
+def table2(results: Results, entries: Sequence[Entry] = TABLE2) -> list[dict[str, Any]]:
+    """One row per model (mean and std of AUC and GAUC), then the generator's oracle when the
+    runs scored one (it is the same for every run: the data are fixed)."""
+    rows = []
+    for e in entries:
+        runs = results.get(e.key, ())
+        row: dict[str, Any] = {"group": e.group, "model": e.label, "key": e.key, "seeds": len(runs)}
+        for metric in METRICS:
+            s = test_stat(runs, metric)
+            row[f"{metric}_mean"], row[f"{metric}_std"] = s.mean, s.std
+        rows.append(row)
+    oracle = next(
+        (
+            run["test"]["oracle"]
+            for e in entries
+            for run in results.get(e.key, ())
+            if "oracle" in run["test"]
+        ),
+        None,
+    )
+    if oracle is not None:
+        rows.append(
+            {
+                "group": "oracle",
+                "model": "oracle (generator's p_like)",
+                "key": "oracle",
+                "seeds": 0,
+                **{f"{m}_mean": oracle[m] for m in METRICS},
+                **{f"{m}_std": math.nan for m in METRICS},
+            }
+        )
+    return rows
+
+
+def best_single_domain(rows: Sequence[Mapping[str, Any]], metric: str = "gauc") -> str:
+    """The key of the single-domain model with the highest mean test `metric` (ties: the
+    other metric), as the paper picks FiBiNet for Table 3."""
+    other = "auc" if metric == "gauc" else "gauc"
+    single = [r for r in rows if r["group"] == SINGLE and math.isfinite(r[f"{metric}_mean"])]
+    if not single:
+        raise ValueError(f"no single-domain model has a finite mean test {metric}")
+    return max(single, key=lambda r: (r[f"{metric}_mean"], r[f"{other}_mean"]))["key"]
+
+
+def table3(
+    results: Results, single_key: str, groups: Sequence[str], labels: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """Per user-activity group: the best single-domain model, Finetune and MKT (means over the
+    seeds), each compared in percent with the models above it (the paper compares Finetune and
+    MKT with FiBiNet; MKT with Finetune is added)."""
+    keys = (single_key, FINETUNE, MKT)
+    rows = []
+    for group in groups:
+        means = {k: {m: test_stat(results.get(k, ()), m, group) for m in METRICS} for k in keys}
+        for key in keys:
+            row: dict[str, Any] = {"activity": group, "model": labels[key], "key": key}
+            for m in METRICS:
+                row[f"{m}_mean"], row[f"{m}_std"] = means[key][m].mean, means[key][m].std
+                row[f"{m}_vs_single_pct"] = pct(means[key][m].mean, means[single_key][m].mean)
+                row[f"{m}_vs_finetune_pct"] = pct(means[key][m].mean, means[FINETUNE][m].mean)
+            rows.append(row)
+    return rows
+
+
+def table4(results: Results, entries: Sequence[Entry] = TABLE4) -> list[dict[str, Any]]:
+    """Each ablation and full MKT (mean, std), the ablations' change in percent against MKT."""
+    full = {m: test_stat(results.get(MKT, ()), m) for m in METRICS}
+    rows = []
+    for key, label in [*((e.key, e.label) for e in entries), (MKT, "Full MKT")]:
+        row: dict[str, Any] = {"ablation": label, "key": key, "seeds": len(results.get(key, ()))}
+        for m in METRICS:
+            s = test_stat(results.get(key, ()), m)
+            row[f"{m}_mean"], row[f"{m}_std"] = s.mean, s.std
+            row[f"{m}_change_pct"] = math.nan if key == MKT else pct(s.mean, full[m].mean)
+        rows.append(row)
+    return rows
+
+
+def _mean_std(row: Mapping[str, Any], metric: str) -> str:
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.4f}" if not math.isfinite(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _percent(value: float) -> str:
+    return "–" if not math.isfinite(value) else f"{value:+.2f}%"
+
+
+def markdown(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def table2_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown(
+        ("family", "model", "test AUC", "test GAUC", "seeds"),
+        [
+            (r["group"], r["model"], _mean_std(r, "auc"), _mean_std(r, "gauc"), str(r["seeds"]))
+            for r in rows
+        ],
+    )
+
+
+def table3_markdown(rows: Sequence[Mapping[str, Any]], single_key: str) -> str:
+    def vs(r: Mapping[str, Any], metric: str, base: str, base_key: str) -> str:
+        return "–" if r["key"] == base_key else _percent(r[f"{metric}_vs_{base}_pct"])
+
+    lines = []
+    for r in rows:
+        line = [r["activity"], r["model"]]
+        for m in METRICS:
+            line += [
+                _mean_std(r, m),
+                vs(r, m, "single", single_key),
+                vs(r, m, "finetune", FINETUNE) if r["key"] == MKT else "–",
+            ]
+        lines.append(line)
+    return markdown(
+        (
+            "user activity",
+            "model",
+            "AUC",
+            "AUC vs single",
+            "AUC vs Finetune",
+            "GAUC",
+            "GAUC vs single",
+            "GAUC vs Finetune",
+        ),
+        lines,
+    )
+
+
+def table4_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    return markdown(
+        ("ablation", "test AUC", "change", "test GAUC", "change", "seeds"),
+        [
+            (
+                r["ablation"],
+                _mean_std(r, "auc"),
+                _percent(r["auc_change_pct"]),
+                _mean_std(r, "gauc"),
+                _percent(r["gauc_change_pct"]),
+                str(r["seeds"]),
+            )
+            for r in rows
+        ],
+    )
+
+
+def _plain(value: Any) -> Any:
+    """NaN (no value: a std of one seed, MKT's change against itself) -> None, for JSON and CSV."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(_plain(list(rows)))
+
+
+FAMILY_COLOURS = {
+    SINGLE: "tab:grey",
+    JOINT: "tab:blue",
+    PRETRAIN: "tab:orange",
+    OURS: "tab:red",
+    ABLATION: "tab:purple",
+}
+
+
+def plot(
+    table2_rows: Sequence[Mapping[str, Any]],
+    table4_rows: Sequence[Mapping[str, Any]],
+    path: Path,
+) -> None:
+    """Test AUC and GAUC of Table 2's models and Table 4's ablations: bars at the mean over
+    the seeds, error bars one standard deviation. The oracle is written in the title, not drawn:
+    it lies far above the models and would flatten their differences."""
+    from matplotlib.figure import Figure
+
+    models = [r for r in table2_rows if r["key"] != "oracle"]
+    oracle = next((r for r in table2_rows if r["key"] == "oracle"), None)
+    ablations = [{**r, "model": r["ablation"], "group": ABLATION} for r in table4_rows]
+    ablations[-1]["group"] = OURS
+    fig = Figure(figsize=(13, 7.5), layout="constrained")
+    fig.suptitle("Target-entity test metrics: mean over seeds, error bar one standard deviation")
+    axes = fig.subplots(2, 2, width_ratios=[len(models), len(ablations)])
+    for col, (rows, title) in enumerate(((models, "Table 2"), (ablations, "Table 4"))):
+        for line, metric in enumerate(METRICS):
+            ax = axes[line][col]
+            means = np.array([r[f"{metric}_mean"] for r in rows])
+            stds = np.nan_to_num(np.array([r[f"{metric}_std"] for r in rows]))
+            colours = [FAMILY_COLOURS[r["group"]] for r in rows]
+            ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=colours)
+            finite = np.isfinite(means)
+            if finite.any():
+                low = float(np.min(means[finite] - stds[finite]))
+                high = float(np.max(means[finite] + stds[finite]))
+                pad = max(0.01, (high - low) * 0.15)
+                ax.set_ylim(low - pad, high + pad)
+            label = f"{title}: test {metric.upper()}"
+            if oracle is not None and col == 0:
+                label += f" (oracle {oracle[f'{metric}_mean']:.4f})"
+            ax.set_title(label)
+            ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=30, ha="right")
+            ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_configs(
+    entries: Sequence[Entry],
+    seeds: Sequence[int],
+    config_path: Path,
+    overrides: Sequence[str],
+) -> list[tuple[Entry, int, dict[str, Any]]]:
+    """Every (entry, seed) with its checked run config, seed-major: the first seed's whole
+    table comes first, so an early look (or an interruption) already sees every model."""
+    planned = []
+    for seed in seeds:
+        for entry in entries:
+            config = load_run_config(config_path, [*entry.overrides, *overrides, f"seed={seed}"])
+            check_stage_params(config)
+            planned.append((entry, seed, config))
+    return planned
+
+
+def run_dir_of(output: Path, entry: Entry, seed: int) -> Path:
+    return output / "runs" / entry.key / f"seed{seed}"
+
+
+def shared_first_stages(
+    planned: Sequence[tuple[Entry, int, dict[str, Any]]], samples_dir: Path
+) -> dict[tuple[str, int], str]:
+    """The cache key of each run's first stage when another run's first stage would be trained
+    identically (`train.sweep.stage1_material`: samples, stage, model parameters, training
+    settings, seed, workers), keyed by (entry, seed)."""
+    from train.stage import use_gpu
+    from train.sweep import samples_fingerprint, stage1_key, stage1_material
+
+    fingerprint = samples_fingerprint(samples_dir)
+    keys = {
+        (entry.key, seed): stage1_key(
+            stage1_material(config, pipeline(config["model"])[0], fingerprint, use_gpu(config))
+        )
+        for entry, seed, config in planned
+    }
+    counts: dict[str, int] = {}
+    for key in keys.values():
+        counts[key] = counts.get(key, 0) + 1
+    return {run: key for run, key in keys.items() if counts[key] > 1}
+
+
+def link_first_stage(
+    config: dict[str, Any], samples_dir: Path, run_dir: Path, entry_dir: Path
+) -> None:
+    """Train the first stage once in `entry_dir` (or finish it there), then link it into
+    `run_dir`, where run_pipeline finds it finished."""
+    from mkt.schema import FeatureSchema
+    from train.checkpoints import ModelLink
+    from train.stage import CHECKPOINTS_DIR, finished, run_stage
+
+    stage = pipeline(config["model"])[0]
+    target = run_dir / CHECKPOINTS_DIR / stage.name
+    if target.exists():
+        return
+    if finished(stage, config, entry_dir) is None:
+        schema = FeatureSchema.load(samples_dir)
+        link = ModelLink(stage.model, config["params"].get(stage.name, {}))
+        run_stage(stage, config, schema, samples_dir, entry_dir, [link])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(entry_dir / CHECKPOINTS_DIR / stage.name, target_is_directory=True)
+
+
+def finished_runs(
+    planned: Sequence[tuple[Entry, int, dict[str, Any]]], output: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """The metrics.json of every planned run that has finished, by entry."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for entry, seed, _ in planned:
+        path = run_dir_of(output, entry, seed) / METRICS_FILE
+        if path.is_file():
+            results.setdefault(entry.key, []).append(json.loads(path.read_text()))
+    return results
+
+
+def eta(durations: Mapping[str, list[float]], remaining: Sequence[str]) -> float:
+    """Seconds left: each remaining run as long as the same model took before in this
+    invocation, else as the mean run so far."""
+    every = [d for ds in durations.values() for d in ds]
+    if not every:
+        return math.nan
+    mean = float(np.mean(every))
+    return sum(float(np.mean(durations[k])) if durations.get(k) else mean for k in remaining)
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def run_all(
+    planned: Sequence[tuple[Entry, int, dict[str, Any]]],
+    samples_dir: Path,
+    output: Path,
+    oracle: str | None,
+    log: Callable[[str], None],
+) -> dict[str, list[dict[str, Any]]]:
+    """Every planned run inside one Ray session; returns each entry's metrics.json per seed."""
+    import ray
+
+    from train.pipeline import run_pipeline
+
+    results: dict[str, list[dict[str, Any]]] = {}
+    started_here = start_ray(planned[0][2])
+    started = time.monotonic()
+    durations: dict[str, list[float]] = {}
+    try:
+        shared = shared_first_stages(planned, samples_dir)
+        invocation = {"samples": str(samples_dir), "oracle": oracle}
+        for k, (entry, seed, config) in enumerate(planned, 1):
+            run_dir = run_dir_of(output, entry, seed)
+            metrics_path = run_dir / METRICS_FILE
+            remaining = [
+                e.key
+                for e, s, _ in planned[k:]
+                if not (run_dir_of(output, e, s) / METRICS_FILE).is_file()
+            ]
+            if metrics_path.is_file():
+                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} already finished")
+            else:
+                log(
+                    f"run {k}/{len(planned)}: {entry.key} seed {seed} "
+                    f"({' '.join(entry.overrides)}); elapsed {_clock(time.monotonic() - started)}, "
+                    f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
+                )
+                run_started = time.monotonic()
+                prepare_run_dir(run_dir, dump({"invocation": invocation, **config}))
+                if (entry.key, seed) in shared:
+                    entry_dir = output / STAGE1_DIR / shared[(entry.key, seed)]
+                    link_first_stage(config, samples_dir, run_dir, entry_dir)
+                run_pipeline(config, samples_dir, run_dir, oracle)
+                seconds = time.monotonic() - run_started
+                durations.setdefault(entry.key, []).append(seconds)
+                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
+            results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
+    finally:
+        if started_here:
+            ray.shutdown()
+    log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def step(command: list[str]) -> None:
+    print("$ " + " ".join(command), flush=True)
+    env = {
+        **os.environ,
+        # Spark's Python workers must be this interpreter; every server binds to loopback.
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
+
+
+def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> Path:
+    """Generated raw data and its samples under data_dir, each made only if missing."""
+    from jobs.quickstart import spark_submit
+
+    raw, samples = data_dir / "raw", data_dir / "samples"
+    if not (raw / "oracle.parquet").is_file():
+        step(
+            [
+                sys.executable,
+                "jobs/generate_tenrec.py",
+                "--output",
+                str(raw),
+                "--users",
+                str(users),
+                "--seed",
+                str(data_seed),
+                *(QUICK_LIKE_RATES if quick else ()),
+            ]
+        )
+    if not (samples / "feature_schema.json").is_file():
+        step(
+            [
+                spark_submit(),
+                "--master",
+                "local[2]",
+                "etl/build_samples.py",
+                "--config",
+                str(DATA_CONFIG),
+                "--input",
+                str(raw),
+                "--output",
+                str(samples),
+            ]
+        )
+    return samples
+
+
+def data_summary(samples_dir: Path) -> dict[str, Any]:
+    """Rows, users and likes per entity and split, from the ETL's etl_summary.json."""
+    path = samples_dir / "etl_summary.json"
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    return {
+        entity: {
+            split: {
+                "rows": s["rows"],
+                "users": s["users"],
+                "likes": round(s["rows"] * s["like_rate"]),
+            }
+            for split, s in e["splits"].items()
+        }
+        for entity, e in summary["entities"].items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, type=Path, help="directory of every output")
+    parser.add_argument("--samples", type=Path, help="OUT_DIR of etl/build_samples.py")
+    parser.add_argument(
+        "--users",
+        type=int,
+        help=f"generated users ({DEFAULT_USERS}; quick: {QUICK_USERS}); only without --samples",
+    )
+    parser.add_argument("--data-seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (0 1 2; quick: 0)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 epoch")
+    parser.add_argument("--config", type=Path, help="run config (conf/run/tables[_quick].yaml)")
+    parser.add_argument("--oracle", help="oracle.parquet (default: beside the raw input)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: the tables of the runs finished so far (while a job runs, or after "
+        "an interrupted one)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else list(range(MIN_SEEDS))
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error("--seeds: each seed once")
+    if not args.quick and len(args.seeds) < MIN_SEEDS:
+        parser.error(f"--seeds: at least {MIN_SEEDS} (fewer only with --quick)")
+    if args.samples and args.users:
+        parser.error("--users generates data; it cannot go with --samples")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    started = time.monotonic()
+    output = args.output.resolve()
+    config_path = args.config or (QUICK_RUN_CONFIG if args.quick else RUN_CONFIG)
+    # Every run's config is checked before data are generated or Ray starts.
+    planned = run_configs(ENTRIES, args.seeds, config_path, args.overrides)
+    if args.samples:
+        samples_dir = args.samples.resolve()
+    else:
+        users = args.users or (QUICK_USERS if args.quick else DEFAULT_USERS)
+        samples_dir = prepare_samples(output / "data", users, args.data_seed, args.quick)
+    check_samples(samples_dir)
+    oracle = str(Path(args.oracle).resolve()) if args.oracle else None
+
+    def log(line: str) -> None:
+        print(f"{LOG_PREFIX} {line}", flush=True)
+
+    if args.report_only:
+        results = finished_runs(planned, output)
+        log(f"tables of the {sum(map(len, results.values()))} finished runs of {len(planned)}")
+    else:
+        results = run_all(planned, samples_dir, output, oracle, log)
+    t2 = table2(results)
+    single = best_single_domain(t2, "gauc")
+    labels = {e.key: e.label for e in ENTRIES}
+    groups = activity_group_names(planned[0][2]["eval"]["activity_boundaries"])
+    t3 = table3(results, single, groups, labels)
+    t4 = table4(results)
+    for name, rows in (("table2", t2), ("table3", t3), ("table4", t4)):
+        write_csv(output / f"{name}.csv", rows)
+    plot(t2, t4, output / "tables.png")
+    data = data_summary(samples_dir)
+    wall = time.monotonic() - started
+    text = "\n\n".join(
+        [
+            f"Target-entity test metrics; mean ± sample std over training seeds {args.seeds} "
+            f"(data fixed). Samples: {samples_dir}",
+            "## Table 2: every model",
+            table2_markdown(t2),
+            f"## Table 3: by user activity (best single-domain model by mean test GAUC: "
+            f"{labels[single]})",
+            table3_markdown(t3, single),
+            "## Table 4: ablations (change against full MKT)",
+            table4_markdown(t4),
+        ]
+    )
+    (output / "tables.md").write_text(text + "\n")
+    summary = {
+        "samples": str(samples_dir),
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "report_only": args.report_only,  # then wall_s is the tables' time, not the training's
+        "config": str(config_path),
+        "overrides": args.overrides,
+        "data": data,
+        "wall_s": round(wall, 1),
+        "best_single_domain": single,
+        "table2": t2,
+        "table3": t3,
+        "table4": t4,
+    }
+    (output / "summary.json").write_text(json.dumps(_plain(summary), indent=1))
+    print("\n" + text)
+    print(
+        f"\nDone in {wall / 60:.1f} min. Tables: {output / 'tables.md'}, "
+        f"{output / 'tables.png'}; runs: {output / 'runs'}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, SchemaError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
