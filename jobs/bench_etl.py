@@ -96,8 +96,8 @@ class ProcessTree:
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             total = 0
-            for pid in self._tree():
-                status = _read(f"/proc/{pid}/status")
+            for pid in process_tree(self._root):
+                status = read_proc(f"/proc/{pid}/status")
                 fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
                 if "VmHWM" not in fields:
                     continue
@@ -107,34 +107,36 @@ class ProcessTree:
                 kind = "java" if name == "java" else "python" if "python" in name else name
                 _, seen = self.peak_by_pid.get(pid, (kind, 0))
                 self.peak_by_pid[pid] = (kind, max(seen, hwm))
-                stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+                stat = read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
                 if len(stat) > 12:  # utime and stime, fields 14 and 15, in clock ticks
                     ticks = int(stat[11]) + int(stat[12])
                     self.cpu_by_pid[pid] = (kind, ticks / os.sysconf("SC_CLK_TCK"))
             self.peak_total = max(self.peak_total, total)
 
-    def _tree(self) -> list[int]:
-        children: dict[int, list[int]] = defaultdict(list)
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = _read(f"/proc/{entry}/stat")
-                if stat:
-                    # The command name (field 2) may hold spaces; ppid follows the last ')'.
-                    children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
-        tree, todo = [], [self._root]
-        while todo:
-            pid = todo.pop()
-            tree.append(pid)
-            todo += children.get(pid, [])
-        return tree
 
-
-def _read(path: str) -> str:
+def read_proc(path: str) -> str:
     try:
         with open(path) as fh:
             return fh.read()
     except OSError:  # the process ended between listing and reading
         return ""
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants, from /proc (psutil is only importable through Ray here)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = read_proc(f"/proc/{entry}/stat")
+            if stat:
+                # The command name (field 2) may hold spaces; ppid follows the last ')'.
+                children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
 
 
 def _load() -> float:

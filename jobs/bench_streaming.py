@@ -51,6 +51,8 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO))
 
+from jobs.bench_etl import process_tree, read_proc  # noqa: E402
+
 GIB = 2**30
 # Chunk of rows handed to the Delta writer at a time: keeps this process small.
 CHUNK_ROWS = 65536
@@ -284,43 +286,17 @@ def child(table_dir: Path, run_dir: Path, model: str, workers: int, overrides: l
 # --------------------------------------------------------------------------------------------
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:  # the process ended between listing and reading
-        return ""
-
-
-def _tree(root: int) -> list[int]:
-    """root and its descendants, from /proc (psutil is only importable through Ray here)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _read(f"/proc/{entry}/stat")
-            if stat:
-                # The command name (field 2) may hold spaces; ppid follows the last ')'.
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
 def _component(pid: int, root: int) -> str:
     if pid == root:
         return "driver"
-    if _read(f"/proc/{pid}/cmdline").startswith("ray::"):
+    if read_proc(f"/proc/{pid}/cmdline").startswith("ray::"):
         return "ray workers"
     return "ray core"  # gcs_server, raylet, log monitor, ...
 
 
 def _start_time(pid: int) -> str:
     """The process's start time (field 22 of stat): with the pid, it names one process."""
-    stat = _read(f"/proc/{pid}/stat").rsplit(")", 1)
+    stat = read_proc(f"/proc/{pid}/stat").rsplit(")", 1)
     return stat[1].split()[19] if len(stat) == 2 else ""
 
 
@@ -330,10 +306,10 @@ def sample_memory(root: int, seen: dict[int, str]) -> dict[str, Any]:
     rss: dict[str, int] = {}
     pss = 0
     processes = 0
-    for pid in _tree(root):
+    for pid in process_tree(root):
         seen.setdefault(pid, _start_time(pid))
         fields = {}
-        for line in _read(f"/proc/{pid}/smaps_rollup").splitlines()[1:]:
+        for line in read_proc(f"/proc/{pid}/smaps_rollup").splitlines()[1:]:
             name, _, value = line.partition(":")
             fields[name] = int(value.split()[0]) * 1024  # kB
         if "Rss" not in fields:

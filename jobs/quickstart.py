@@ -81,6 +81,22 @@ def spark_submit() -> str:
     return found
 
 
+def build_samples_command(raw: Path, samples: Path) -> list[str]:
+    """The Spark job that turns the generated raw files into samples, on local[2]."""
+    return [
+        spark_submit(),
+        "--master",
+        "local[2]",
+        "etl/build_samples.py",
+        "--config",
+        str(DATA_CONFIG),
+        "--input",
+        str(raw),
+        "--output",
+        str(samples),
+    ]
+
+
 def results_table(runs: dict[str, dict[str, Any]]) -> str:
     rows = [(label, runs[key]["test"]["model"]) for key, label in RUNS.items()]
     oracle = runs["mkt"]["test"].get("oracle")
@@ -146,23 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         log_dir,
         env,
     )
-    step(
-        "build_samples",
-        [
-            spark_submit(),
-            "--master",
-            "local[2]",
-            "etl/build_samples.py",
-            "--config",
-            str(DATA_CONFIG),
-            "--input",
-            str(raw),
-            "--output",
-            str(samples),
-        ],
-        log_dir,
-        env,
-    )
+    step("build_samples", build_samples_command(raw, samples), log_dir, env)
     runs: dict[str, dict[str, Any]] = {}
     for model in RUNS:
         run_dir = runs_dir / model

@@ -51,7 +51,6 @@ from train.cluster import start_ray
 from train.config import REPO_ROOT, ConfigError, dump, load_run_config
 from train.run import check_samples, check_stage_params, prepare_run_dir
 
-DATA_CONFIG = REPO_ROOT / "conf" / "data" / "tenrec.yaml"
 RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
 QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"
 # Sized so that the whole job (45 runs) fits about an hour on a 2-core machine: see
@@ -527,7 +526,7 @@ def step(command: list[str]) -> None:
 
 def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> Path:
     """Generated raw data and its samples under data_dir, each made only if missing."""
-    from jobs.quickstart import spark_submit
+    from jobs.quickstart import build_samples_command
 
     raw, samples = data_dir / "raw", data_dir / "samples"
     if not (raw / "oracle.parquet").is_file():
@@ -545,20 +544,7 @@ def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> 
             ]
         )
     if not (samples / "feature_schema.json").is_file():
-        step(
-            [
-                spark_submit(),
-                "--master",
-                "local[2]",
-                "etl/build_samples.py",
-                "--config",
-                str(DATA_CONFIG),
-                "--input",
-                str(raw),
-                "--output",
-                str(samples),
-            ]
-        )
+        step(build_samples_command(raw, samples))
     return samples
 
 

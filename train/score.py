@@ -39,7 +39,6 @@ from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, read_artifact_fil
 from train.cluster import start_ray
 
 KINDS = ("samples", "raw")
-ACTOR_INIT_DEATHS = 3
 ENTITY, LINE_NO, SPLIT = "entity", "line_no", "split"
 OUTPUT_SCHEMA = pa.schema(
     [(ENTITY, pa.string()), (LINE_NO, pa.int64()), ("score", pa.float64()), ("error", pa.string())]
@@ -172,12 +171,7 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
     from ray.data.expressions import col
 
     try:
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        # Ray Data's default (0) fails the whole job on the first scoring actor that dies while
-        # starting, as on a lost node of a cluster; the constructor is deterministic, so a
-        # replacement is safe. A broken artifact still fails first, in this driver.
-        context.max_consecutive_actor_init_deaths = ACTOR_INIT_DEATHS
+        ray.data.DataContext.get_current().enable_progress_bars = False
         read = [*columns, *([SPLIT] if args.split else [])]
         rows = ray.data.read_delta(args.input, columns=read)
         if ENTITY in columns:
