@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The Java check runs every time, not only at install: Java may change after set-up.
 quickstart: $(STAMP)
+	@bash scripts/check_java.sh
 	$(VENV)/bin/python jobs/quickstart.py
 
 lint: $(STAMP)
@@ -24,6 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 test: lint
+	@bash scripts/check_java.sh
 	$(VENV)/bin/python -m pytest -q
 
 clean:

@@ -39,7 +39,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from etl.config import ConfigError, DataConfig, Feature, load_config
-from etl.storage import HadoopFs, Writer, resolve_writer, write_delta
+from etl.storage import HadoopFs, Writer, WriterError, resolve_writer, write_delta
 
 log = logging.getLogger("etl.build_samples")
 
@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
             duplicates=args.duplicates,
             writer=args.writer,
         )
-    except (ConfigError, InputError) as err:
+    except (ConfigError, InputError, WriterError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -15,6 +15,7 @@ readable (time travel) until someone vacuums them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Literal
 
@@ -22,7 +23,10 @@ import pyarrow as pa
 from pyspark.sql import SparkSession
 
 Writer = Literal["auto", "spark", "rs"]
+log = logging.getLogger("etl.storage")
+
 DELTA_SPARK_CLASS = "io.delta.tables.DeltaTable"
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 
 
 class HadoopFs:
@@ -73,18 +77,35 @@ class HadoopFs:
                 raise OSError(f"could not move {path}.tmp to {path}")
 
 
+class WriterError(RuntimeError):
+    """`--writer spark` asked for, but this Spark session cannot write Delta itself."""
+
+
 def resolve_writer(spark: SparkSession, writer: Writer) -> Literal["spark", "rs"]:
-    """`auto` picks delta-spark when its classes load in this session, else delta-rs."""
-    available = bool(
+    """`auto` picks delta-spark when its classes load in this session and its SQL extension is
+    configured (the state `--packages io.delta:...` plus the two `--conf`s of docs/etl.md
+    give), else delta-rs: jars on the classpath without the extension are a half-set-up
+    cluster, and delta-rs writes the same table format."""
+    loadable = bool(
         spark.sparkContext._jvm.org.apache.spark.util.Utils.classIsLoadable(DELTA_SPARK_CLASS)
     )
+    extended = DELTA_EXTENSION in spark.conf.get("spark.sql.extensions", "")
     if writer == "auto":
-        return "spark" if available else "rs"
-    if writer == "spark" and not available:
-        raise RuntimeError(
-            f"--writer spark needs delta-spark on the classpath ({DELTA_SPARK_CLASS} not found); "
-            "add --packages io.delta:delta-spark_2.13:<version> or use --writer rs"
+        if loadable and not extended:
+            log.info(
+                "delta-spark is on the classpath but spark.sql.extensions lacks %s; "
+                "writing with delta-rs",
+                DELTA_EXTENSION,
+            )
+        return "spark" if loadable and extended else "rs"
+    if writer == "spark" and not (loadable and extended):
+        missing = (
+            f"{DELTA_SPARK_CLASS} not found: add --packages io.delta:delta-spark_2.13:<version>"
+            if not loadable
+            else f"spark.sql.extensions lacks {DELTA_EXTENSION}: add --conf "
+            f"spark.sql.extensions={DELTA_EXTENSION}"
         )
+        raise WriterError(f"--writer spark: {missing}, or use --writer rs")
     return writer
 
 

@@ -26,8 +26,9 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from etl.build_samples import InputError, build_samples
+from etl.build_samples import InputError, _log_summary, build_samples
 from etl.config import DataConfig, load_config
+from etl.storage import WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
 
 pytestmark = pytest.mark.slow
@@ -512,6 +513,47 @@ def test_quarantine_and_count_reconciliation(
     assert built.summary["entities"]["video"]["duplicates_found"] > 0
 
 
+def test_summary_matches_the_tables_and_is_logged(
+    built: Built, tenrec_raw: RawFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The job's closing summary: every count recomputed from the written tables and the raw
+    files, and the lines it logs say them."""
+    samples = built.samples
+    for entity, s in built.summary["entities"].items():
+        rows = samples[samples.entity == entity]
+        assert s["samples"] == len(rows) and s["users"] == rows.user_key.nunique()
+        for split, v in s["splits"].items():
+            part = rows[rows.split == split]
+            assert (v["rows"], v["users"]) == (len(part), part.user_key.nunique())
+            assert v["like_rate"] == pytest.approx(part.label.mean())
+        # Duplicates found: good lines identical to an earlier good line of the same file.
+        lines = (tenrec_raw.dir / f"QK-{entity}.csv").read_text().rstrip("\n").split("\n")[1:]
+        good = [x for n, x in enumerate(lines, start=1) if (entity, n) not in tenrec_raw.bad]
+        assert s["duplicates_found"] == len(good) - len(set(good)) > 0
+    entities_of = samples.groupby("user_key").entity.agg(lambda e: "+".join(sorted(set(e))))
+    assert built.summary["user_overlap"] == entities_of.value_counts().to_dict()
+
+    with caplog.at_level("INFO", logger="etl"):
+        _log_summary(built.summary)
+    text = caplog.text
+    video = built.summary["entities"]["video"]
+    assert (
+        f"video: {video['input_lines']} input lines = {video['samples']} samples + "
+        f"{video['quarantined']} quarantined + 0 removed duplicates" in text
+    )
+    rate = video["splits"]["train"]["like_rate"]
+    assert re.search(rf"train +{video['splits']['train']['rows']} rows, like rate {rate:.4f}", text)
+    assert "user overlap" in text and "history mode frozen" in text
+
+
+def test_writer_choice_without_delta_spark(spark) -> None:
+    """No delta-spark jars here: auto falls back to delta-rs, and an explicit request for
+    delta-spark is refused with what to add."""
+    assert resolve_writer(spark, "auto") == "rs"
+    with pytest.raises(WriterError, match=r"--writer spark: .* --packages io\.delta"):
+        resolve_writer(spark, "spark")
+
+
 def test_vocabularies_oov_and_missing(
     built: Built, tenrec_raw: RawFixture, tenrec_reference: Reference
 ) -> None:
@@ -610,7 +652,9 @@ def _copy_raw(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_missing_file_fails_before_writing(spark, tenrec_raw: RawFixture, tmp_path: Path) -> None:
+def test_missing_file_fails_before_writing(
+    spark, built: Built, tenrec_raw: RawFixture, tmp_path: Path
+) -> None:
     raw = _copy_raw(tenrec_raw.dir, tmp_path / "raw")
     (raw / "QK-article.csv").unlink()
     out = tmp_path / "out"
@@ -619,6 +663,14 @@ def test_missing_file_fails_before_writing(spark, tenrec_raw: RawFixture, tmp_pa
     ):
         build_samples(spark, TENREC_CONFIG, raw, out)
     assert not out.exists()
+    # Over an existing output, too, nothing is touched: same table versions, same schema file.
+    schema_before = (built.out / "feature_schema.json").read_text()
+    versions = {t: DeltaTable(str(built.out / t)).version() for t in ("samples", "vocab")}
+    with pytest.raises(InputError, match="raw file not found"):
+        build_samples(spark, TENREC_CONFIG, raw, built.out)
+    assert (built.out / "feature_schema.json").read_text() == schema_before
+    assert {t: DeltaTable(str(built.out / t)).version() for t in versions} == versions
+    assert not list(built.out.glob("_staging-*"))
 
 
 def test_missing_column_fails_at_once_from_spark_submit(
