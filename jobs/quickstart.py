@@ -104,7 +104,8 @@ def results_table(runs: dict[str, dict[str, Any]]) -> str:
         rows.append(("oracle (generator's p_like)", oracle))
     lines = [
         f"Target entity test rows: {rows[0][1]['rows']} "
-        f"(positive rate {rows[0][1]['positive_rate']:.4f})",
+        f"(positive rate {rows[0][1]['positive_rate']:.4f}); test histories "
+        f"{runs['mkt']['history_mode']} (docs/etl.md), sequences of {runs['mkt']['seq_len']}",
         "",
         f"| {'model':<28} | AUC    | GAUC   | GAUC coverage |",
         f"|{'-' * 30}|--------|--------|---------------|",

@@ -53,9 +53,25 @@ def test_override_values_are_yaml() -> None:
         (["train=3"], "'train' must be a mapping"),
     ],
 )
-def test_bad_overrides_name_the_key(overrides: list[str], message: str) -> None:
+def test_bad_overrides_name_the_key(
+    overrides: list[str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, overrides)
+
+
+def test_joined_cluster_is_not_sized_by_ray_num_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ray.num_cpus sizes only the embedded Ray: joining a cluster (ray.address, or the
+    RAY_ADDRESS that `ray job submit` sets) places 4 workers on its CPUs, not on this number."""
+    many = ["scaling.num_workers=4", "ray.num_cpus=1"]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert (
+        load_run_config(None, [*many, "ray.address=ray://head:10001"])["scaling"]["num_workers"]
+        == 4
+    )
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert load_run_config(None, many)["ray"]["num_cpus"] == 1
 
 
 def test_mlflow_uri_needs_mlflow() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,10 @@ def check(config: Mapping[str, Any]) -> None:
         raise ConfigError("scaling.torch_threads: must be >= 1")
     if scaling["use_gpu"] not in USE_GPU:
         raise ConfigError(f"scaling.use_gpu: must be one of {USE_GPU}")
-    if config["ray"]["num_cpus"] < scaling["num_workers"] * scaling["cpus_per_worker"]:
+    # ray.num_cpus sizes the embedded Ray only; a cluster that is joined brings its own CPUs.
+    embedded = config["ray"]["address"] is None and not os.environ.get("RAY_ADDRESS")
+    needed = scaling["num_workers"] * scaling["cpus_per_worker"]
+    if embedded and config["ray"]["num_cpus"] < needed:
         raise ConfigError(
             "ray.num_cpus: smaller than scaling.num_workers * scaling.cpus_per_worker; "
             "the workers could never be placed"

@@ -213,8 +213,12 @@ def _train_epoch(
         )
     elapsed = time.perf_counter() - started
     names = sorted(sums)
-    totals = torch.tensor([float(rows), *(sums[k] for k in names)], dtype=torch.float64)
-    seconds = torch.tensor([elapsed], dtype=torch.float64)
+    # On the worker's device: an NCCL process group has no CPU collectives.
+    device = ray.train.torch.get_device()
+    totals = torch.tensor(
+        [float(rows), *(sums[k] for k in names)], dtype=torch.float64, device=device
+    )
+    seconds = torch.tensor([elapsed], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(totals, op=dist.ReduceOp.SUM)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)

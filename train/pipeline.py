@@ -43,6 +43,9 @@ def run_pipeline(
     header = {
         "model": config["model"],
         "samples": str(samples_dir),
+        # Which likes the test rows' sequences may hold (docs/etl.md): results must say it.
+        "history_mode": schema.history_mode,
+        "seq_len": schema.seq_len,
         "oracle": str(truth) if truth else None,
         "num_workers": config["scaling"]["num_workers"],
         "cpus_per_worker": config["scaling"]["cpus_per_worker"],

@@ -86,7 +86,8 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
     lines = [
         f"# Run `{metrics['model']}`",
         "",
-        f"- samples: `{metrics['samples']}`",
+        f"- samples: `{metrics['samples']}` (test histories `{metrics['history_mode']}`, "
+        f"sequences of {metrics['seq_len']})",
         f"- workers: {metrics['num_workers']} x {metrics['cpus_per_worker']} CPU"
         f"{' + 1 GPU' if metrics['use_gpu'] else ''}",
         f"- early stopping on validation {metrics['early_stopping_metric'].upper()}",
