@@ -133,10 +133,12 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[fl
 
 
 def log_loss(labels: np.ndarray, scores_prob: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean binary cross-entropy; probabilities clipped to [eps, 1 - eps]."""
+    """Mean binary cross-entropy; probabilities clipped to [eps, 1 - eps]. NaN with no rows."""
     labels, p = np.asarray(labels), np.asarray(scores_prob, dtype=np.float64)
     _check(labels, p, "probabilities")
-    if len(p) and (p.min() < 0 or p.max() > 1):
+    if not len(p):
+        return float("nan")
+    if p.min() < 0 or p.max() > 1:
         raise ValueError("probabilities must lie in [0, 1]")
     p = np.clip(p, eps, 1 - eps)
     return float(-np.mean(np.where(labels == 1, np.log(p), np.log1p(-p))))
@@ -184,7 +186,8 @@ def evaluate(
     boundaries: Sequence[float] = ACTIVITY_BOUNDARIES,
 ) -> dict[str, Any]:
     """Every metric of one evaluation. `groups`: the GAUC grouping (user keys); `activity`:
-    per-row activity counts (see `user_activity`), grouped by `boundaries`."""
+    per-row activity counts (see `user_activity`), grouped by `boundaries`; each group gets
+    its rows, AUC, GAUC (and coverage) and log loss (NaN for a group with no rows)."""
     labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
     g, covered = gauc(labels, probs, groups)
     result: dict[str, Any] = {
@@ -209,5 +212,6 @@ def evaluate(
                 "auc": auc(labels[rows], probs[rows]),
                 "gauc": gg,
                 "gauc_coverage": cc,
+                "logloss": log_loss(labels[rows], probs[rows]),
             }
     return result

@@ -169,6 +169,15 @@ class FeatureSchema:
             raise SchemaError(f"{origin}: duplicate feature names in {names}")
         if schema.item_feature not in names:
             raise SchemaError(f"{origin}.item_feature: {schema.item_feature!r} is not a feature")
+        item_group = schema.feature(schema.item_feature).group
+        if item_group != "shared":
+            # The sequence attention's query is the row's item embedding and its keys index
+            # the same table, for both entities' rows and sequences (section 3.2.1): only an
+            # entity-shared feature is present on every row.
+            raise SchemaError(
+                f"{origin}.item_feature: {schema.item_feature!r} is a {item_group} feature; "
+                "the attention's item feature must be an entity-shared feature (group 'shared')"
+            )
         for f in schema.sequences:
             if f.item_feature != schema.item_feature:
                 raise SchemaError(

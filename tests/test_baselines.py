@@ -73,6 +73,15 @@ def test_registered_with_the_rows_they_train_on() -> None:
     assert {name: MODELS[name].train_entities for name in expected} == expected
 
 
+def test_each_model_name_has_its_own_file() -> None:
+    """`mkt/models/<name>.py` registers `name` (din_source included), as docs/baselines.md
+    says; configs name models, never files."""
+    assert {name: cls.__module__ for name, cls in MODELS.items()} == {
+        name: f"mkt.models.{name}" for name in MODELS
+    }
+    assert issubclass(MODELS["din_source"], MODELS["din"])
+
+
 @pytest.mark.parametrize("name", TWO_STAGE)
 def test_two_stage_pipelines(name: str) -> None:
     stages = pipeline(name)

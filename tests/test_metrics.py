@@ -109,4 +109,13 @@ def test_evaluate_reports_everything_by_activity_group():
     assert sum(g["rows"] for g in groups.values()) == 20_000
     low = activity <= 10
     assert groups["0-10"]["auc"] == pytest.approx(roc_auc_score(labels[low], probs[low]))
+    masks = {"0-10": low, "10-30": (activity > 10) & (activity <= 30), ">30": activity > 30}
+    for name, rows in masks.items():
+        expected = sk_log_loss(labels[rows], probs[rows])
+        assert groups[name]["logloss"] == pytest.approx(expected, rel=1e-12)
+    # A group with no rows has no log loss (NaN, no warning), like its AUC.
+    head = slice(0, 500)
+    empty = evaluate(labels[head], probs[head], users[head], activity[head], boundaries=[10, 99])
+    empty = empty["by_activity"][">99"]
+    assert empty["rows"] == 0 and np.isnan(empty["logloss"]) and np.isnan(empty["auc"])
     assert "by_activity" not in evaluate(labels, probs, users)

@@ -1,4 +1,5 @@
-"""The small modules of mkt/layers: shapes, masking, padding / OOV and per-row gating."""
+"""The small modules of mkt/layers: shapes, masking, padding / OOV and per-row gating; the
+schema rule the sequence attention relies on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from mkt.layers import (
     MMoE,
     TargetAttention,
 )
+from mkt.schema import FeatureSchema, SchemaError
 from mkt.synthetic import toy_batch, toy_schema
 
 
@@ -152,3 +154,22 @@ def test_entity_inputs_parts(schema, batch):
     )
     assert torch.equal(target_only(batch)["seq"], parts["seq"])
     assert set(target_only(batch)["specific"]) == {schema.target_entity}
+
+
+@pytest.mark.parametrize("item", ["brand", "user_id"])
+def test_attention_item_feature_must_be_entity_shared(schema, item):
+    """The attention's query is the row's item embedding on rows of every entity, so the
+    schema rejects an item feature that is entity-specific or a user feature, naming the key."""
+    raw = schema.to_dict()
+    raw["item_feature"] = item
+    for f in raw["features"]:
+        if f["group"] == "sequence":
+            f["item_feature"] = item
+    group = schema.feature(item).group
+    with pytest.raises(SchemaError, match=rf"\.item_feature: '{item}' is a {group} feature"):
+        FeatureSchema.from_dict(raw)
+    raw["item_feature"] = "catalog"  # another shared feature is fine
+    for f in raw["features"]:
+        if f["group"] == "sequence":
+            f["item_feature"] = "catalog"
+    assert FeatureSchema.from_dict(raw).item_feature == "catalog"

@@ -31,6 +31,10 @@ def target_rows(schema, batch):
     return select_rows(batch, batch["entity_index"] == schema.target_index)
 
 
+def on(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def mem_model(schema, seed=0, **params) -> MEM:
     torch.manual_seed(seed)
     return build_model("mem", schema, params)
@@ -39,7 +43,7 @@ def mem_model(schema, seed=0, **params) -> MEM:
 @pytest.mark.parametrize("device", DEVICES)
 def test_mem_shapes_for_both_entities(schema, batch, device):
     mem = mem_model(schema).to(device)
-    b = {k: v.to(device) for k, v in batch.items()}
+    b = on(batch, device)
     out = mem(b)
     assert out["logit"].shape == (64,) and out["logit"].device.type == device
     assert out["g_com"].shape == out["g_ind"].shape == (64, 64)
@@ -95,28 +99,59 @@ def test_hfa_cross_with_shared_switch(schema, batch):
         assert torch.allclose(a, b) != with_shared
 
 
+def test_pdl_cosine_is_in_unit_interval_per_row(schema, batch):
+    """g_com (MMoE experts) and g_ind (SKE / TKE) end in ReLU, so every row's cosine lies in
+    [0, 1]: PDL pushes them towards orthogonality, not opposition (docs/model.md)."""
+    mem = mem_model(schema)
+    with torch.no_grad():
+        out = mem(batch)
+    assert (out["g_com"] >= 0).all() and (out["g_ind"] >= 0).all()
+    cos = torch.nn.functional.cosine_similarity(out["g_com"], out["g_ind"], dim=1)
+    assert cos.shape == (64,) and (cos >= 0).all() and (cos <= 1 + 1e-6).all()
+    assert mem.loss(batch, out)["pdl"] == pytest.approx(cos.mean().item())
+
+
 def test_pdl_gradient_pushes_common_and_independent_apart(schema, batch):
-    mem = mem_model(schema, gamma=1.0)
-    opt = torch.optim.SGD(mem.parameters(), lr=0.05)
+    """The gradient of MEM.loss with the BCE isolated (its logits detached) is gamma times
+    the gradient of the batch-mean cosine, reaches CKE and both extractors, and descending
+    it lowers the PDL."""
+    gamma = 0.5
+    mem = mem_model(schema, gamma=gamma)
+
+    def pdl_part(out):
+        return mem.loss(batch, dict(out, logit=out["logit"].detach()))["loss"]
+
+    out = mem(batch)
+    params = [p for p in mem.parameters() if p.requires_grad]
+    through_loss = torch.autograd.grad(pdl_part(out), params, allow_unused=True, retain_graph=True)
+    cos = torch.nn.functional.cosine_similarity(out["g_com"], out["g_ind"], dim=1).mean()
+    direct = torch.autograd.grad(gamma * cos, params, allow_unused=True)
+    for a, b in zip(through_loss, direct, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-7)
+    opt = torch.optim.SGD(mem.parameters(), lr=0.1)
     before = mem.loss(batch, mem(batch))["pdl"]
     for _ in range(5):
         opt.zero_grad()
-        out = mem(batch)
-        pdl = torch.nn.functional.cosine_similarity(out["g_com"], out["g_ind"], dim=1).mean()
-        pdl.backward()
-        # Both extractors receive the PDL gradient.
+        pdl_part(mem(batch)).backward()
+        # CKE and both extractors receive the PDL gradient; the towers get none.
         assert mem.cke.experts[0].net[0].weight.grad.abs().sum() > 0
-        assert mem.extractors["post"].net[0].weight.grad.abs().sum() > 0
+        for entity in schema.entities:
+            assert mem.extractors[entity].net[0].weight.grad.abs().sum() > 0
+            assert mem.towers[entity].net[0].weight.grad is None
         opt.step()
     after = mem.loss(batch, mem(batch))["pdl"]
     assert after < before - 0.01
 
 
-def test_gamma_zero_drops_pdl_from_the_loss(schema, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_gamma_zero_drops_pdl_from_the_loss(schema, batch, device):
     """w/o PDL: the loss is the BCE alone, so its gradient equals the BCE's."""
+    batch = on(batch, device)
     grads = {}
     for gamma in (0.0, 0.5):
-        mem = mem_model(schema, gamma=gamma)
+        mem = mem_model(schema, gamma=gamma).to(device)
         out = mem(batch)
         losses = mem.loss(batch, out)
         if gamma == 0:
@@ -126,31 +161,52 @@ def test_gamma_zero_drops_pdl_from_the_loss(schema, batch):
     assert not torch.allclose(grads[0.0], grads[0.5])
 
 
-def test_without_hfa_specific_features_are_concatenated_unscored(schema, batch):
-    mem = mem_model(schema, hfa=False)
-    out = mem(batch)
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_hfa_specific_features_are_concatenated_unscored(schema, batch, device):
+    """w/o HFA: the CKE reads cat([common, v_spec^src, v_spec^tgt]), the other entity's
+    block being zeros (its padding index)."""
+    batch = on(batch, device)
+    mem = mem_model(schema, hfa=False).to(device).eval()
+    seen = []
+    hook = mem.cke.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    with torch.no_grad():
+        out = mem(batch)
+        parts = mem.inputs(batch)
+    hook.remove()
     assert len(mem.hfa) == 0 and not any(k.startswith("importance") for k in out)
+    specific = parts["specific"]
+    expected = torch.cat(
+        [mem.common(parts), specific[schema.source_entity], specific[schema.target_entity]],
+        dim=1,
+    )
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+    is_target = batch["entity_index"] == schema.target_index
+    assert is_target.any() and (~is_target).any()
+    assert (specific[schema.source_entity][is_target] == 0).all()
+    assert (specific[schema.target_entity][~is_target] == 0).all()
     spec = sum(len(schema.specific_features(e)) for e in schema.entities) * 8
     assert mem.cke.experts[0].net[0].in_features == mem.inputs.common_dim + spec
     with_hfa = mem_model(schema, hfa=True)
     assert with_hfa.cke.experts[0].net[0].in_features == with_hfa.inputs.common_dim + 32
 
 
-def test_without_tem_pipeline_is_mem_target_tower(schema, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_tem_pipeline_is_mem_target_tower(schema, batch, device):
     stages = pipeline("mem_only")
     assert [s.model for s in stages] == ["mem"]
-    mem = mem_model(schema).eval()
-    t = target_rows(schema, batch)
+    mem = mem_model(schema).to(device).eval()
+    t = target_rows(schema, on(batch, device))
     with torch.no_grad():
         out = mem(t)
         tower = mem.towers["post"](torch.cat([out["g_com"], out["g_ind"]], dim=1)).squeeze(1)
     assert torch.allclose(out["logit"], tower)
 
 
-def test_mem_target_path_matches_mem(schema, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mem_target_path_matches_mem(schema, batch, device):
     for hfa in (True, False):
-        mem = mem_model(schema, hfa=hfa).eval()
-        t = target_rows(schema, batch)
+        mem = mem_model(schema, hfa=hfa).to(device).eval()
+        t = target_rows(schema, on(batch, device))
         with torch.no_grad():
             parts = mem.inputs(t)
             _, _, _, g_com = mem.target_path()(t)
@@ -162,21 +218,34 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def test_tem_keeps_mem_frozen(schema):
-    mem = mem_model(schema)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tem_keeps_mem_frozen(schema, device):
+    mem = mem_model(schema, dropout=0.5).to(device)
+    t = target_rows(schema, on(toy_batch(schema, 64, seed=7), device))
     mem.train()
+    with torch.no_grad():  # the MEM's dropout is live in training mode
+        assert not torch.equal(mem(t)["g_com"], mem(t)["g_com"])
     torch.manual_seed(1)
-    tem = TEM(schema, {"dropout": 0.1}, pretrained=mem)
+    tem = TEM(schema, {"dropout": 0.1}, pretrained=mem).to(device)
     tem.train()
     assert not mem.inputs.training and not tem.knowledge.training
     assert tem.training and tem.bottom.training
+    # After tem.train() the knowledge is the eval-mode MEM's: no dropout, the same every call.
+    with torch.no_grad():
+        first, second = tem.knowledge(t), tem.knowledge(t)
+        mem.eval()
+        reference = mem.inputs(t)
+        reference = (reference["user"], reference["seq"], reference["shared"], mem(t)["g_com"])
+    for a, b, ref in zip(first, second, reference, strict=True):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, ref, atol=1e-6)
     assert all(not p.requires_grad for p in mem.parameters())
     before = {k: v.clone() for k, v in mem.state_dict().items()}
     # Even an optimiser handed every parameter must leave the MEM untouched.
     opt = torch.optim.AdamW(tem.parameters(), lr=0.05, weight_decay=0.1)
     own_before = tem.bottom.net[0].weight.clone()
     for step in range(5):
-        b = target_rows(schema, toy_batch(schema, 128, seed=step))
+        b = target_rows(schema, on(toy_batch(schema, 128, seed=step), device))
         loss = tem.loss(b, tem(b))["loss"]
         opt.zero_grad()
         loss.backward()
@@ -186,11 +255,12 @@ def test_tem_keeps_mem_frozen(schema):
     assert not torch.equal(tem.bottom.net[0].weight, own_before)
 
 
-def test_tem_serving_module_is_target_only(schema, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_tem_serving_module_is_target_only(schema, batch, device):
     mem = mem_model(schema)
-    tem = TEM(schema, {}, pretrained=mem).eval()
+    tem = TEM(schema, {}, pretrained=mem).to(device).eval()
     serving = tem.serving_module().eval()
-    t = target_rows(schema, batch)
+    t = target_rows(schema, on(batch, device))
     with torch.no_grad():
         assert torch.allclose(serving(t), tem(t)["logit"])
     names = [n for n, _ in serving.named_parameters()]
@@ -218,17 +288,18 @@ def test_tem_serving_module_is_target_only(schema, batch):
     assert torch.allclose(exported.module()(t_no_source), serving(t_no_source), atol=1e-6)
 
 
-def test_tem_plug_switches_and_without_mem(schema, batch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_tem_plug_switches_and_without_mem(schema, batch, device):
     mem = mem_model(schema).eval()
-    t = target_rows(schema, batch)
+    t = target_rows(schema, on(batch, device))
     torch.manual_seed(2)
-    full = TEM(schema, {}, pretrained=mem).eval()
+    full = TEM(schema, {}, pretrained=mem).to(device).eval()
     assert set(full.gates) == {"user", "seq", "shared", "cross"}
     with torch.no_grad():
         reference = full(t)["logit"]
         for plug in ("user", "seq", "shared", "cross"):
             torch.manual_seed(2)
-            off = TEM(schema, {f"plug_{plug}": False}, pretrained=mem).eval()
+            off = TEM(schema, {f"plug_{plug}": False}, pretrained=mem).to(device).eval()
             assert plug not in off.gates
             off.load_state_dict(full.state_dict(), strict=False)
             assert not torch.allclose(off(t)["logit"], reference)
@@ -240,9 +311,20 @@ def test_tem_plug_switches_and_without_mem(schema, batch):
             assert torch.allclose(off(t)["logit"], full(t)["logit"], atol=1e-6)
             gate.value.weight.copy_(saved[0])
             gate.value.bias.copy_(saved[1])
-    alone = build_model("tem", schema, {})
+    # w/o MEM: TEM alone, with the full TEM's own weights, scores differently, and is the
+    # full TEM with every gate silenced.
+    alone = build_model("tem", schema, {}).to(device).eval()
     assert alone.knowledge is None and len(alone.gates) == 0
-    assert alone(t)["logit"].shape == (len(t["label"]),)
+    missing, unexpected = alone.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("knowledge.", "gates.")) for k in unexpected)
+    with torch.no_grad():
+        without_mem = alone(t)["logit"]
+        assert without_mem.shape == (len(t["label"]),)
+        assert not torch.allclose(without_mem, reference)
+        for gate in full.gates.values():
+            gate.value.weight.zero_()
+            gate.value.bias.zero_()
+        assert torch.allclose(full(t)["logit"], without_mem, atol=1e-6)
 
 
 def test_bad_params_are_named(schema):

@@ -4,6 +4,7 @@ from mkt.models import (  # noqa: F401
     conet,
     ctnet,
     din,
+    din_source,
     fibinet,
     finetune,
     mem,

@@ -1,8 +1,9 @@
 """DIN (Zhou et al., 2018): the MLP baseline with each behaviour sequence pooled by target
 attention (the activation unit, query = the candidate item) instead of a mean.
 
-`din` is single-domain (target rows only). `din_source` is the same network trained on the
-source entity's rows: the pre-training stage of the Finetune and CTNet pipelines.
+`din` is single-domain (target rows only). The same network trained on the source entity's
+rows, the pre-training stage of the Finetune and CTNet pipelines, is `din_source`
+(`mkt/models/din_source.py`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,3 @@ class DIN(MLPModel):
 
     def sequence_pooler(self, dim: int) -> nn.Module:
         return TargetAttention(dim, layer_sizes(self, "attention_hidden"))
-
-
-@register("din_source")
-class SourceDIN(DIN):
-    """DIN on the source entity's rows (its own specific fields); pre-training only."""
-
-    train_entities = "source"
