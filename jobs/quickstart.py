@@ -97,7 +97,7 @@ def build_samples_command(raw: Path, samples: Path) -> list[str]:
     ]
 
 
-def results_table(runs: dict[str, dict[str, Any]]) -> str:
+def results_table(runs: dict[str, dict[str, Any]], gain: dict[str, Any]) -> str:
     rows = [(label, runs[key]["test"]["model"]) for key, label in RUNS.items()]
     oracle = runs["mkt"]["test"].get("oracle")
     if oracle:
@@ -114,13 +114,53 @@ def results_table(runs: dict[str, dict[str, Any]]) -> str:
         lines.append(
             f"| {label:<28} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['gauc_coverage']:>13.3f} |"
         )
-    mkt, alone = runs["mkt"]["test"]["model"], runs["tem_only"]["test"]["model"]
     lines += [
         "",
-        f"TEM with MEM - TEM alone: AUC {mkt['auc'] - alone['auc']:+.4f}, "
-        f"GAUC {mkt['gauc'] - alone['gauc']:+.4f}",
+        f"TEM with MEM - TEM alone, with a paired bootstrap over the {gain['groups']} "
+        f"test users ({gain['resamples']} resamples):",
     ]
+    for metric in ("auc", "gauc"):
+        g = gain[metric]
+        low, high = g["interval_95"]
+        lines.append(
+            f"  {metric.upper():<4} {g['difference']:+.4f}  (standard error {g['standard_error']:.4f}, "
+            f"95% interval [{low:+.4f}, {high:+.4f}], MKT better in "
+            f"{100 * g['a_better_share']:.0f}% of resamples)"
+        )
     return "\n".join(lines)
+
+
+def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[str, Any]:
+    """MKT against TEM alone on the same test rows, with the spread the test set alone
+    causes (mkt.metrics.paired_bootstrap): users are drawn, so a user's rows move together."""
+    from deltalake import DeltaTable
+
+    from mkt.metrics import paired_bootstrap
+
+    keys = ["entity", "line_no"]
+    users = (
+        DeltaTable(str(samples / "samples"))
+        .to_pyarrow_table(columns=[*keys, "user_key"], partitions=[("split", "=", "test")])
+        .to_pandas()
+    )
+    scored = users
+    for model in RUNS:
+        predictions = DeltaTable(str(runs_dir / model / "predictions")).to_pyarrow_table(
+            columns=[*keys, "label", "score"]
+        )
+        scored = scored.merge(
+            predictions.to_pandas().rename(columns={"score": model, "label": f"label_{model}"}),
+            on=keys,
+        )
+    if not (scored["label_mkt"] == scored["label_tem_only"]).all() or scored.empty:
+        raise RuntimeError("the two runs' predictions do not cover the same labelled test rows")
+    return paired_bootstrap(
+        scored["label_mkt"].to_numpy(),
+        scored["mkt"].to_numpy(),
+        scored["tem_only"].to_numpy(),
+        scored["user_key"].to_numpy(),
+        resamples=resamples,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -184,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             env,
         )
         runs[model] = json.loads((run_dir / "metrics.json").read_text())
-    print("\n" + results_table(runs))
+    print("\n" + results_table(runs, transfer_gain(samples, runs_dir)))
     print(
         f"\nQuick start finished in {(time.monotonic() - started) / 60:.1f} min. Runs: {runs_dir}"
     )
