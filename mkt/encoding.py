@@ -23,6 +23,13 @@ The rules (docs/data-contract.md, "Reserved indices"):
 5. A specific feature of another entity than the row's is 0 (`PAD`, "not applicable").
 6. Sequences hold the item feature's index of each liked item (rule 3, in the vocabulary of
    the entity the like belongs to), most recent first, padded with 0 to `seq_len`.
+
+The reserved indices (0 pad, 1 missing, 2 OOV) are also written by the ETL into
+`feature_schema.json` (`reserved_indices`). They are not re-derived here but checked:
+`check_reserved_indices` compares the schema file's values with this module's and fails,
+naming the file and both values, when they differ, so a change in the ETL cannot drift
+silently from serving. `FeatureEncoder.from_schema_file` and `mkt.serving.Artifact` (on
+load) and `train/export.py` (before export) call it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,31 @@ from mkt.schema import Feature, FeatureSchema
 PAD, MISSING, OOV = 0, 1, 2
 FIRST_INDEX = 3
 MISSING_TOKENS = frozenset({"\\N", ""})
+# What the ETL writes as `reserved_indices` in feature_schema.json (etl/build_samples.py).
+RESERVED_INDICES = {"padding": PAD, "missing": MISSING, "oov": OOV}
+RESERVED_KEY = "reserved_indices"
+
+
+class EncodingContractError(ValueError):
+    """A feature schema whose encoding constants differ from this module's; names the file."""
+
+
+def check_reserved_indices(schema_json: Mapping[str, Any], origin: str) -> None:
+    """Raise EncodingContractError unless the schema file's `reserved_indices` (as the ETL
+    wrote it: `json.load` of feature_schema.json) equal `RESERVED_INDICES`."""
+    written = schema_json.get(RESERVED_KEY) if isinstance(schema_json, Mapping) else None
+    if written is None:
+        raise EncodingContractError(
+            f"{origin}: no {RESERVED_KEY!r}; mkt.encoding uses {RESERVED_INDICES} and cannot "
+            "tell whether the ETL that wrote this schema does"
+        )
+    if not isinstance(written, Mapping) or dict(written) != RESERVED_INDICES:
+        raise EncodingContractError(
+            f"{origin}: {RESERVED_KEY} {written!r} differ from mkt.encoding's "
+            f"{RESERVED_INDICES}: the ETL's encoding changed; update mkt/encoding.py (and its "
+            "tests) to the ETL's rules before serving this schema's models"
+        )
+
 
 # java.lang.Double.parseDouble's grammar (what Spark's string -> double cast calls first):
 # an optional sign, then NaN / Infinity (case-sensitive), a decimal with an optional exponent,
@@ -160,6 +192,21 @@ class FeatureEncoder:
         the entity of a per-entity id space (the ETL's `vocab.entity` column)."""
         self.schema = schema
         self.vocabularies = {name: dict(spaces) for name, spaces in vocabularies.items()}
+
+    @classmethod
+    def from_schema_file(
+        cls,
+        schema_json: Mapping[str, Any],
+        vocab_rows: Mapping[str, Sequence[Any]],
+        origin: str = "feature schema",
+    ) -> FeatureEncoder:
+        """From feature_schema.json as the ETL wrote it (a parsed dict: its reserved indices
+        are checked, `check_reserved_indices`) and the columns of the `vocab` table
+        (`feature`, `entity`, `raw_value`, `index`)."""
+        check_reserved_indices(schema_json, origin)
+        schema = FeatureSchema.from_dict(dict(schema_json), origin=origin)
+        columns = ("feature", "entity", "raw_value", "index")
+        return cls.from_vocab_rows(schema, *(vocab_rows[c] for c in columns))
 
     @classmethod
     def from_vocab_rows(

@@ -9,6 +9,7 @@ steps in-process, saved as train/run.py lays out a RUN_DIR, and exported by trai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,14 @@ from deltalake import DeltaTable, write_deltalake
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import COLUMNS, FILE_NAMES, generate
-from mkt.encoding import FeatureEncoder, clean_text, parse_integer_id, parse_number
+from mkt.encoding import (
+    EncodingContractError,
+    FeatureEncoder,
+    check_reserved_indices,
+    clean_text,
+    parse_integer_id,
+    parse_number,
+)
 from mkt.features import to_tensors
 from mkt.models.mem import MEM
 from mkt.models.tem import TEM
@@ -284,9 +292,14 @@ def test_encoder_reproduces_every_etl_index(built: Built) -> None:
     the index the Spark job wrote (specific features of the other entity included: 0)."""
     schema = built.schema
     vocab = built.vocab
-    encoder = FeatureEncoder.from_vocab_rows(
-        schema, *(vocab.column(c).to_pylist() for c in ("feature", "entity", "raw_value", "index"))
+    # From the ETL's own schema file: its reserved indices are checked against mkt.encoding's.
+    schema_file = built.out / "feature_schema.json"
+    encoder = FeatureEncoder.from_schema_file(
+        json.loads(schema_file.read_text()),
+        {c: vocab.column(c).to_pylist() for c in ("feature", "entity", "raw_value", "index")},
+        origin=str(schema_file),
     )
+    assert encoder.schema == schema
     planted = 0
     for entity in schema.entities:
         rows = built.samples[built.samples["entity"] == entity]
@@ -411,8 +424,20 @@ def test_artifact_holds_no_source_entity_parameters(trained: Trained, built: Bui
     }
     assert {k: v["bytes"] for k, v in manifest["files"].items()} == on_disk
     assert manifest["total_bytes"] == sum(on_disk.values())
-    mem_bytes = sum(p.numel() * p.element_size() for p in mem.parameters())
-    print(f"artifact: {manifest['total_bytes']} bytes; MEM parameters alone: {mem_bytes} bytes")
+    # The weights file is its tensors' float32 bytes plus a small header: 4 bytes per
+    # parameter of the online part, within 10%.
+    stored = [*trained.artifact.program.state_dict.values()]
+    stored += [*trained.artifact.program.constants.values()]
+    assert all(t.dtype == torch.float32 for t in stored), {t.dtype for t in stored}
+    numel = sum(t.numel() for t in stored)
+    assert manifest["parameters"] == numel
+    assert manifest["parameter_bytes"] == 4 * numel
+    weights_bytes = manifest["files"]["model/weights.safetensors"]["bytes"]
+    assert 4 * numel < weights_bytes <= 1.1 * 4 * numel, (weights_bytes, numel)
+    print(
+        f"artifact: {manifest['total_bytes']} bytes, weights {weights_bytes} bytes for "
+        f"{numel} parameters"
+    )
 
 
 def test_altered_or_unsafe_artifacts_are_refused(trained: Trained, tmp_path: Path) -> None:
@@ -431,8 +456,6 @@ def test_altered_or_unsafe_artifacts_are_refused(trained: Trained, tmp_path: Pat
     def with_graph(edit) -> dict[str, bytes]:
         """The graph edited, and the manifest's checksum updated to match (as an attacker
         who can write the directory would)."""
-        import hashlib
-
         graph = json.loads(files["model/graph.json"])
         edit(graph)
         data = json.dumps(graph).encode()
@@ -455,6 +478,33 @@ def test_altered_or_unsafe_artifacts_are_refused(trained: Trained, tmp_path: Pat
     refused(with_graph(shape_code), "not arithmetic")
     assert Artifact.from_files(with_graph(lambda graph: None)).manifest == trained.artifact.manifest
 
+    # Another torch major.minor than the one that exported the graph: refused, naming the
+    # manifest and both versions (the manifest carries no checksum of its own).
+    def with_torch(version: str) -> dict[str, bytes]:
+        manifest = json.loads(files["manifest.json"])
+        manifest["torch_version"] = version
+        return {**files, "manifest.json": json.dumps(manifest).encode()}
+
+    running = re.match(r"\d+\.\d+", torch.__version__).group(0)
+    major, minor = map(int, running.split("."))
+    other = f"{major}.{minor + 1}.0"
+    with pytest.raises(ArtifactError) as refusal:
+        Artifact.from_files(with_torch(other), origin="ART")
+    text = str(refusal.value)
+    assert text.startswith("ART/manifest.json:"), text
+    assert f"exported with torch {other}" in text and f"runs torch {torch.__version__}" in text
+    refused(with_torch("unknown"), "not a torch version")
+    Artifact.from_files(with_torch(f"{running}.99+other"))  # another patch release: loads
+
+    # Reserved indices in the artifact's schema other than mkt.encoding's: refused.
+    schema = json.loads(files["feature_schema.json"])
+    schema["reserved_indices"] = {"padding": 0, "missing": 2, "oov": 1}
+    data = json.dumps(schema).encode()
+    manifest = json.loads(files["manifest.json"])
+    manifest["files"]["feature_schema.json"]["sha256"] = hashlib.sha256(data).hexdigest()
+    changed = {**files, "feature_schema.json": data, "manifest.json": json.dumps(manifest).encode()}
+    refused(changed, r"feature_schema.json: reserved_indices .* differ from mkt.encoding's")
+
 
 def test_export_stamps_the_run_and_rejects_an_unfinished_one(
     trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -466,6 +516,14 @@ def test_export_stamps_the_run_and_rejects_an_unfinished_one(
     assert run["run_id"].startswith("run-7-")
     assert run["pipeline"] == "mkt" and [s["model"] for s in run["stages"]] == ["mem", "tem"]
     assert len(run["config_sha256"]) == 64 and len(run["schema_sha256"]) == 64
+    # The code's commit: HEAD of this checkout, or null outside a git checkout.
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    )
+    if (REPO / ".git").exists() and head.returncode == 0:
+        assert run["code_commit"] == head.stdout.strip() and len(run["code_commit"]) == 40
+    else:
+        assert run["code_commit"] is None
     # The same run gets the same stamp.
     config, metrics = read_run(trained.run_dir)
     links = final_chain(config, metrics, trained.run_dir)
@@ -479,6 +537,22 @@ def test_export_stamps_the_run_and_rejects_an_unfinished_one(
     (unfinished / "metrics.json").unlink()
     assert export_main(["--run", str(unfinished), "--output", str(tmp_path / "x")]) == 2
     assert "the run has not finished" in capsys.readouterr().err
+    # Samples whose schema's reserved indices differ from mkt.encoding's: not exported.
+    drifted = tmp_path / "drifted"
+    shutil.copytree(trained.run_dir, drifted)
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    schema = json.loads((Path(run["samples"]) / "feature_schema.json").read_text())
+    schema["reserved_indices"]["oov"] = 3
+    (samples / "feature_schema.json").write_text(json.dumps(schema))
+    config = (drifted / "config.yaml").read_text().replace(run["samples"], str(samples))
+    (drifted / "config.yaml").write_text(config)
+    assert export_main(["--run", str(drifted), "--output", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert f"{samples / 'feature_schema.json'}: reserved_indices" in err, err
+    assert "'oov': 3" in err and "'oov': 2" in err
+    with pytest.raises(EncodingContractError, match="no 'reserved_indices'"):
+        check_reserved_indices({}, "schema")
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,6 +580,46 @@ def run_score(argv: list[str]) -> tuple[int, dict | None, str]:
     return done.returncode, summary, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def test_a_batch_that_raises_is_scored_row_by_row(
+    built: Built, trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The score job's actor, called in-process: when scoring a batch raises anyway (past every
+    pre-check), its rows are scored one by one; a row that still fails is kept with the
+    exception as its error, like a rejected row, and the others are scored."""
+    from train.score import SCORING_FAILED, BatchScorer
+
+    schema = built.schema
+    rows = DeltaTable(str(built.out / "samples")).to_pyarrow_table(
+        filters=[("entity", "=", schema.target_entity), ("split", "=", "test")]
+    )
+    rows = rows.sort_by("line_no").slice(0, 6)
+    bad_row = rows.to_pylist()[4]
+    bad_row["age"] = None  # rejected by the row checks, as before
+    rows = pa.concat_tables([rows, pa.Table.from_pylist([bad_row], schema=rows.schema)])
+    scorer = BatchScorer(read_artifact_files(trained.artifact_dir), "samples", torch_threads=1)
+    expected = scorer.artifact.score_samples(rows)
+    planted = int(rows.column("line_no")[2].as_py())
+    score_samples = scorer.artifact.score_samples
+
+    def failing(batch: pa.Table):
+        if planted in batch.column("line_no").to_pylist():
+            raise RuntimeError(f"planted failure; line {planted}")
+        return score_samples(batch)
+
+    monkeypatch.setattr(scorer.artifact, "score_samples", failing)
+    out = scorer(rows).to_pandas()
+    assert out["line_no"].tolist() == rows.column("line_no").to_pylist()
+    assert out.loc[2, "error"] == f"{SCORING_FAILED}: RuntimeError: planted failure, line {planted}"
+    assert out.loc[6, "error"] == expected.errors[6] and "age: null" in expected.errors[6]
+    assert out.loc[[2, 6], "score"].isna().all()
+    ok = [0, 1, 3, 4, 5]
+    assert out.loc[ok, "error"].isna().all()
+    assert np.abs(out.loc[ok, "score"].to_numpy() - expected.scores[ok]).max() < 1e-6
+    # A batch that does not raise is scored whole, as before.
+    clean = rows.slice(3, 3)
+    assert scorer(clean).column("score").to_pylist() == score_samples(clean).scores.tolist()
+
+
 def _with_bad_samples(table: pa.Table, vocab_size: int, seq_len: int) -> pa.Table:
     """Three copies of target test rows, each broken in one way, at new line numbers."""
     rows = table.slice(0, 3).to_pylist()
@@ -529,7 +643,9 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     table = _with_bad_samples(test_rows, schema.feature("item_id").vocab_size, schema.seq_len)
     source = tmp_path / "to_score"
     write_deltalake(str(source), pa.concat_tables([table, other]), partition_by=["entity", "split"])
-    common = ["--artifact", str(trained.artifact_dir), "--workers", "1"]
+    # Two scoring actors of half a CPU each: as fast as one here (measured), and the batches
+    # are shared between actors as on a cluster.
+    common = ["--artifact", str(trained.artifact_dir), "--workers", "2"]
     common += ["--cpus-per-worker", "0.5", "--batch-size", "64"]
 
     out = tmp_path / "scores"

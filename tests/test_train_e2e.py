@@ -1,5 +1,6 @@
 """The whole pipeline: generator -> Spark samples (the session fixture) -> train/run.py with two
-Ray workers and both MKT stages -> predictions that trace back to raw lines."""
+Ray workers and both MKT stages -> predictions that trace back to raw lines -> train/export.py
+on that RUN_DIR -> a serving artifact that scores the test rows as the run's predictions."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ USERS = 1200
 LIKE_RATES = {VIDEO: 0.2, "article": 0.15}
 
 
-def test_generated_data_through_spark_and_both_stages(spark, tmp_path: Path) -> None:
+def test_generated_data_through_spark_and_both_stages(
+    spark, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     raw, out, run_dir = tmp_path / "raw", tmp_path / "out", tmp_path / "run"
     generate(raw, num_users=USERS, seed=3, config=GeneratorConfig(target_like_rate=LIKE_RATES))
     build_samples(spark, REPO / "conf" / "data" / "tenrec.yaml", raw, out)
@@ -108,3 +111,26 @@ def test_generated_data_through_spark_and_both_stages(spark, tmp_path: Path) -> 
     assert test["oracle"]["auc"] > test["model"]["auc"]  # the generator's truth ranks best
     assert 0 < test["model"]["gauc_coverage"] <= 1
     assert sum(g["rows"] for g in test["model"]["by_activity"].values()) == len(predictions)
+
+    # The run, exported by the export command, serves the same scores: the artifact on the
+    # target test rows of the samples table equals the run's `predictions`, row by row.
+    from mkt.serving import Artifact
+    from train.export import main as export_main
+
+    artifact_dir = tmp_path / "artifact"
+    capsys.readouterr()
+    assert export_main(["--run", str(run_dir), "--output", str(artifact_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    weights = printed["files"]["model/weights.safetensors"]
+    assert printed["total_bytes"] > weights >= 4 * printed["parameters"] > 0
+    artifact = Artifact.load(artifact_dir)
+    assert artifact.manifest["run"]["run_dir"] == str(run_dir.resolve())
+    rows = DeltaTable(str(out / "samples")).to_pyarrow_table(
+        filters=[("entity", "=", target), ("split", "=", "test")]
+    )
+    result = artifact.score_samples(rows)
+    assert result.errors == {}
+    served = rows.select(["entity", "line_no"]).to_pandas().assign(served=result.scores)
+    joined = predictions.merge(served, on=["entity", "line_no"], validate="one_to_one")
+    assert len(joined) == len(predictions) == rows.num_rows
+    assert np.abs(joined["served"] - joined["score"]).max() < 1e-5

@@ -6,10 +6,13 @@ Reads what train/run.py leaves in RUN_DIR: `config.yaml` (the pipeline, and the 
 directory under `invocation.samples`) and `metrics.json` (each stage's best checkpoint).
 It rebuilds the pipeline's final model from those checkpoints (TEM on its MEM for `mkt`),
 takes the vocabularies from the samples directory's `vocab` table, and writes the artifact
-with a stamp of the run: run id, config hash, checkpoints and their weights' hashes.
-Every checkpoint is checked against its manifest before it is loaded (train.checkpoints).
-Exit status 0 on success, 2 with one line `error: ...` when RUN_DIR or ARTIFACT_DIR is wrong or
-a checkpoint is damaged.
+with a stamp of the run: run id, config hash, checkpoints and their weights' hashes, and the
+git commit of this code (null outside a git checkout). The samples' feature_schema.json must
+hold the reserved indices mkt.encoding uses (`check_reserved_indices`). Every checkpoint is
+checked against its manifest before it is loaded (train.checkpoints). Prints the artifact's
+file sizes and its number of weights (parameters, buffers and constants, as stored).
+Exit status 0 on success, 2 with one line `error: ...` when RUN_DIR or ARTIFACT_DIR is wrong,
+a checkpoint is damaged or the schema's reserved indices differ.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ if __package__ in (None, ""):
 import argparse
 import hashlib
 import json
+import subprocess
 from typing import Any
 
 import yaml
 from deltalake import DeltaTable
 
+from mkt.encoding import EncodingContractError, check_reserved_indices
 from mkt.models import ConfigError
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError
@@ -37,6 +42,7 @@ from train.checkpoints import MODEL_FILE, CheckpointError, ModelLink, build_chai
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
+REPO = Path(__file__).resolve().parents[1]
 
 
 class RunError(ValueError):
@@ -93,6 +99,24 @@ def final_chain(config: dict[str, Any], metrics: dict[str, Any], run_dir: Path) 
     return links
 
 
+def code_commit(repo: Path = REPO) -> str | None:
+    """HEAD's commit of the git checkout holding this code; None when the code is not a git
+    checkout or git is unavailable. (Uncommitted changes are not recorded.)"""
+    if not (repo / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--verify", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit if head.returncode == 0 and commit else None
+
+
 def run_stamp(
     run_dir: Path, config: dict[str, Any], metrics: dict[str, Any], links: list[ModelLink]
 ) -> dict[str, Any]:
@@ -120,6 +144,7 @@ def run_stamp(
         "seed": config.get("seed"),
         "samples": samples,
         "schema_sha256": _sha256(Path(samples) / "feature_schema.json"),
+        "code_commit": code_commit(),
         "stages": stages,
         "test": {k: test.get(k) for k in ("rows", "auc", "gauc", "logloss")},
     }
@@ -131,6 +156,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     config, metrics = read_run(run_dir)
     samples = Path(config["invocation"]["samples"])
     schema = FeatureSchema.load(samples)
+    # The ETL's encoding constants must be serving's (mkt.encoding), else refuse to export.
+    schema_path = samples / "feature_schema.json"
+    check_reserved_indices(json.loads(schema_path.read_text()), str(schema_path))
     vocab_path = samples / "vocab"
     if not (vocab_path / "_delta_log").is_dir():
         raise RunError(f"{vocab_path}: not a Delta table (the samples of this run are gone?)")
@@ -148,7 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         manifest = export_run(args.run, args.output)
-    except (RunError, ConfigError, SchemaError, ArtifactError, ProgramError, CheckpointError) as e:
+    except (
+        RunError,
+        ConfigError,
+        SchemaError,
+        EncodingContractError,
+        ArtifactError,
+        ProgramError,
+        CheckpointError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sizes = {name: entry["bytes"] for name, entry in manifest["files"].items()}
@@ -158,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 "run": manifest["run"]["run_id"],
                 "files": sizes,
                 "total_bytes": manifest["total_bytes"],
+                "parameters": manifest["parameters"],
+                "parameter_bytes": manifest["parameter_bytes"],
             },
             indent=2,
         )

@@ -12,7 +12,10 @@ table has an `entity` column, other entities' rows are not read).
 The driver reads and checks the artifact once and hands its bytes to the workers, so they
 need no shared file system. A table the artifact cannot read (a column missing or of the
 wrong type) fails at once with exit status 2; a bad row is written with a null `score` and
-its reason in `error`, and counted in the summary the job prints. Without a cluster address
+its reason in `error`, and counted in the summary the job prints. Beyond those checks, a batch
+whose scoring raises anyway is scored again row by row: the rows that still fail are written
+like other bad rows, with `error` = `scoring failed: <exception type>: <message>`, and the
+batch's other rows are scored (one bad row never fails the job). Without a cluster address
 (`--ray-address` or RAY_ADDRESS) it starts a local Ray on 127.0.0.1. See docs/serving.md.
 """
 
@@ -26,16 +29,18 @@ if __package__ in (None, ""):
 
 import argparse
 import json
+import logging
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, read_artifact_files
+from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, ScoreResult, read_artifact_files
 from train.cluster import start_ray
 
 KINDS = ("samples", "raw")
@@ -43,6 +48,10 @@ ENTITY, LINE_NO, SPLIT = "entity", "line_no", "split"
 OUTPUT_SCHEMA = pa.schema(
     [(ENTITY, pa.string()), (LINE_NO, pa.int64()), ("score", pa.float64()), ("error", pa.string())]
 )
+
+
+log = logging.getLogger(__name__)
+SCORING_FAILED = "scoring failed"
 
 
 class ScoreInputError(ValueError):
@@ -59,11 +68,39 @@ class BatchScorer:
         self.artifact = Artifact.from_files(files)
         self.kind = kind
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def _score(self, batch: pa.Table) -> ScoreResult:
         if self.kind == "samples":
-            result = self.artifact.score_samples(batch)
-        else:
-            result = self.artifact.score(batch)
+            return self.artifact.score_samples(batch)
+        return self.artifact.score(batch)
+
+    def _score_rows(self, batch: pa.Table) -> ScoreResult:
+        """One row at a time: a row whose scoring raises gets the exception as its error."""
+        scores = np.full(batch.num_rows, np.nan)
+        errors: dict[int, str] = {}
+        for i in range(batch.num_rows):
+            try:
+                one = self._score(batch.slice(i, 1))
+            except Exception as e:  # any failure is the row's, kept and counted
+                # One line, no "; " (the summary splits reasons on it).
+                text = " ".join(str(e).split()).replace("; ", ", ")
+                errors[i] = f"{SCORING_FAILED}: {type(e).__name__}: {text}"
+                continue
+            scores[i] = one.scores[0]
+            if 0 in one.errors:
+                errors[i] = one.errors[0]
+        return ScoreResult(scores, errors)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            result = self._score(batch)
+        except Exception as e:  # never fail the batch: retry its rows alone
+            log.warning(
+                "scoring a batch of %d rows raised %s: %s; scoring its rows one by one",
+                batch.num_rows,
+                type(e).__name__,
+                e,
+            )
+            result = self._score_rows(batch)
         n = batch.num_rows
         errors = [result.errors.get(i) for i in range(n)]
         return pa.table(

@@ -10,7 +10,9 @@
                              sequences index them)
 
 Nothing in it is pickled; `Artifact.load` reads every file once, checks its sha256 against
-the manifest (and refuses files the manifest does not list), then parses the bytes it checked.
+the manifest (and refuses files the manifest does not list), checks that the running torch has
+the major.minor version the graph was exported with and that the schema's reserved indices are
+`mkt.encoding`'s, then parses the bytes it checked.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import safetensors.torch
 import torch
 
-from mkt.encoding import FeatureEncoder
+from mkt.encoding import EncodingContractError, FeatureEncoder
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving.graph import Interface, ProgramError, ServingGraph, export_program, load_program
 from mkt.serving.requests import PackedRows, RequestEncoder, check_sample_rows
@@ -61,6 +64,12 @@ class ScoreResult:
     @property
     def ok(self) -> np.ndarray:
         return ~np.isnan(self.scores)
+
+
+def torch_major_minor(version: str) -> str | None:
+    """Major.minor of a torch version ("2.13.0+cpu" -> "2.13"); None if it is not one."""
+    found = re.match(r"(\d+)\.(\d+)", str(version))
+    return f"{found.group(1)}.{found.group(2)}" if found else None
 
 
 def _sha256(data: bytes) -> str:
@@ -122,6 +131,7 @@ def export_artifact(
         raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
     graph = ServingGraph(model, schema)
     graph_json, weights = export_program(graph)
+    tensors = list(safetensors.torch.load(weights).values())
     files: dict[str, bytes] = {
         SCHEMA_FILE: (json.dumps(schema.to_dict(), indent=2) + "\n").encode(),
         GRAPH_FILE: graph_json,
@@ -138,6 +148,9 @@ def export_artifact(
         "output": f"like probability of a {schema.target_entity} row",
         "interface": graph.interface.to_dict(),
         "torch_version": torch.__version__,
+        # Every tensor in the weights file: elements and their bytes (the file adds a header).
+        "parameters": sum(t.numel() for t in tensors),
+        "parameter_bytes": sum(t.numel() * t.element_size() for t in tensors),
         "files": {
             name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()
         },
@@ -195,18 +208,11 @@ class Artifact:
     @classmethod
     def from_files(cls, files: Mapping[str, bytes], origin: str = "artifact") -> Artifact:
         manifest = _verified_manifest(files, origin)
+        _check_torch_version(manifest, origin)
         try:
-            schema = FeatureSchema.from_dict(
-                json.loads(files[SCHEMA_FILE]), origin=f"{origin}/{SCHEMA_FILE}"
-            )
-        except (json.JSONDecodeError, SchemaError) as e:
-            raise ArtifactError(f"{origin}/{SCHEMA_FILE}: {e}") from e
-        interface = Interface.for_schema(schema)
-        if manifest.get("interface") != interface.to_dict():
-            raise ArtifactError(
-                f"{origin}/{MANIFEST}: interface does not match {SCHEMA_FILE} "
-                f"(expected {interface.to_dict()})"
-            )
+            schema_json = json.loads(files[SCHEMA_FILE])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{origin}/{SCHEMA_FILE}: not valid JSON ({e})") from e
         vocab = [
             pq.read_table(pa.BufferReader(data))
             for name, data in sorted(files.items())
@@ -214,11 +220,23 @@ class Artifact:
         ]
         rows = pa.concat_tables(vocab) if vocab else pa.table({c: [] for c in VOCAB_COLUMNS})
         try:
-            encoder = FeatureEncoder.from_vocab_rows(
-                schema, *(rows.column(c).to_pylist() for c in VOCAB_COLUMNS)
+            # Checks the schema's reserved indices against mkt.encoding's, then parses it.
+            encoder = FeatureEncoder.from_schema_file(
+                schema_json,
+                {c: rows.column(c).to_pylist() for c in VOCAB_COLUMNS},
+                origin=f"{origin}/{SCHEMA_FILE}",
             )
+        except (EncodingContractError, SchemaError) as e:
+            raise ArtifactError(str(e)) from e
         except ValueError as e:
             raise ArtifactError(f"{origin}/{VOCAB_DIR}: {e}") from e
+        schema = encoder.schema
+        interface = Interface.for_schema(schema)
+        if manifest.get("interface") != interface.to_dict():
+            raise ArtifactError(
+                f"{origin}/{MANIFEST}: interface does not match {SCHEMA_FILE} "
+                f"(expected {interface.to_dict()})"
+            )
         try:
             program = load_program(files[GRAPH_FILE], files[WEIGHTS_FILE])
         except ProgramError as e:
@@ -249,6 +267,25 @@ class Artifact:
                 )
             scores[ok] = probability.double().numpy()
         return ScoreResult(scores, packed.errors)
+
+
+def _check_torch_version(manifest: Mapping[str, Any], origin: str) -> None:
+    """The graph is torch.export's serialisation, which only the torch release line that wrote
+    it is sure to read: refuse another major.minor with both versions named."""
+    recorded = manifest.get("torch_version")
+    running = torch_major_minor(torch.__version__)
+    if torch_major_minor(recorded) is None:
+        raise ArtifactError(
+            f"{origin}/{MANIFEST}: torch_version {recorded!r} is not a torch version; this "
+            f"process runs torch {torch.__version__}"
+        )
+    if torch_major_minor(recorded) != running:
+        raise ArtifactError(
+            f"{origin}/{MANIFEST}: exported with torch {recorded} (major.minor "
+            f"{torch_major_minor(recorded)}), but this process runs torch {torch.__version__} "
+            f"({running}); the {GRAPH_FILE} format is only read by the same torch major.minor: "
+            f"load it with torch {torch_major_minor(recorded)}.x or export the run again"
+        )
 
 
 def _verified_manifest(files: Mapping[str, bytes], origin: str) -> dict[str, Any]:
