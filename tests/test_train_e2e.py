@@ -62,6 +62,9 @@ def test_generated_data_through_spark_and_both_stages(
     mem, tem = metrics["stages"]
     assert mem["epochs_run"] >= 1 and tem["epochs_run"] >= 1
     assert metrics["num_workers"] == 2 and metrics["ray_nodes"] == ["127.0.0.1"]
+    # Results say which test histories they were scored with (docs/etl.md).
+    assert (metrics["history_mode"], metrics["seq_len"]) == ("frozen", 20)
+    assert "test histories `frozen`" in (run_dir / "summary.md").read_text()
     for name in ("config.yaml", "summary.md", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
     assert list((run_dir / "tensorboard" / "tem").glob("*/events.out.tfevents.*"))
