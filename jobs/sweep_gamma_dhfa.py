@@ -4,28 +4,63 @@
                                     [--docs docs/results] [key=value ...]
 
 Steps, each the project's own command, each skipped when its output is already there (so a
-rerun resumes): jobs/generate_tenrec.py (WORKDIR/raw), etl/build_samples.py (WORKDIR/samples),
-then train/tune.py with conf/tune/gamma_dhfa.yaml and the `key=value` overrides
-(WORKDIR/sweep; an interrupted sweep resumes). With --docs, the sweep's plot is copied there
-as sweep_gamma_dhfa.png (docs/RESULTS.md shows it; its table comes from WORKDIR/sweep/summary.md).
+rerun resumes): jobs/generate_tenrec.py (WORKDIR/raw), spark-submit etl/build_samples.py
+(WORKDIR/samples, as jobs/quickstart.py runs it), then train/tune.py with
+conf/tune/gamma_dhfa.yaml and the `key=value` overrides (WORKDIR/sweep; an interrupted sweep
+resumes, a finished one only rewrites its outputs). With --docs, the sweep's plot, summary.md
+and trials.csv are copied there as sweep_gamma_dhfa.png, sweep_gamma_dhfa_summary.md and
+sweep_gamma_dhfa_trials.csv (paths under the repository made relative to it): docs/RESULTS.md
+shows the plot, and its table is the data of those two files.
 """
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import os
+import shutil
+import subprocess
+
+from jobs.quickstart import build_samples_command
+
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "conf" / "tune" / "gamma_dhfa.yaml"
-DATA_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
+# SWEEP_DIR file -> its copy under --docs.
+DOCS_COPIES = {
+    "metric.png": "sweep_gamma_dhfa.png",
+    "summary.md": "sweep_gamma_dhfa_summary.md",
+    "trials.csv": "sweep_gamma_dhfa_trials.csv",
+}
 
 
 def step(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    env = {
+        **os.environ,
+        # Spark's Python workers must be this interpreter; every server binds to loopback.
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+    subprocess.run(command, cwd=REPO, env=env, check=True)
+
+
+def copy_to_docs(sweep: Path, docs: Path) -> None:
+    """The sweep's plot, summary and table under `docs`; the text files' absolute paths inside
+    this checkout made relative to it, so they read the same from any checkout."""
+    docs.mkdir(parents=True, exist_ok=True)
+    for name, copy in DOCS_COPIES.items():
+        if name.endswith(".png"):
+            shutil.copyfile(sweep / name, docs / copy)
+        else:
+            text = (sweep / name).read_text()
+            (docs / copy).write_text(text.replace(f"{REPO}/", ""))
+        print(f"copied {sweep / name} to {docs / copy}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="raw data, samples and the sweep")
     parser.add_argument("--users", type=int, default=8000, help="generated users")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
-    parser.add_argument("--docs", help="directory to copy the plot to")
+    parser.add_argument("--docs", help="directory to copy the plot, summary and table to")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="train/tune.py overrides")
     args = parser.parse_args(argv)
     work = Path(args.workdir).resolve()
@@ -53,18 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     if not (samples / "feature_schema.json").is_file():
-        step(
-            [
-                python,
-                "etl/build_samples.py",
-                "--config",
-                str(DATA_CONFIG),
-                "--input",
-                str(raw),
-                "--output",
-                str(samples),
-            ]
-        )
+        step(build_samples_command(raw, samples))
     step(
         [
             python,
@@ -79,10 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     if args.docs:
-        docs = Path(args.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(sweep / "metric.png", docs / "sweep_gamma_dhfa.png")
-        print(f"copied the plot to {docs / 'sweep_gamma_dhfa.png'}")
+        copy_to_docs(sweep, Path(args.docs))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""train/tune.py: the sweep config, the stage-1 cache key, and a real 2 x 2 sweep (generator ->
-Spark samples -> Ray Tune over both MKT stages) that is interrupted, resumed, and whose best
-config train/run.py accepts as that very run."""
+"""train/tune.py: the sweep config, the stage-1 cache key, the trial concurrency, and a real
+2 x 2 sweep (generator -> Spark samples -> Ray Tune over both MKT stages) that is interrupted,
+resumed, where ASHA stops the trials that cannot learn, and whose best config resolves to the
+best trial's run."""
 
 from __future__ import annotations
 
@@ -21,15 +22,19 @@ import yaml
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
 from mkt.pipelines import pipeline
-from train.config import ConfigError
+from train.config import ConfigError, dump, load_run_config
 from train.sweep import (
     BEST_CONFIG_FILE,
+    CONCURRENCY_FILE,
     STAGE1_DIR,
+    STAGE1_KEY_FILE,
     TABLE_FILE,
     TRIALS_DIR,
     _plain,
     stage1_key,
     stage1_material,
+    sweep_concurrency,
+    trial_concurrency,
 )
 from train.tune import INTERRUPTED, load_sweep_config, max_reports, trial_run_config
 
@@ -38,7 +43,7 @@ TUNE_PY = REPO / "train" / "tune.py"
 
 
 def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -70,6 +75,10 @@ def test_sweep_config_layers(tmp_path: Path) -> None:
     # The sweep's metric ranks every stage's checkpoints too.
     assert trial["train"]["early_stopping"]["metric"] == "auc"
     assert _plain(np.int64(16)) == 16 and type(_plain(np.int64(16))) is int
+    # Repeats are refused on a grid-only space (test_bad_sweep_configs_name_the_key), not where
+    # a distribution is sampled.
+    repeated = ["num_samples=3", "search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}"]
+    assert load_sweep_config(None, repeated)["num_samples"] == 3
 
 
 @pytest.mark.parametrize(
@@ -85,6 +94,7 @@ def test_sweep_config_layers(tmp_path: Path) -> None:
         (["metric=logloss"], "metric"),
         (["run.train.epochs=1", "scheduler.grace_period=4"], "scheduler.grace_period"),
         (["max_concurrent_trials=0"], "max_concurrent_trials"),
+        (["num_samples=2"], "num_samples: 2 repeats of a grid-only search space"),
     ],
 )
 def test_bad_sweep_configs_name_the_key(overrides: list[str], message: str) -> None:
@@ -125,6 +135,36 @@ def test_stage1_key_is_what_mem_depends_on() -> None:
     assert len({plain, *others}) == 1 + len(others)
 
 
+def test_trial_concurrency_follows_free_cores_and_is_kept_on_resume(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import ray
+
+    free = {"CPU": 4.0}  # the embedded Ray declares ray.num_cpus = 4 logical CPUs
+    monkeypatch.setattr(ray, "available_resources", lambda: dict(free))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(free))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    default = load_sweep_config()
+    # Embedded: the real cores, not the declared CPUs, over a trial's 1 worker x 1 thread.
+    assert trial_concurrency(default) == 2
+    assert trial_concurrency(load_sweep_config(None, ["run.scaling.num_workers=2"])) == 1
+    assert trial_concurrency(load_sweep_config(None, ["run.scaling.torch_threads=4"])) == 1
+    assert trial_concurrency(load_sweep_config(None, ["max_concurrent_trials=3"])) == 3
+    assert sweep_concurrency(default, tmp_path, resuming=False) == 2
+    assert json.loads((tmp_path / CONCURRENCY_FILE).read_text()) == {"max_concurrent_trials": 2}
+
+    # A 16-CPU cluster (joined through RAY_ADDRESS): its free CPUs, not this machine's cores.
+    free.update(CPU=16.0)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert trial_concurrency(default) == 16
+    assert trial_concurrency(load_sweep_config(None, ["run.scaling.num_workers=2"])) == 8
+    free.update(GPU=3.0)  # use_gpu auto: at most free GPUs // workers per trial
+    assert trial_concurrency(default) == 3
+    # A resumed sweep reports what it started with (Tuner.restore keeps that), not today's.
+    assert sweep_concurrency(default, tmp_path, resuming=True) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # A real sweep
 
@@ -143,11 +183,28 @@ def read_table(sweep_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+# The tiny sweep's grid, in Tune's trial order (the first key varies fastest).
+GOOD_LR, BAD_LR = 0.05, 1.0e-6
+TABLE_HEADER = (
+    "| trial | params.tem.dropout | train.lr | status | reports | stage 1 | epochs run "
+    "| valid GAUC (selects) | valid AUC |"
+)
+
+
 @pytest.fixture(scope="module")
 def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 2 x 2 sweep, γ x a TEM-only parameter (so each MEM can serve two trials), one epoch per
-    stage, interrupted by its fault drill once the first trial has ended, then resumed by
-    rerunning the same command."""
+    """A 2 x 2 sweep, TEM dropout x learning rate (dropout touches TEM only, so each lr's MEM
+    serves two trials), one epoch per stage, one trial at a time, interrupted by its fault drill
+    once the first trial has ended, then resumed by rerunning the same command.
+
+    ASHA stops the lr = 1e-6 trials. With 3 reports per trial (MEM epoch, TEM epoch, score),
+    grace period 1 and reduction factor 4 give a single rung, at report 1: the MEM's epoch.
+    The two lr = 0.05 trials run first (trial order) and share one MEM, so they tie there (a
+    tie is not below the cutoff) and both finish; an lr = 1e-6 MEM barely leaves its
+    initialisation (validation GAUC about 0.46 against 0.70), so the first lr = 1e-6 trial is
+    stopped after its MEM epoch, the second at once on that cached epoch's replayed report.
+    Tune does not save ASHA's rungs: after the resume they start empty, and the unfinished
+    lr = 0.05 trial, run first, is recorded first again."""
     root = tmp_path_factory.mktemp("sweep")
     raw, samples, sweep_dir = root / "raw", root / "samples", root / "sweep"
     # Few users: like rates raised (a documented generator knob) for two-class validation users.
@@ -158,13 +215,12 @@ def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
         root / "tiny.yaml",
         {
             "search_space": {
-                "params.mem.gamma": {"grid": [0, 0.01]},
                 "params.tem.dropout": {"grid": [0.0, 0.2]},
+                "train.lr": {"grid": [GOOD_LR, BAD_LR]},
             },
             "run": {"train": {"epochs": 1, "batch_size": 256}},
-            # ASHA on, deciding only at a trial's last report: every trial ends its pipeline,
-            # whatever order the trials report in.
-            "scheduler": {"grace_period": 3},
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 4},
+            "max_concurrent_trials": 1,
             "fault": {"interrupt_after_trials": 1},
         },
     )
@@ -190,62 +246,94 @@ def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep: dict) -> None:
+def test_interrupted_sweep_resumes_and_asha_stops_weak_trials(sweep: dict) -> None:
     first, second = sweep["first"], sweep["second"]
     assert first.returncode == INTERRUPTED, first.stdout[-4000:] + first.stderr[-4000:]
     assert "rerun the same command to resume" in first.stderr
-    assert sweep["stamps"], "no trial had finished when the drill interrupted the sweep"
-    assert len(sweep["stamps"]) < 4, "every trial had finished: the resume has nothing to do"
+    assert len(sweep["stamps"]) == 1, "not exactly one trial had finished at the interrupt"
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    assert "resuming" in second.stdout
+    assert "resuming" in second.stdout and "1 trial(s) at a time, as first started" in second.stdout
     rows = read_table(sweep["dir"])
-    assert sorted(r["status"] for r in rows) == ["finished"] * 4
+    status = {(r["params.tem.dropout"], r["train.lr"]): r["status"] for r in rows}
+    good, bad = str(GOOD_LR), str(BAD_LR)
+    assert status == {
+        ("0.0", good): "finished",
+        ("0.2", good): "finished",
+        ("0.0", bad): "stopped",
+        ("0.2", bad): "stopped",
+    }
+    # Stopped at ASHA's rung, their first report (the MEM epoch): no TEM, no evaluation.
+    for r in rows:
+        if r["status"] == "stopped":
+            assert r["reports"] == "1" and float(r["last_score"]) < 0.6
+            assert not (sweep["dir"] / TRIALS_DIR / r["trial"] / "metrics.json").exists()
+            assert f"{r['trial']} stopped by the scheduler" in second.stdout  # progress line
     # Finished trials kept their results: their run was not repeated (not even evaluated).
     for trial, stamp in sweep["stamps"].items():
         assert (sweep["dir"] / TRIALS_DIR / trial / "metrics.json").stat().st_mtime_ns == stamp
-    assert "[sweep] 4/4 ended (4 finished)" in second.stdout  # progress lines
+    assert "[sweep] 4/4 ended (2 finished)" in second.stdout  # progress lines
 
 
 @pytest.mark.slow
-def test_sweep_table_shared_mem_and_best_config_runs(sweep: dict) -> None:
+def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
     sweep_dir = sweep["dir"]
     rows = read_table(sweep_dir)
     assert len(rows) == 4
-    assert {(r["params.mem.gamma"], r["params.tem.dropout"]) for r in rows} == {
-        ("0", "0.0"),
-        ("0", "0.2"),
-        ("0.01", "0.0"),
-        ("0.01", "0.2"),
-    }
-    # One MEM per γ, shared by the two trials of that γ: at least one of them took it from the
-    # cache, and each trial's MEM checkpoints are the cache entry of its γ.
-    entries = {r["params.mem.gamma"]: set() for r in rows}
-    for r in rows:
-        mem = (sweep_dir / TRIALS_DIR / r["trial"] / "checkpoints" / "mem").resolve()
-        assert mem.parent.parent.parent == sweep_dir / STAGE1_DIR
-        entries[r["params.mem.gamma"]].add(mem)
-    assert all(len(paths) == 1 for paths in entries.values())
-    assert len(set.union(*entries.values())) == 2
-    for gamma in entries:
-        assert "cached" in {r["stage1"] for r in rows if r["params.mem.gamma"] == gamma}
+    done = [r for r in rows if r["status"] == "finished"]
+    assert {r["train.lr"] for r in done} == {str(GOOD_LR)}
+    # One MEM per lr: the two finished trials share the lr = 0.05 one (trained by one, taken
+    # from the cache by the other); the stopped trials' lr = 1e-6 MEM is the second entry.
+    assert len(list((sweep_dir / STAGE1_DIR).glob(f"*/{STAGE1_KEY_FILE}"))) == 2
+    mems = {(sweep_dir / TRIALS_DIR / r["trial"] / "checkpoints" / "mem").resolve() for r in done}
+    assert len(mems) == 1 and next(iter(mems)).parent.parent.parent == sweep_dir / STAGE1_DIR
+    assert sorted(r["stage1"] for r in done) == ["cached", "trained"]
 
-    # Rows come best first; the best config is the first row's, chosen on validation GAUC.
-    scores = [float(r["valid_gauc"]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
+    # Rows come best first, finished ones before stopped ones; the best config is the first
+    # row's, chosen on validation GAUC.
+    assert [r["status"] for r in rows] == ["finished", "finished", "stopped", "stopped"]
+    assert float(rows[0]["valid_gauc"]) >= float(rows[1]["valid_gauc"])
     best = rows[0]
     best_config = yaml.safe_load((sweep_dir / BEST_CONFIG_FILE).read_text())
-    assert best_config["params"]["mem"]["gamma"] == float(best["params.mem.gamma"])
+    assert best_config["train"]["lr"] == GOOD_LR
     assert best_config["params"]["tem"]["dropout"] == float(best["params.tem.dropout"])
+    assert json.loads((sweep_dir / CONCURRENCY_FILE).read_text()) == {"max_concurrent_trials": 1}
     summary = (sweep_dir / "summary.md").read_text()
+    assert "- trials: 2 finished, 2 stopped early by the scheduler (asha), 0 failed\n" in summary
+    assert "- 1 trial(s) at a time;" in summary
     assert "chosen on target validation GAUC" in summary
     assert "not used to choose it" in summary  # test metrics, apart from the choice
     assert (sweep_dir / "metric.png").read_bytes()[:4] == b"\x89PNG"
 
-    # train/run.py takes the best config and recognises it as exactly the best trial's run:
-    # same resolved config (else it refuses the RUN_DIR), both stages already trained.
-    run_dir = sweep_dir / TRIALS_DIR / best["trial"]
-    before = json.loads((run_dir / "metrics.json").read_text())
-    done = run_tune(
+    # summary.md's table: the header, then one row per trial, in trials.csv's order.
+    lines = summary.splitlines()
+    top = lines.index("## All trials, best validation GAUC first") + 2
+    assert lines[top] == TABLE_HEADER
+    assert lines[top + 1] == "|" + "---|" * 9
+    body = lines[top + 2 : top + 2 + len(rows)]
+    assert lines[top + 2 + len(rows)] == ""
+    for line, r in zip(body, rows, strict=True):
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        assert cells[:3] == [r["trial"], r["params.tem.dropout"], r["train.lr"]]
+        assert cells[3].startswith(r["status"]) and cells[4:6] == [r["reports"], r["stage1"]]
+        if r["status"] == "finished":
+            assert cells[6] == "mem 1, tem 1"
+            assert cells[7:] == [f"{float(r[k]):.4f}" for k in ("valid_gauc", "valid_auc")]
+        else:
+            assert cells[3] == f"stopped (last report {float(r['last_score']):.4f})"
+            assert cells[6:] == ["", "n/a", "n/a"]
+
+    # best_config.yaml alone determines the run: train/run.py's loader resolves it to the
+    # best trial's resolved config.yaml (what train/run.py compares before it reuses a RUN_DIR)...
+    best_dir = sweep_dir / TRIALS_DIR / best["trial"]
+    trial_config = (best_dir / "config.yaml").read_text()
+    invocation = {"samples": str(sweep["samples"].resolve()), "oracle": None}
+    assert yaml.safe_load(trial_config)["invocation"] == invocation
+    assert dump({"invocation": invocation, **load_run_config(sweep_dir / BEST_CONFIG_FILE)}) == (
+        trial_config
+    )
+    # ... and train/run.py trains it, both stages, into a new RUN_DIR.
+    run_dir = sweep["dir"].parent / "best_run"
+    done_run = run_tune(
         [
             str(REPO / "train" / "run.py"),
             "--samples",
@@ -256,8 +344,10 @@ def test_sweep_table_shared_mem_and_best_config_runs(sweep: dict) -> None:
             str(sweep_dir / BEST_CONFIG_FILE),
         ]
     )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "[mem] already trained" in done.stdout and "[tem] already trained" in done.stdout
-    after = json.loads((run_dir / "metrics.json").read_text())
-    assert after["stages"] == before["stages"]
-    assert after["test"]["model"]["rows"] == before["test"]["model"]["rows"]
+    assert done_run.returncode == 0, done_run.stdout[-4000:] + done_run.stderr[-4000:]
+    assert "already trained" not in done_run.stdout
+    assert (run_dir / "config.yaml").read_text() == trial_config
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    trial_metrics = json.loads((best_dir / "metrics.json").read_text())
+    assert [(s["name"], s["epochs_run"]) for s in metrics["stages"]] == [("mem", 1), ("tem", 1)]
+    assert metrics["test"]["model"]["rows"] == trial_metrics["test"]["model"]["rows"]

@@ -65,6 +65,8 @@ STAGE1_KEY_FILE = "key.json"  # what a cache entry's key hashes, for people
 TABLE_FILE = "trials.csv"
 BEST_CONFIG_FILE = "best_config.yaml"
 PLOT_FILE = "metric.png"
+# Trials at once, as the sweep first started (Tuner.restore keeps that number on a resume).
+CONCURRENCY_FILE = "concurrency.json"
 # Key of a trial's last report, present once its whole pipeline finished and was evaluated.
 DONE = "pipeline_done"
 INTERRUPT_MARKER = ".interrupt-drill"
@@ -250,6 +252,21 @@ def trial_concurrency(sweep: Mapping[str, Any]) -> int:
     return max(1, trials)
 
 
+def sweep_concurrency(sweep: Mapping[str, Any], output: Path, resuming: bool) -> int:
+    """The trials at once this sweep runs: on a first start `trial_concurrency`, stored in
+    SWEEP_DIR; on a resume the stored number, since Tuner.restore keeps the Tuner's first
+    `max_concurrent_trials` whatever the cluster has free now."""
+    path = output / CONCURRENCY_FILE
+    if resuming and path.is_file():
+        return int(json.loads(path.read_text())["max_concurrent_trials"])
+    # Resuming without the file (a sweep started before it existed): today's number, a guess
+    # of what was used, and not stored as if it were.
+    concurrency = trial_concurrency(sweep)
+    if not resuming:
+        path.write_text(json.dumps({"max_concurrent_trials": concurrency}) + "\n")
+    return concurrency
+
+
 def make_scheduler(sweep: Mapping[str, Any]) -> TrialScheduler:
     opts = sweep["scheduler"]
     if opts["name"] == "fifo":
@@ -350,10 +367,15 @@ def run_sweep(
     trainable = tune.with_resources(
         tune.with_parameters(pipeline_trial, context=context), TRIAL_RESOURCES
     )
-    concurrency = trial_concurrency(sweep)
+    resuming = tune.Tuner.can_restore(str(experiment))
+    concurrency = sweep_concurrency(sweep, output, resuming)
     keys = list(sweep["search_space"])
-    if tune.Tuner.can_restore(str(experiment)):
-        print(f"[sweep] resuming {experiment}: finished trials are kept", flush=True)
+    if resuming:
+        print(
+            f"[sweep] resuming {experiment}: finished trials are kept; {concurrency} trial(s) "
+            "at a time, as first started",
+            flush=True,
+        )
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
         callbacks = [*tracking_callbacks(sweep["run"], "sweep")]

@@ -129,6 +129,12 @@ def check_sweep(sweep: Mapping[str, Any]) -> None:
                 check_stage_params(trial_run_config(sweep["run"], {key: value}, sweep["metric"]))
             except ValueError as e:  # the run config's ConfigError, or a model's
                 raise ConfigError(f"search_space.{key} = {value!r}: {e}") from e
+    if sweep["num_samples"] > 1 and all("grid" in spec for spec in sweep["search_space"].values()):
+        raise ConfigError(
+            f"num_samples: {sweep['num_samples']} repeats of a grid-only search space would be "
+            "the same runs (same seed, one shared stage 1); sweep the seed in the grid instead "
+            "(search_space seed: {grid: [0, 1, 2]}), or sample a distribution"
+        )
     if scheduler["grace_period"] > max_reports(sweep):
         raise ConfigError(
             f"scheduler.grace_period: {scheduler['grace_period']} is more than the "
