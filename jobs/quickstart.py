@@ -140,7 +140,7 @@ def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[
     keys = ["entity", "line_no"]
     users = (
         DeltaTable(str(samples / "samples"))
-        .to_pyarrow_table(columns=[*keys, "user_key"], partitions=[("split", "=", "test")])
+        .to_pyarrow_table(columns=[*keys, "user_key"], filters=[("split", "=", "test")])
         .to_pandas()
     )
     scored = users
