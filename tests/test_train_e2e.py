@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 import torch
 from deltalake import DeltaTable
 from safetensors.torch import load_file
+from tensorboardX.proto.event_pb2 import Event
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
@@ -28,6 +31,19 @@ pytestmark = pytest.mark.slow
 # positives in the test split for "well above chance" to be a stable assertion.
 USERS = 1200
 LIKE_RATES = {VIDEO: 0.2, "article": 0.15}
+
+
+def tensorboard_scalars(path: Path) -> dict[str, list[float]]:
+    """Scalars of a TensorBoard event file by tag, in step order: TFRecords (length, its CRC,
+    the serialized Event, its CRC) read with tensorboardX's Event message."""
+    data, at, scalars = path.read_bytes(), 0, {}
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        event = Event.FromString(data[at + 12 : at + 12 + length])
+        at += 12 + length + 4
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
 
 
 def test_generated_data_through_spark_and_both_stages(
@@ -67,7 +83,18 @@ def test_generated_data_through_spark_and_both_stages(
     assert "test histories `frozen`" in (run_dir / "summary.md").read_text()
     for name in ("config.yaml", "summary.md", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
-    assert list((run_dir / "tensorboard" / "tem").glob("*/events.out.tfevents.*"))
+    # Progress while it runs: one line per epoch with rows, rows/s, loss and validation metric.
+    output = done.stdout + done.stderr
+    for stage in ("mem", "tem"):
+        assert re.search(
+            rf"\[{stage}\] epoch 1/2: \d+ rows, [\d,]+ rows/s, loss [\d.]+, valid auc [\d.]+",
+            output,
+        ), stage
+    # TensorBoard (through Ray's logger callback) holds each epoch's validation AUC.
+    events = list((run_dir / "tensorboard" / "tem").glob("*/events.out.tfevents.*"))
+    assert len(events) == 1
+    logged = tensorboard_scalars(events[0])["ray/tune/valid_auc"]
+    assert logged == pytest.approx([h["valid_auc"] for h in tem["history"]], abs=1e-6)
 
     # Stage 2 ran on the stage-1 MEM from its best checkpoint, and left it untouched: every MEM
     # tensor TEM holds (its `knowledge.` part, the target path only) equals the checkpoint's.
