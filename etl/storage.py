@@ -83,9 +83,10 @@ class WriterError(RuntimeError):
 
 def resolve_writer(spark: SparkSession, writer: Writer) -> Literal["spark", "rs"]:
     """`auto` picks delta-spark when its classes load in this session and its SQL extension is
-    configured (the state `--packages io.delta:...` plus the two `--conf`s of docs/etl.md
-    give), else delta-rs: jars on the classpath without the extension are a half-set-up
-    cluster, and delta-rs writes the same table format."""
+    configured (what `--packages io.delta:...` plus `--conf spark.sql.extensions=...` give;
+    the catalog setting is not needed for writes by path), else delta-rs: jars on the
+    classpath without the extension are a half-set-up cluster, and delta-rs writes the same
+    table format."""
     loadable = bool(
         spark.sparkContext._jvm.org.apache.spark.util.Utils.classIsLoadable(DELTA_SPARK_CLASS)
     )

@@ -319,8 +319,9 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
         cmd += ["--conf", f"{key}={value}"]
     cmd += [str(REPO / "etl" / "build_samples.py"), "--config", str(CONFIG)]
     cmd += ["--input", str(raw), "--output", str(out)]
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
-    result = _run_measured(cmd, out.parent / f"{out.name}.log", env)
+    from jobs.quickstart import spark_env
+
+    result = _run_measured(cmd, out.parent / f"{out.name}.log", spark_env())
     summary = json.loads((out / "etl_summary.json").read_text())
     result["job_wall_s"] = summary["wall_s"]
     result["samples"] = sum(e["samples"] for e in summary["entities"].values())

@@ -81,6 +81,23 @@ def spark_submit() -> str:
     return found
 
 
+def spark_env() -> dict[str, str]:
+    """This process's environment for a child that runs Spark: Spark's Python workers must be
+    this interpreter, and every server binds to loopback."""
+    return {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+
+
+def run_echoed(command: list[str]) -> None:
+    """Print a command, then run it from the repository root with spark_env(); fail if it does."""
+    print("$ " + " ".join(command), flush=True)
+    subprocess.run(command, cwd=REPO, env=spark_env(), check=True)
+
+
 def build_samples_command(raw: Path, samples: Path) -> list[str]:
     """The Spark job that turns the generated raw files into samples, on local[2]."""
     return [
@@ -152,6 +169,13 @@ def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[
             predictions.to_pandas().rename(columns={"score": model, "label": f"label_{model}"}),
             on=keys,
         )
+        # Every prediction must find its sample, or the bootstrap would use fewer rows than
+        # the table above it.
+        if len(scored) != predictions.num_rows:
+            raise RuntimeError(
+                f"{model}: {predictions.num_rows} predictions but {len(scored)} matched on "
+                "(entity, line_no) with the other run and the samples' test rows"
+            )
     if not (scored["label_mkt"] == scored["label_tem_only"]).all() or scored.empty:
         raise RuntimeError("the two runs' predictions do not cover the same labelled test rows")
     return paired_bootstrap(
@@ -177,14 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         shutil.rmtree(path, ignore_errors=True)
     log_dir = runs_dir / "logs"
     log_dir.mkdir(parents=True)
-    env = {
-        **os.environ,
-        # Spark's Python workers must be this interpreter; every server binds to loopback.
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    }
+    env = {**spark_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)  # the quick start always uses an embedded local Ray
     started = time.monotonic()
     py = sys.executable

@@ -35,8 +35,6 @@ import argparse
 import csv
 import json
 import math
-import os
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -512,25 +510,13 @@ def run_all(
 # Data
 
 
-def step(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    env = {
-        **os.environ,
-        # Spark's Python workers must be this interpreter; every server binds to loopback.
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-    }
-    subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
-
-
 def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> Path:
     """Generated raw data and its samples under data_dir, each made only if missing."""
-    from jobs.quickstart import build_samples_command
+    from jobs.quickstart import build_samples_command, run_echoed
 
     raw, samples = data_dir / "raw", data_dir / "samples"
     if not (raw / "oracle.parquet").is_file():
-        step(
+        run_echoed(
             [
                 sys.executable,
                 "jobs/generate_tenrec.py",
@@ -544,7 +530,7 @@ def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> 
             ]
         )
     if not (samples / "feature_schema.json").is_file():
-        step(build_samples_command(raw, samples))
+        run_echoed(build_samples_command(raw, samples))
     return samples
 
 

@@ -22,11 +22,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import os
 import shutil
-import subprocess
 
-from jobs.quickstart import build_samples_command
+from jobs.quickstart import build_samples_command, run_echoed
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "conf" / "tune" / "gamma_dhfa.yaml"
@@ -36,18 +34,6 @@ DOCS_COPIES = {
     "summary.md": "sweep_gamma_dhfa_summary.md",
     "trials.csv": "sweep_gamma_dhfa_trials.csv",
 }
-
-
-def step(command: list[str]) -> None:
-    print("$ " + " ".join(command), flush=True)
-    env = {
-        **os.environ,
-        # Spark's Python workers must be this interpreter; every server binds to loopback.
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-    }
-    subprocess.run(command, cwd=REPO, env=env, check=True)
 
 
 def copy_to_docs(sweep: Path, docs: Path) -> None:
@@ -75,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     raw, samples, sweep = work / "raw", work / "samples", work / "sweep"
     python = sys.executable
     if not (raw / "oracle.parquet").is_file():
-        step(
+        run_echoed(
             [
                 python,
                 "jobs/generate_tenrec.py",
@@ -88,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     if not (samples / "feature_schema.json").is_file():
-        step(build_samples_command(raw, samples))
-    step(
+        run_echoed(build_samples_command(raw, samples))
+    run_echoed(
         [
             python,
             "train/tune.py",

@@ -230,27 +230,35 @@ def paired_bootstrap(
     (users) with replacement: a user's rows move together, since they are not independent.
     Both models are scored on the same drawn rows (paired), so what they share cancels.
 
-    Resample r draws its groups as `default_rng(seed).integers(0, G, (resamples, G))[r]`
-    (G distinct groups, in np.unique order); a group drawn k times counts its rows k times.
-    Returns, per metric, the observed difference, the per-resample differences, their
-    standard deviation (the standard error of the difference), the central 95% interval and
-    the share of resamples in which a is better.
+    With G distinct groups (in np.unique order), resample r draws `rng.integers(0, G, G)`, one
+    resample after another from `rng = default_rng(seed)`; a group drawn k times counts its
+    rows k times. Returns, per metric, the observed difference, the per-resample differences,
+    their standard deviation (the standard error of the difference), the central 95%
+    interval and the share of resamples in which a is better. A resample without both
+    classes (AUC) or without a user who has both (GAUC) has no difference (NaN); the
+    statistics leave it out and `undefined` counts it.
     """
     labels, scores_a, scores_b = np.asarray(labels), np.asarray(scores_a), np.asarray(scores_b)
     _check(labels, scores_a, "scores_a")
     _check(labels, scores_b, "scores_b")
-    _, codes = np.unique(np.asarray(groups), return_inverse=True)
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape or not len(labels):
+        raise ValueError(f"groups {groups.shape} and labels {labels.shape}: equal and non-empty")
+    _, codes = np.unique(groups, return_inverse=True)
     codes = codes.reshape(-1).astype(np.int64)
     n_groups = int(codes.max()) + 1
-    drawn = np.random.default_rng(seed).integers(0, n_groups, (resamples, n_groups))
+    rng = np.random.default_rng(seed)
     y = (labels == 1).astype(np.float64)
 
     def weighted_auc(score_rank: np.ndarray, n_ranks: int, w: np.ndarray) -> float:
         # Rows weighted by how often their group was drawn; ties count half.
         pos = np.bincount(score_rank, weights=w * y, minlength=n_ranks)
         neg = np.bincount(score_rank, weights=w * (1.0 - y), minlength=n_ranks)
+        pairs = pos.sum() * neg.sum()
+        if pairs == 0:
+            return float("nan")
         below = np.cumsum(neg) - neg
-        return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+        return float((pos * (below + 0.5 * neg)).sum() / pairs)
 
     per_model = []
     for scores in (scores_a, scores_b):
@@ -262,15 +270,18 @@ def paired_bootstrap(
     covered = ~np.isnan(per_model[0][2])  # labels decide it, the same for both models
     differences = {"auc": np.empty(resamples), "gauc": np.empty(resamples)}
     for r in range(resamples):
-        times = np.bincount(drawn[r], minlength=n_groups).astype(np.float64)
+        # Drawn per resample: a (resamples, G) matrix would not fit for millions of users.
+        drawn = rng.integers(0, n_groups, n_groups)
+        times = np.bincount(drawn, minlength=n_groups).astype(np.float64)
         w = times[codes]
         values = []
         for rank, n_ranks, per_group, rows in per_model:
             weight = (times * rows)[covered]
+            total = weight.sum()
             values.append(
                 (
                     weighted_auc(rank, n_ranks, w),
-                    float((weight * per_group[covered]).sum() / weight.sum()),
+                    float((weight * per_group[covered]).sum() / total) if total else float("nan"),
                 )
             )
         differences["auc"][r] = values[0][0] - values[1][0]
@@ -279,12 +290,26 @@ def paired_bootstrap(
         "auc": auc(labels, scores_a) - auc(labels, scores_b),
         "gauc": gauc(labels, scores_a, groups)[0] - gauc(labels, scores_b, groups)[0],
     }
+
+    def spread(d: np.ndarray) -> dict[str, Any]:
+        defined = d[~np.isnan(d)]
+        if len(defined) < 2:
+            nan = float("nan")
+            return {"standard_error": nan, "interval_95": (nan, nan), "a_better_share": nan}
+        return {
+            "standard_error": float(defined.std(ddof=1)),
+            "interval_95": (
+                float(np.quantile(defined, 0.025)),
+                float(np.quantile(defined, 0.975)),
+            ),
+            "a_better_share": float((defined > 0).mean()),
+        }
+
     return {
         metric: {
             "difference": observed[metric],
-            "standard_error": float(d.std(ddof=1)),
-            "interval_95": (float(np.quantile(d, 0.025)), float(np.quantile(d, 0.975))),
-            "a_better_share": float((d > 0).mean()),
+            **spread(d),
+            "undefined": int(np.isnan(d).sum()),
             "resampled": d,
         }
         for metric, d in differences.items()

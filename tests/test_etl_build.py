@@ -695,13 +695,15 @@ def test_missing_file_fails_before_writing(
         build_samples(spark, TENREC_CONFIG, raw, out)
     assert not out.exists()
     # Over an existing output, too, nothing is touched: same table versions, same schema file.
-    schema_before = (built.out / "feature_schema.json").read_text()
-    versions = {t: DeltaTable(str(built.out / t)).version() for t in ("samples", "vocab")}
+    # (A copy: a regression here must not damage the output the other tests read.)
+    existing = shutil.copytree(built.out, tmp_path / "existing")
+    schema_before = (existing / "feature_schema.json").read_text()
+    versions = {t: DeltaTable(str(existing / t)).version() for t in ("samples", "vocab")}
     with pytest.raises(InputError, match="raw file not found"):
-        build_samples(spark, TENREC_CONFIG, raw, built.out)
-    assert (built.out / "feature_schema.json").read_text() == schema_before
-    assert {t: DeltaTable(str(built.out / t)).version() for t in versions} == versions
-    assert not list(built.out.glob("_staging-*"))
+        build_samples(spark, TENREC_CONFIG, raw, existing)
+    assert (existing / "feature_schema.json").read_text() == schema_before
+    assert {t: DeltaTable(str(existing / t)).version() for t in versions} == versions
+    assert not list(existing.glob("_staging-*"))
 
 
 def test_missing_column_fails_at_once_from_spark_submit(

@@ -141,7 +141,8 @@ def test_paired_bootstrap_equals_rescoring_physically_resampled_users() -> None:
     b = np.round(rng.random(n), 2)
     result = paired_bootstrap(labels, a, b, groups, resamples=5, seed=11)
     ids = np.unique(groups)
-    drawn = np.random.default_rng(11).integers(0, len(ids), (5, len(ids)))
+    rng = np.random.default_rng(11)
+    drawn = [rng.integers(0, len(ids), len(ids)) for _ in range(5)]
     for r in range(5):
         rows = np.concatenate([np.flatnonzero(groups == ids[g]) for g in drawn[r]])
         y = labels[rows]
@@ -152,7 +153,21 @@ def test_paired_bootstrap_equals_rescoring_physically_resampled_users() -> None:
         want = naive_gauc(y, a[rows], copies)[0] - naive_gauc(y, b[rows], copies)[0]
         assert result["gauc"]["resampled"][r] == pytest.approx(want, abs=1e-12)
     assert result["auc"]["difference"] == pytest.approx(auc(labels, a) - auc(labels, b))
-    assert result["groups"] == users
+    assert result["groups"] == users and result["auc"]["undefined"] == 0
+
+
+def test_paired_bootstrap_leaves_out_resamples_without_a_difference() -> None:
+    """Two users, one holding the only positive: every resample that misses that user has no
+    AUC; those are counted as undefined and left out of the statistics, not NaN-poisoned."""
+    labels = np.array([1, 0, 0, 0])
+    groups = np.array([7, 7, 9, 9])
+    a, b = np.array([0.9, 0.1, 0.2, 0.3]), np.array([0.1, 0.9, 0.2, 0.3])
+    result = paired_bootstrap(labels, a, b, groups, resamples=50, seed=1)
+    undefined = result["auc"]["undefined"]
+    assert 0 < undefined < 50 and np.isnan(result["auc"]["resampled"]).sum() == undefined
+    assert result["auc"]["a_better_share"] == 1.0 and np.isfinite(result["auc"]["standard_error"])
+    with pytest.raises(ValueError, match="groups"):
+        paired_bootstrap(labels, a, b, groups[:3])
 
 
 def test_paired_bootstrap_separates_a_real_gain_from_none() -> None:

@@ -430,8 +430,8 @@ def test_artifact_holds_no_source_entity_parameters(trained: Trained, built: Bui
     stored += [*trained.artifact.program.constants.values()]
     assert all(t.dtype == torch.float32 for t in stored), {t.dtype for t in stored}
     numel = sum(t.numel() for t in stored)
-    assert manifest["parameters"] == numel
-    assert manifest["parameter_bytes"] == 4 * numel
+    assert manifest["tensor_elements"] == numel
+    assert manifest["tensor_bytes"] == 4 * numel
     weights_bytes = manifest["files"]["model/weights.safetensors"]["bytes"]
     assert 4 * numel < weights_bytes <= 1.1 * 4 * numel, (weights_bytes, numel)
     print(
@@ -521,9 +521,12 @@ def test_export_stamps_the_run_and_rejects_an_unfinished_one(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
     )
     if (REPO / ".git").exists() and head.returncode == 0:
-        assert run["code_commit"] == head.stdout.strip() and len(run["code_commit"]) == 40
+        assert (
+            run["export_code_commit"] == head.stdout.strip()
+            and len(run["export_code_commit"]) == 40
+        )
     else:
-        assert run["code_commit"] is None
+        assert run["export_code_commit"] is None
     # The same run gets the same stamp.
     config, metrics = read_run(trained.run_dir)
     links = final_chain(config, metrics, trained.run_dir)
@@ -615,9 +618,37 @@ def test_a_batch_that_raises_is_scored_row_by_row(
     ok = [0, 1, 3, 4, 5]
     assert out.loc[ok, "error"].isna().all()
     assert np.abs(out.loc[ok, "score"].to_numpy() - expected.scores[ok]).max() < 1e-6
-    # A batch that does not raise is scored whole, as before.
+    # A batch that does not raise is scored whole, in one call, as before.
+    calls: list[int] = []
+
+    def counted(batch: pa.Table):
+        calls.append(batch.num_rows)
+        return score_samples(batch)
+
+    monkeypatch.setattr(scorer.artifact, "score_samples", counted)
     clean = rows.slice(3, 3)
     assert scorer(clean).column("score").to_pylist() == score_samples(clean).scores.tolist()
+    assert calls == [3]
+
+
+def test_score_job_fails_when_every_row_fails_inside_the_model(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Bad rows do not fail the job, but every row failing inside the model (a broken
+    artifact or runtime) must not exit 0."""
+    import train.score as score
+
+    def summary(failed: int, rows: int = 5):
+        return {"rows": rows, "rejected_by_field": {score.SCORING_FAILED: failed} if failed else {}}
+
+    argv = ["--artifact", "a", "--input", "i", "--output", "o"]
+    monkeypatch.setattr(score, "score_table", lambda args: summary(5))
+    assert score.main(argv) == 1
+    assert "scoring raised on every one of the 5 rows" in capsys.readouterr().err
+    monkeypatch.setattr(score, "score_table", lambda args: summary(4))
+    assert score.main(argv) == 0
+    monkeypatch.setattr(score, "score_table", lambda args: summary(0, rows=0))
+    assert score.main(argv) == 0
 
 
 def _with_bad_samples(table: pa.Table, vocab_size: int, seq_len: int) -> pa.Table:

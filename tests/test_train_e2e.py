@@ -152,7 +152,7 @@ def test_generated_data_through_spark_and_both_stages(
     assert export_main(["--run", str(run_dir), "--output", str(artifact_dir)]) == 0
     printed = json.loads(capsys.readouterr().out)
     weights = printed["files"]["model/weights.safetensors"]
-    assert printed["total_bytes"] > weights >= 4 * printed["parameters"] > 0
+    assert printed["total_bytes"] > weights >= 4 * printed["tensor_elements"] > 0
     artifact = Artifact.load(artifact_dir)
     assert artifact.manifest["run"]["run_dir"] == str(run_dir.resolve())
     rows = DeltaTable(str(out / "samples")).to_pyarrow_table(

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from train.cluster import cluster_address
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "conf" / "run" / "default.yaml"
@@ -152,9 +153,8 @@ def check(config: Mapping[str, Any]) -> None:
     if scaling["use_gpu"] not in USE_GPU:
         raise ConfigError(f"scaling.use_gpu: must be one of {USE_GPU}")
     # ray.num_cpus sizes the embedded Ray only; a cluster that is joined brings its own CPUs.
-    embedded = config["ray"]["address"] is None and not os.environ.get("RAY_ADDRESS")
     needed = scaling["num_workers"] * scaling["cpus_per_worker"]
-    if embedded and config["ray"]["num_cpus"] < needed:
+    if cluster_address(config) is None and config["ray"]["num_cpus"] < needed:
         raise ConfigError(
             "ray.num_cpus: smaller than scaling.num_workers * scaling.cpus_per_worker; "
             "the workers could never be placed"

@@ -144,7 +144,7 @@ def run_stamp(
         "seed": config.get("seed"),
         "samples": samples,
         "schema_sha256": _sha256(Path(samples) / "feature_schema.json"),
-        "code_commit": code_commit(),
+        "export_code_commit": code_commit(),
         "stages": stages,
         "test": {k: test.get(k) for k in ("rows", "auc", "gauc", "logloss")},
     }
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 "run": manifest["run"]["run_id"],
                 "files": sizes,
                 "total_bytes": manifest["total_bytes"],
-                "parameters": manifest["parameters"],
-                "parameter_bytes": manifest["parameter_bytes"],
+                "tensor_elements": manifest["tensor_elements"],
+                "tensor_bytes": manifest["tensor_bytes"],
             },
             indent=2,
         )

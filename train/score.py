@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import argparse
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -173,7 +174,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--torch-threads", type=int, default=1, help="per actor")
     parser.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else local)")
-    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of a local Ray")
+    # More logical CPUs than a 2-core machine has, as for training (conf/run/default.yaml):
+    # scoring actors that take every CPU leave Ray Data's read tasks none, and the job hangs.
+    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of a local Ray")
     args = parser.parse_args(argv)
     if args.split and args.kind != "samples":
         parser.error("--split applies to --kind samples only")
@@ -244,12 +247,27 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        score_table(args)
+        summary = score_table(args)
     except (ArtifactError, ScoreInputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Bad rows are the data's fault and do not fail the job; every row failing inside the
+    # model is the artifact's or the installation's, and must not look like a success.
+    if summary["rows"] and summary["rejected_by_field"].get(SCORING_FAILED) == summary["rows"]:
+        print(
+            f"error: scoring raised on every one of the {summary['rows']} rows (see `error` in "
+            f"{args.output}): the artifact or its runtime is broken, not the input",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Everything is written and printed by now. Leave without finalizing the interpreter:
+    # pyarrow dataset readahead left by the Delta reads in this process can abort (SIGABRT)
+    # in its destructors during finalization, seen as exit status -6 after a complete run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -149,8 +149,8 @@ def export_artifact(
         "interface": graph.interface.to_dict(),
         "torch_version": torch.__version__,
         # Every tensor in the weights file: elements and their bytes (the file adds a header).
-        "parameters": sum(t.numel() for t in tensors),
-        "parameter_bytes": sum(t.numel() * t.element_size() for t in tensors),
+        "tensor_elements": sum(t.numel() for t in tensors),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors),
         "files": {
             name: {"sha256": _sha256(data), "bytes": len(data)} for name, data in files.items()
         },
