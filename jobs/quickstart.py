@@ -153,11 +153,14 @@ def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[
     from deltalake import DeltaTable
 
     from mkt.metrics import paired_bootstrap
+    from mkt.schema import FeatureSchema
 
     keys = ["entity", "line_no"]
+    # Only the partition the predictions cover: the target entity's test rows.
+    test_rows = [("entity", "=", FeatureSchema.load(samples).target_entity), ("split", "=", "test")]
     users = (
         DeltaTable(str(samples / "samples"))
-        .to_pyarrow_table(columns=[*keys, "user_key"], filters=[("split", "=", "test")])
+        .to_pyarrow_table(columns=[*keys, "user_key"], filters=test_rows)
         .to_pandas()
     )
     scored = users

@@ -273,18 +273,18 @@ def _check_torch_version(manifest: Mapping[str, Any], origin: str) -> None:
     """The graph is torch.export's serialisation, which only the torch release line that wrote
     it is sure to read: refuse another major.minor with both versions named."""
     recorded = manifest.get("torch_version")
-    running = torch_major_minor(torch.__version__)
-    if torch_major_minor(recorded) is None:
+    written, running = torch_major_minor(recorded), torch_major_minor(torch.__version__)
+    if written is None:
         raise ArtifactError(
             f"{origin}/{MANIFEST}: torch_version {recorded!r} is not a torch version; this "
             f"process runs torch {torch.__version__}"
         )
-    if torch_major_minor(recorded) != running:
+    if written != running:
         raise ArtifactError(
-            f"{origin}/{MANIFEST}: exported with torch {recorded} (major.minor "
-            f"{torch_major_minor(recorded)}), but this process runs torch {torch.__version__} "
-            f"({running}); the {GRAPH_FILE} format is only read by the same torch major.minor: "
-            f"load it with torch {torch_major_minor(recorded)}.x or export the run again"
+            f"{origin}/{MANIFEST}: exported with torch {recorded} (major.minor {written}), but "
+            f"this process runs torch {torch.__version__} ({running}); the {GRAPH_FILE} format "
+            f"is only read by the same torch major.minor: load it with torch {written}.x or "
+            "export the run again"
         )
 
 
