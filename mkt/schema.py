@@ -50,6 +50,8 @@ class FeatureSchema:
     dataset: str = ""
     raw_input: dict[str, Any] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
+    # Liked rows per entity and split (same layout as `counts`); absent from older schema files.
+    likes: dict[str, Any] = field(default_factory=dict)
 
     # -- lookups --------------------------------------------------------------------------
     def feature(self, name: str) -> Feature:
@@ -99,6 +101,15 @@ class FeatureSchema:
         cols = [f.name for f in self.features if f.group != "sequence"]
         cols += [f.length_column for f in self.sequences if f.length_column]
         return cols
+
+    def like_rate(self, entity: str, split: str = "train") -> float | None:
+        """Share of liked rows of one entity in one split, from the schema file's counts
+        (None where the file does not record them)."""
+        rows = self.counts.get(entity, {}).get(split)
+        likes = self.likes.get(entity, {}).get(split)
+        if not rows or likes is None:
+            return None
+        return int(likes) / int(rows)
 
     # -- (de)serialisation ----------------------------------------------------------------
     @classmethod
@@ -160,6 +171,7 @@ class FeatureSchema:
             dataset=raw.get("dataset", ""),
             raw_input=dict(raw.get("raw_input", {})),
             counts=dict(raw.get("counts", {})),
+            likes=dict(raw.get("likes", {})),
         )
         for key in ("source_entity", "target_entity"):
             if getattr(schema, key) not in entities:
@@ -232,4 +244,5 @@ class FeatureSchema:
             "columns": self.columns,
             "raw_input": self.raw_input,
             "counts": self.counts,
+            "likes": self.likes,
         }
