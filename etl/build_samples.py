@@ -9,11 +9,12 @@ embeddings) and ``etl_summary.json``. Python entry: :func:`build_samples`.
 Phases (each logs one line):
  1. check the config and the raw files' headers (fails before anything is written);
  2. number every raw line (line_no), parse and validate it; bad lines -> quarantine;
- 3. split each user's rows of an entity in line order (train / valid / test) and count, per row,
-    the likes its history may use;
- 4. vocabularies and bucket boundaries from the train split; encode every feature as an index;
- 5. liked-item sequences, bounded per user by seq_len;
- 6. summary, then commit the Delta tables and the schema file.
+ 3. one shuffle by user: split each user's rows of an entity in line order (train / valid /
+    test), count likes; the summary's counts, checked to reconcile;
+ 4. vocabularies and bucket boundaries from the train split;
+ 5. encode every feature as an index; liked-item sequences, bounded per user by seq_len; write
+    the samples' files;
+ 6. write vocab and quarantine, commit the three Delta tables, then the schema file.
 """
 
 from __future__ import annotations
@@ -34,12 +35,19 @@ import uuid
 from functools import reduce
 from typing import Any
 
-from pyspark import SparkConf
+from pyspark import SparkConf, StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from etl.config import ConfigError, DataConfig, Feature, load_config
-from etl.storage import HadoopFs, Writer, WriterError, resolve_writer, write_delta
+from etl.storage import (
+    HadoopFs,
+    Writer,
+    WriterError,
+    discard_uncommitted,
+    resolve_writer,
+    write_table,
+)
 
 log = logging.getLogger("etl.build_samples")
 
@@ -51,6 +59,17 @@ SPLITS = ("train", "valid", "test")
 SCHEMA_FILE = "feature_schema.json"
 SUMMARY_FILE = "etl_summary.json"
 TABLES = {"samples": ["entity", "split"], "vocab": [], "quarantine": []}
+STAGING_PREFIX = "_staging-"
+# A tiny input gets fewer samples files than files_per_partition: at most one per this many
+# input lines, so a few hundred lines are not cut into a dozen near-empty files.
+MIN_LINES_PER_FILE = 256
+# Fixes the pseudo-random order of the rows inside each samples file.
+ROW_ORDER_SEED = 20240901
+# Vocabularies up to this many entries are broadcast to every task for the encoding joins
+# (about 64 bytes each); a larger one is joined by a shuffle, which Spark plans itself.
+MAX_BROADCAST_ENTRIES = 16_000_000
+# The columns of every row between the shuffle by user and the encoding.
+USER = ["user_hash", "user_key", "entity"]
 
 
 class InputError(ValueError):
@@ -88,52 +107,78 @@ def build_samples(
 
     phase(1, f"checking {config_path} against the headers of {input_dir}")
     paths = {e.name: f"{input_dir}/{e.file}" for e in config.entities}
-    headers = {e: _read_header(spark, fs, config, e, paths[e]) for e in config.entity_names}
+    headers = {e: _read_header(fs, config, e, paths[e]) for e in config.entity_names}
 
-    # A run killed before its `finally` leaves its staging dir behind; a job owns its OUT_DIR
-    # (one writer at a time), so anything left there is garbage.
-    for leftover in fs.glob(f"{output_dir}/_staging-*"):
-        log.info("removing %s, left by an interrupted run", leftover)
-        fs.delete(leftover)
-    staging = f"{output_dir}/_staging-{uuid.uuid4().hex[:12]}"
-    stage = _Stager(spark, staging)
+    # A run killed before its `finally` leaves its staging dir behind, and maybe table files it
+    # never committed; a job owns its OUT_DIR (one writer at a time), so they are garbage.
+    for leftover in fs.glob(f"{output_dir}/{STAGING_PREFIX}*"):
+        log.info("removing %s and its uncommitted files, left by an interrupted run", leftover)
+        _discard_run(fs, output_dir, leftover.rsplit(STAGING_PREFIX, 1)[1])
+    run_id = uuid.uuid4().hex[:12]
+    stage = _Stager(spark, f"{output_dir}/{STAGING_PREFIX}{run_id}")
+    cached: list[DataFrame] = []
+
+    def persist(frame: DataFrame) -> DataFrame:
+        # Kept with its partitioning and order: later windows and aggregations by user need no
+        # shuffle and no sort.
+        cached.append(frame.persist(StorageLevel.MEMORY_AND_DISK))
+        return frame
+
     try:
         phase(2, "numbering, parsing and validating raw lines")
-        lines = [_parse_lines(spark, config, e, paths[e], headers[e]) for e in config.entity_names]
-        parsed = stage("parsed", _mark_duplicates(reduce(_union, lines)))
-
-        phase(3, f"splitting users' rows (history mode {config.history_mode})")
-        ranked = stage("ranked", _split_and_history(_kept_rows(parsed, config), config))
-
-        phase(4, "vocabularies and buckets on the train split; encoding features")
-        categorical_vocab = stage("vocab_categorical", _categorical_vocab(ranked, config))
-        boundaries = _bucket_boundaries(ranked, config)
-        encoded = stage("encoded", _encode(ranked, categorical_vocab, boundaries, config))
-        vocab = stage(
-            "vocab",
-            categorical_vocab.unionByName(_bucket_vocab(spark, encoded, boundaries, config)),
-        )
-
-        phase(5, f"liked-item sequences (seq_len {config.seq_len})")
-        samples = stage("samples", _with_sequences(encoded, config))
-        stage(
-            "quarantine",
-            parsed.where(F.col("reason").isNotNull()).select(
-                "entity", "line_no", "raw_line", "reason"
+        numbered, input_lines = _numbered_lines(spark, paths)
+        parsed = stage(
+            "parsed",
+            reduce(
+                _union,
+                [_parse_lines(numbered[e], config, e, headers[e]) for e in config.entity_names],
             ),
         )
+        quarantine = parsed.where(F.col("reason").isNotNull()).select(
+            "entity", "line_no", "raw_line", "reason"
+        )
+        reasons = _quarantine_reasons(quarantine, config)
 
-        phase(6, f"summary; committing Delta tables ({chosen_writer} writer) to {output_dir}")
-        summary = _summarize(parsed, samples, config)
-        schema = _feature_schema(config, vocab, boundaries, input_dir, summary)
+        files = min(
+            config.files_per_partition, max(1, sum(input_lines.values()) // MIN_LINES_PER_FILE)
+        )
+        phase(3, f"splitting users' rows in {files} groups (history mode {config.history_mode})")
+        rows = persist(_split_rows(parsed, config, files))
+        kept = rows.where(F.col("kept"))
+        summary = _summarize(rows, kept, input_lines, reasons, config)
+
+        phase(4, "vocabularies and buckets on the train split")
+        train = kept.where(F.col("split") == "train")
+        boundaries = _bucket_boundaries(train, config)
+        counts = persist(_train_counts(train, boundaries, config))
+        vocab = persist(
+            _categorical_vocab(counts, config).unionByName(
+                _bucket_vocab(spark, counts, boundaries, config)
+            )
+        )
+        sizes = _vocab_sizes(vocab)
+
+        phase(5, f"encoding; liked-item sequences (seq_len {config.seq_len}); writing samples")
+        encoded = _encode(kept, vocab, sizes, boundaries, config)
+        writes = {
+            "samples": write_table(
+                _samples(encoded, config),
+                f"{output_dir}/samples",
+                TABLES["samples"],
+                chosen_writer,
+                run_id,
+            )
+        }
+
+        phase(6, f"writing vocab and quarantine; committing ({chosen_writer} writer) {output_dir}")
+        for table, frame in (("vocab", vocab.coalesce(1)), ("quarantine", quarantine)):
+            writes[table] = write_table(
+                frame, f"{output_dir}/{table}", TABLES[table], chosen_writer, run_id
+            )
+        schema = _feature_schema(config, sizes, boundaries, input_dir, summary)
         # Each table commits atomically, but the three commits are not one transaction: the
         # schema file, written last, names the versions that belong together.
-        schema["table_versions"] = {
-            table: write_delta(
-                spark, stage.path(table), f"{output_dir}/{table}", partition_by, chosen_writer
-            )
-            for table, partition_by in TABLES.items()
-        }
+        schema["table_versions"] = {t: w.commit(spark) for t, w in writes.items()}
         summary["table_versions"] = schema["table_versions"]
         summary["output_dir"] = output_dir
         summary["writer"] = chosen_writer
@@ -142,10 +187,19 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SUMMARY_FILE}", json.dumps(summary, indent=2) + "\n")
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
     finally:
-        fs.delete(staging)
+        for frame in cached:
+            frame.unpersist()
+        _discard_run(fs, output_dir, run_id)
         spark.sparkContext.setJobDescription(None)
     _log_summary(summary)
     return summary
+
+
+def _discard_run(fs: HadoopFs, output_dir: str, run_id: str) -> None:
+    """A run's staging dir, and the table files it wrote but did not commit."""
+    for table in TABLES:
+        discard_uncommitted(fs, f"{output_dir}/{table}", run_id)
+    fs.delete(f"{output_dir}/{STAGING_PREFIX}{run_id}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,16 +213,13 @@ def _qualify(path: str | Path) -> str:
     return text if "://" in text or text.startswith("file:") else os.path.abspath(text)
 
 
-def _read_header(
-    spark: SparkSession, fs: HadoopFs, config: DataConfig, entity: str, path: str
-) -> list[str]:
+def _read_header(fs: HadoopFs, config: DataConfig, entity: str, path: str) -> list[str]:
     if not fs.is_file(path):
         raise InputError(f"entities.{entity}.file: raw file not found: {path}")
-    # The header is line 0: the first line of the split that starts at byte 0.
-    first = spark.read.text(path).where(F.col("_metadata.file_block_start") == 0).limit(1).collect()
-    if not first:
+    first = fs.first_line(path)
+    if first is None:
         raise InputError(f"entities.{entity}.file: {path} is empty (no header line)")
-    header = [c.strip() for c in first[0].value.lstrip("\ufeff").split(",")]
+    header = [c.strip() for c in first.lstrip("\ufeff").split(",")]
     repeated = sorted({c for c in header if header.count(c) > 1})
     if repeated:
         raise InputError(f"{path}: header repeats column(s) {repeated}")
@@ -181,43 +232,59 @@ def _read_header(
 # --------------------------------------------------------------------------------------------
 
 
-def _numbered_lines(spark: SparkSession, path: str) -> DataFrame:
-    """(line_no, raw_line) for every line of the file, the header being line 0.
+def _numbered_lines(
+    spark: SparkSession, paths: dict[str, str]
+) -> tuple[dict[str, DataFrame], dict[str, int]]:
+    """Per entity, (line_no, raw_line) for every line of its file, the header being line 0;
+    and its number of data lines.
 
     Exact file order without collecting or zipWithIndex: every input split (byte range
     starting at file_block_start) lies in one scan partition, and inside it
     monotonically_increasing_id counts up in file order. A line's number is therefore the
     number of lines in the earlier splits plus its position in its own split. The per-split
-    line counts are one small aggregation (one row per split).
+    line counts of all files are one small aggregation (one row per split).
     """
-    lines = spark.read.text(path).select(
-        F.col("value").alias("raw_line"),
-        F.col("_metadata.file_block_start").alias("block_start"),
-        F.monotonically_increasing_id().alias("row_id"),
-    )
-    blocks = (
-        lines.groupBy("block_start")
-        .agg(F.min("row_id").alias("first_row_id"), F.count(F.lit(1)).alias("lines"))
-        .orderBy("block_start")
-        .collect()
-    )
-    offsets, before = [], 0
-    for block in blocks:
-        offsets.append((block.block_start, block.first_row_id, before))
-        before += block.lines
-    offsets_df = spark.createDataFrame(
-        offsets, "block_start long, first_row_id long, lines_before long"
-    )
-    return lines.join(F.broadcast(offsets_df), "block_start").select(
-        (F.col("row_id") - F.col("first_row_id") + F.col("lines_before")).alias("line_no"),
-        "raw_line",
-    )
+    lines = {
+        e: spark.read.text(path).select(
+            F.col("value").alias("raw_line"),
+            F.col("_metadata.file_block_start").alias("block_start"),
+            F.monotonically_increasing_id().alias("row_id"),
+        )
+        for e, path in paths.items()
+    }
+    blocks = reduce(
+        _union,
+        [
+            frame.groupBy("block_start").agg(
+                F.lit(e).alias("entity"),
+                F.min("row_id").alias("first_row_id"),
+                F.count(F.lit(1)).alias("lines"),
+            )
+            for e, frame in lines.items()
+        ],
+    ).collect()
+    numbered, data_lines = {}, {}
+    for e, frame in lines.items():
+        offsets, before = [], 0
+        for block in sorted((b for b in blocks if b.entity == e), key=lambda b: b.block_start):
+            offsets.append((block.block_start, block.first_row_id, before))
+            before += block.lines
+        offsets_df = spark.createDataFrame(
+            offsets, "block_start long, first_row_id long, lines_before long"
+        )
+        numbered[e] = frame.join(F.broadcast(offsets_df), "block_start").select(
+            (F.col("row_id") - F.col("first_row_id") + F.col("lines_before")).alias("line_no"),
+            "raw_line",
+        )
+        data_lines[e] = max(before - 1, 0)
+    return numbered, data_lines
 
 
 def _parse_lines(
-    spark: SparkSession, config: DataConfig, entity: str, path: str, header: list[str]
+    numbered: DataFrame, config: DataConfig, entity: str, header: list[str]
 ) -> DataFrame:
-    """One row per data line: its number, raw text, quarantine reason (null if good), fields.
+    """One row per data line: its number, quarantine reason (null if good), raw text (bad lines
+    only: only the quarantine keeps it), a hash of the text (exact duplicates), fields.
 
     Fields are split by hand rather than by Spark's CSV reader, which would turn a malformed
     line into nulls silently; here every bad line gets a reason. Columns are found by header
@@ -230,13 +297,10 @@ def _parse_lines(
     feature_columns = {f.columns[entity] for f in config.features_of(entity)}
     columns = list(dict.fromkeys([*ids, config.label, *sorted(feature_columns)]))
     lines = (
-        _numbered_lines(spark, path)
-        .where(F.col("line_no") >= 1)
+        numbered.where(F.col("line_no") >= 1)
         .select(
             "line_no",
-            # A string column must hold UTF-8: such lines are quarantined with their bad bytes
-            # replaced by U+FFFD (line_no still points at the raw line).
-            F.make_valid_utf8("raw_line").alias("raw_line"),
+            "raw_line",
             F.is_valid_utf8("raw_line").alias("utf8"),
             F.split(F.col("raw_line"), ",", -1).alias("fields"),
         )
@@ -274,58 +338,73 @@ def _parse_lines(
         value = F.col(f"f__{column}")
         return F.when(~value.isin(*MISSING_TOKENS), value)
 
+    lines = lines.withColumn("reason", reason)
     return lines.select(
         F.lit(entity).alias("entity"),
         "line_no",
-        "raw_line",
-        reason.alias("reason"),
+        "reason",
+        # A string column must hold UTF-8: a line that is not is quarantined with its bad
+        # bytes replaced by U+FFFD (line_no still points at the raw line).
+        F.when(F.col("reason").isNotNull(), F.make_valid_utf8("raw_line")).alias("raw_line"),
+        # Exact copies of a line have the same user, so (user, hash) finds them: a 64-bit hash
+        # collides within one user's lines with odds of about n^2 / 2^65.
+        F.xxhash64("raw_line").alias("line_hash"),
         F.col(f"id__{config.user_key}").alias("user_key"),
         label.try_cast("tinyint").alias("label"),
         *[raw_value(f.columns[entity]).alias(_raw(f)) for f in config.features_of(entity)],
     )
 
 
-def _mark_duplicates(parsed: DataFrame) -> DataFrame:
-    """occurrence = 1 for the first copy of a raw line in its file, 2 for the next, ...
+def _quarantine_reasons(quarantine: DataFrame, config: DataConfig) -> dict[str, dict[str, int]]:
+    """Quarantined lines per entity and reason kind (the text before ':')."""
+    reasons: dict[str, dict[str, int]] = {e: {} for e in config.entity_names}
+    for r in (
+        quarantine.groupBy("entity", F.substring_index("reason", ":", 1).alias("kind"))
+        .count()
+        .collect()
+    ):
+        reasons[r.entity][r.kind] = r["count"]
+    return reasons
 
-    Identical raw lines are either all good or all bad, so a bad line's occurrence is unused.
+
+# --------------------------------------------------------------------------------------------
+# Phase 3: one shuffle by user; split and like counts.
+# --------------------------------------------------------------------------------------------
+
+
+def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
+    """Every good line, shuffled into `files` groups of users, with its split and like count.
+
+    The groups are the samples table's files (rows of one user stay in one file); every later
+    step runs per user inside them. Per (entity, user), rows in line order; n rows, n_test =
+    floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
+    floor(valid_fraction * n_fit + 0.5) are valid. `cum` counts the user's likes up to and
+    including the row; `block_end` marks the last row of the train and of the train + valid
+    block, `fit_end` the latter. An exact duplicate is `kept` = false when they are dropped
+    (it stays here only to be counted).
+
+    Output ordered by (user, entity, cum, line_no): line order, but also what the sequence
+    window, whose frame is counted in likes, needs.
     """
-    copies = Window.partitionBy("entity", "raw_line").orderBy("line_no")
-    return parsed.withColumn("occurrence", F.row_number().over(copies))
-
-
-def _kept_rows(parsed: DataFrame, config: DataConfig) -> DataFrame:
-    good = parsed.where(F.col("reason").isNull())
+    user = Window.partitionBy(*USER)
+    running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    rows = (
+        parsed.where(F.col("reason").isNull())
+        .drop("reason", "raw_line")
+        .withColumn("user_hash", F.xxhash64("user_key"))
+        .repartition(files, "user_hash")
+    )
     if config.duplicates == "drop":
-        good = good.where(F.col("occurrence") == 1)
-    return good.drop("raw_line", "reason", "occurrence")
-
-
-# --------------------------------------------------------------------------------------------
-# Phase 3: split and history.
-# --------------------------------------------------------------------------------------------
-
-
-def _split_and_history(rows: DataFrame, config: DataConfig) -> DataFrame:
-    """Add split, likes_before, likes_fit and history_likes to every kept row.
-
-    Per (entity, user), rows in line order; n rows, n_test = floor(test_fraction * n + 0.5)
-    last rows are test, of n_fit = n - n_test the last floor(valid_fraction * n_fit + 0.5)
-    are valid. history_likes is how many of the user's likes in this entity (counted in line
-    order) the row's own-entity sequence may use: all likes on earlier lines for a train row
-    (and for every row in online mode); in frozen mode, a valid row uses only the train
-    likes and a test row only the train + valid likes. likes_fit (train + valid likes) is
-    what the other entities' rows may use.
-    """
-    user = Window.partitionBy("entity", "user_key")
-    in_order = user.orderBy("line_no")
+        copies = Window.partitionBy(*USER, "line_hash").orderBy("line_no")
+        rows = rows.withColumn("kept", F.row_number().over(copies) == 1)
+    else:
+        rows = rows.withColumn("kept", F.lit(True))
+    counted = F.col("kept").cast("long")
     rows = rows.select(
         "*",
-        F.row_number().over(in_order).alias("rank"),
-        F.count(F.lit(1)).over(user).alias("n"),
-        F.coalesce(
-            F.sum("label").over(in_order.rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)
-        ).alias("likes_before"),
+        F.sum(counted).over(running).alias("rank"),
+        F.sum(counted).over(user).alias("n"),
+        F.sum(counted * F.col("label")).over(running).alias("cum"),
     )
     n_test = F.floor(F.col("n") * config.test_fraction + 0.5)
     n_fit = F.col("n") - n_test
@@ -335,27 +414,114 @@ def _split_and_history(rows: DataFrame, config: DataConfig) -> DataFrame:
         .when(F.col("rank") <= n_fit, "valid")
         .otherwise("test")
     )
-    rows = rows.withColumn("split", split)
+    return rows.select(
+        *USER,
+        "line_no",
+        "label",
+        "kept",
+        "line_hash",
+        split.alias("split"),
+        "cum",
+        (F.col("kept") & F.col("rank").isin(n_train, n_fit)).alias("block_end"),
+        (F.col("kept") & (F.col("rank") == n_fit)).alias("fit_end"),
+        *[_raw(f) for f in config.features],
+    ).sortWithinPartitions(*USER, "cum", "line_no")
 
-    def likes_in(*splits: str) -> Column:
-        return F.sum(F.when(F.col("split").isin(*splits), F.col("label")).otherwise(0)).over(user)
 
-    rows = rows.withColumn("likes_train", likes_in("train")).withColumn(
-        "likes_fit", likes_in("train", "valid")
+def _summarize(
+    rows: DataFrame,
+    kept: DataFrame,
+    input_lines: dict[str, int],
+    reasons: dict[str, dict[str, int]],
+    config: DataConfig,
+) -> dict[str, Any]:
+    """Counts per entity and split; raises if input lines != samples + quarantined + removed.
+
+    Two jobs, each aggregating per user first, inside the shuffled groups (no further
+    shuffle): one gives the users per set of entities (the overlap) with their rows, likes
+    and users per (entity, split); the other the exact duplicates.
+    """
+    parts = [(e, s) for e in config.entity_names for s in SPLITS]
+
+    def part(e: str, s: str) -> Column:
+        return (F.col("entity") == e) & (F.col("split") == s)
+
+    per_user = kept.groupBy("user_hash", "user_key").agg(
+        F.concat_ws("+", F.sort_array(F.collect_set("entity"))).alias("entities"),
+        *[F.count(F.when(part(e, s), 1)).alias(f"rows__{e}__{s}") for e, s in parts],
+        *[F.sum(F.when(part(e, s), F.col("label"))).alias(f"likes__{e}__{s}") for e, s in parts],
     )
-    if config.history_mode == "online":
-        history = F.col("likes_before")
-    else:
-        history = (
-            F.when(F.col("split") == "train", F.col("likes_before"))
-            .when(F.col("split") == "valid", F.col("likes_train"))
-            .otherwise(F.col("likes_fit"))
+    by_entities = (
+        per_user.groupBy("entities")
+        .agg(
+            F.count(F.lit(1)).alias("users"),
+            *[
+                F.sum(f"{k}__{e}__{s}").alias(f"{k}__{e}__{s}")
+                for k in ("rows", "likes")
+                for e, s in parts
+            ],
+            *[
+                F.count(F.when(F.col(f"rows__{e}__{s}") > 0, 1)).alias(f"users__{e}__{s}")
+                for e, s in parts
+            ],
         )
-    return rows.withColumn("history_likes", history.cast("long")).drop("rank", "n", "likes_train")
+        .collect()
+    )
+    overlap = {r.entities: r.users for r in by_entities}
+
+    def total(key: str) -> int:
+        return sum(r[key] or 0 for r in by_entities)
+
+    copies = rows.groupBy(*USER, "line_hash").agg(F.count(F.lit(1)).alias("copies"))
+    duplicates = {
+        r.entity: r.duplicates
+        for r in copies.groupBy("entity")
+        .agg(F.sum(F.col("copies") - 1).alias("duplicates"))
+        .collect()
+    }
+
+    entities = {}
+    for e in config.entity_names:
+        quarantined = sum(reasons[e].values())
+        found = duplicates.get(e) or 0
+        removed = found if config.duplicates == "drop" else 0
+        splits = {}
+        for s in SPLITS:
+            n_rows, likes = total(f"rows__{e}__{s}"), total(f"likes__{e}__{s}")
+            splits[s] = {
+                "rows": n_rows,
+                "likes": likes,
+                "like_rate": likes / n_rows if n_rows else None,
+                "users": total(f"users__{e}__{s}"),
+            }
+        samples = sum(s["rows"] for s in splits.values())
+        if input_lines[e] != samples + quarantined + removed:
+            raise RuntimeError(
+                f"{e}: {input_lines[e]} input lines != {samples} samples + {quarantined} "
+                f"quarantined + {removed} removed duplicates"
+            )
+        entities[e] = {
+            "input_lines": input_lines[e],
+            "samples": samples,
+            "quarantined": quarantined,
+            "quarantine_reasons": reasons[e],
+            "duplicates_found": found,
+            "duplicates_removed": removed,
+            "users": sum(n for key, n in overlap.items() if e in key.split("+")),
+            "splits": splits,
+        }
+    return {
+        "dataset": config.name,
+        "history_mode": config.history_mode,
+        "duplicates": config.duplicates,
+        "seq_len": config.seq_len,
+        "entities": entities,
+        "user_overlap": dict(sorted(overlap.items())),
+    }
 
 
 # --------------------------------------------------------------------------------------------
-# Phase 4: vocabularies, buckets, encoding.
+# Phase 4: vocabularies and buckets.
 # --------------------------------------------------------------------------------------------
 
 
@@ -363,48 +529,63 @@ def _raw(feature: Feature) -> str:
     return f"raw__{feature.name}"
 
 
-def _categorical_vocab(ranked: DataFrame, config: DataConfig) -> DataFrame:
-    """(feature, entity, raw_value, index, count) from the train split.
+def _train_counts(
+    train: DataFrame, boundaries: dict[str, list[float]], config: DataConfig
+) -> DataFrame:
+    """(feature, entity, value, count) over the train split, in one pass: every categorical
+    raw value (`entity` null except for per-entity id spaces) and every bucketized feature's
+    index (as text)."""
+    entries = {}
+    for entity in config.entity_names:
+        items = []
+        for f in config.features_of(entity):
+            if f.kind == "categorical":
+                value = F.col(_raw(f))
+            else:
+                value = _bucket_code(f, boundaries[f.name], F.col(_number(f))).cast("string")
+            scope = F.lit(entity) if f.per_entity_ids else F.lit(None).cast("string")
+            items.append(
+                F.struct(
+                    F.lit(f.name).alias("feature"), scope.alias("entity"), value.alias("value")
+                )
+            )
+        entries[entity] = F.array(*items)
+    per_row = reduce(
+        lambda chosen, e: chosen.when(F.col("entity") == e, entries[e]),
+        config.entity_names[1:],
+        F.when(F.col("entity") == config.entity_names[0], entries[config.entity_names[0]]),
+    )
+    return (
+        _with_numbers(train, _bucketized(config))
+        .select(F.explode(per_row).alias("e"))
+        .select("e.*")
+        .where(F.col("value").isNotNull())
+        .groupBy("feature", "entity", "value")
+        .agg(F.count(F.lit(1)).alias("count"))
+    )
+
+
+def _categorical_vocab(counts: DataFrame, config: DataConfig) -> DataFrame:
+    """(feature, entity, raw_value, index, count) from the train counts.
 
     Index 3.. by descending train count, then entity, then raw value. `entity` is null except
     for per-entity id spaces (Tenrec's item_id), where one vocabulary holds (entity, value).
     """
-    train = ranked.where(F.col("split") == "train")
-    parts = []
-    for entity in config.entity_names:
-        features = [f for f in config.features_of(entity) if f.kind == "categorical"]
-        entries = F.explode(
-            F.array(
-                *[
-                    F.struct(
-                        F.lit(f.name).alias("feature"),
-                        (F.lit(entity) if f.per_entity_ids else F.lit(None).cast("string")).alias(
-                            "entity"
-                        ),
-                        F.col(_raw(f)).alias("raw_value"),
-                    )
-                    for f in features
-                ]
-            )
-        )
-        parts.append(
-            train.where(F.col("entity") == entity).select(entries.alias("e")).select("e.*")
-        )
-    counts = (
-        reduce(_union, parts)
-        .where(F.col("raw_value").isNotNull())
-        .groupBy("feature", "entity", "raw_value")
-        .agg(F.count(F.lit(1)).alias("count"))
-    )
+    features = [f.name for f in config.features if f.kind == "categorical"]
     order = Window.partitionBy("feature").orderBy(
-        F.desc("count"), F.asc_nulls_first("entity"), "raw_value"
+        F.desc("count"), F.asc_nulls_first("entity"), "value"
     )
-    return counts.select(
-        "feature",
-        "entity",
-        "raw_value",
-        (F.row_number().over(order) + (FIRST_INDEX - 1)).cast("long").alias("index"),
-        "count",
+    return (
+        counts.where(F.col("feature").isin(*features))
+        # One task per feature at most: the numbering sorts each feature's values in one task.
+        .repartition(max(1, len(features)), "feature")
+        .select(
+            "feature",
+            "entity",
+            F.col("value").alias("raw_value"),
+            (F.row_number().over(order) + (FIRST_INDEX - 1)).cast("long").alias("index"),
+            "count",
+        )
     )
 
 
@@ -412,7 +593,7 @@ def _bucketized(config: DataConfig) -> list[Feature]:
     return [f for f in config.features if f.kind == "bucketized"]
 
 
-def _bucket_boundaries(ranked: DataFrame, config: DataConfig) -> dict[str, list[float]]:
+def _bucket_boundaries(train: DataFrame, config: DataConfig) -> dict[str, list[float]]:
     """Distinct train quantiles at 1/B, ..., (B-1)/B of every bucketized feature (one job).
 
     Bucket i (0-based) holds boundaries[i-1] <= value < boundaries[i]; index = 3 + i. A
@@ -421,7 +602,6 @@ def _bucket_boundaries(ranked: DataFrame, config: DataConfig) -> dict[str, list[
     features = _bucketized(config)
     if not features:
         return {}
-    train = ranked.where(F.col("split") == "train")
     aggregates = []
     for f in features:
         value = F.col(_raw(f)).try_cast("double")
@@ -437,16 +617,57 @@ def _bucket_boundaries(ranked: DataFrame, config: DataConfig) -> dict[str, list[
     }
 
 
-def _encode(
-    ranked: DataFrame,
-    vocab: DataFrame,
+def _bucket_vocab(
+    spark: SparkSession,
+    counts: DataFrame,
     boundaries: dict[str, list[float]],
     config: DataConfig,
 ) -> DataFrame:
-    """Replace every raw feature value by its index (contract: 0 pad / n.a., 1 missing, 2 OOV)."""
-    rows = ranked
+    """One vocab row per bucket: raw_value = the bucket's lower bound, count = train rows."""
+    features = _bucketized(config)
+    per_bucket = {}
+    if features:
+        names = [f.name for f in features]
+        per_bucket = {
+            (r.feature, int(r.value)): r["count"]
+            for r in counts.where(F.col("feature").isin(*names)).collect()
+        }
+    rows = []
+    for f in features:
+        for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
+            index = FIRST_INDEX + i
+            rows.append((f.name, None, repr(lower), index, per_bucket.get((f.name, index), 0)))
+    return spark.createDataFrame(
+        rows, "feature string, entity string, raw_value string, index long, count long"
+    )
+
+
+def _vocab_sizes(vocab: DataFrame) -> dict[str, int]:
+    """Embedding rows per feature (its largest index + 1): the encoding and the schema use it."""
+    return {
+        r.feature: r.size
+        for r in vocab.groupBy("feature").agg((F.max("index") + 1).alias("size")).collect()
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Phase 5: encoding and sequences.
+# --------------------------------------------------------------------------------------------
+
+
+def _encode(
+    rows: DataFrame,
+    vocab: DataFrame,
+    sizes: dict[str, int],
+    boundaries: dict[str, list[float]],
+    config: DataConfig,
+) -> DataFrame:
+    """Replace every raw feature value by its index (contract: 0 pad / n.a., 1 missing, 2 OOV).
+
+    The vocabularies are broadcast (up to MAX_BROADCAST_ENTRIES), so the rows keep their
+    grouping and order by user for the sequence windows.
+    """
     for f in config.features:
-        raw = F.col(_raw(f))
         if f.kind == "categorical":
             keys = ["entity", _raw(f)] if f.per_entity_ids else [_raw(f)]
             lookup = vocab.where(F.col("feature") == f.name).select(
@@ -454,119 +675,109 @@ def _encode(
                 F.col("raw_value").alias(_raw(f)),
                 F.col("index").alias(f"index__{f.name}"),
             )
+            if sizes.get(f.name, FIRST_INDEX) - FIRST_INDEX <= MAX_BROADCAST_ENTRIES:
+                lookup = F.broadcast(lookup)
             rows = rows.join(lookup, keys, "left")
             known = F.coalesce(F.col(f"index__{f.name}"), F.lit(OOV))
+            rows = rows.withColumn(f.name, _index(f, known).cast("long"))
         else:
-            # Parsed once, in its own projection (a repeated cast inside CASE WHEN is not shared).
-            rows = rows.withColumn(f"number__{f.name}", raw.try_cast("double"))
-            value = F.col(f"number__{f.name}")
-            known = F.when(value.isNull(), F.lit(OOV)).otherwise(
-                _bucket_index(value, boundaries[f.name])
-            )
-        index = (
-            F.when(~F.col("entity").isin(*f.columns), F.lit(PAD))
-            .when(raw.isNull(), F.lit(MISSING))
-            .otherwise(known)
-        )
-        rows = rows.withColumn(f.name, index.cast("long"))
+            rows = _with_numbers(rows, [f])
+            code = _bucket_code(f, boundaries[f.name], F.col(_number(f)))
+            rows = rows.withColumn(f.name, code.cast("long"))
     return rows.select(
-        "entity",
+        *USER,
         "split",
         "line_no",
-        "user_key",
         "label",
+        "cum",
+        "block_end",
+        "fit_end",
         *[f.name for f in config.features],
-        "likes_before",
-        "likes_fit",
-        "history_likes",
     )
 
 
-def _bucket_index(value: Column, boundaries: list[float]) -> Column:
-    """3 + the number of boundaries <= value, as one higher-order function.
+def _index(feature: Feature, known: Column) -> Column:
+    """PAD for another entity's feature, MISSING for a missing value, else `known`."""
+    return (
+        F.when(~F.col("entity").isin(*feature.columns), F.lit(PAD))
+        .when(F.col(_raw(feature)).isNull(), F.lit(MISSING))
+        .otherwise(known)
+    )
+
+
+def _number(feature: Feature) -> str:
+    return f"number__{feature.name}"
+
+
+def _with_numbers(rows: DataFrame, features: list[Feature]) -> DataFrame:
+    """Bucketized raw values parsed as numbers, each in its own projection: a cast repeated
+    inside CASE WHEN is not shared, so it would be parsed once per use."""
+    return rows.select(
+        "*", *[F.col(_raw(f)).try_cast("double").alias(_number(f)) for f in features]
+    )
+
+
+def _bucket_code(feature: Feature, boundaries: list[float], value: Column) -> Column:
+    """A bucketized feature's index from its parsed value: OOV when the raw value is not a
+    number, else 3 + the number of boundaries <= value, as one higher-order function.
 
     Unrolled into one comparison per boundary, the encoding stage's generated method grew
     past 8000 bytes of bytecode, which the JVM does not JIT-compile: the stage then ran
     interpreted, at three times its CPU (docs/BENCHMARKS.md).
     """
-    return F.aggregate(
+    bucket = F.aggregate(
         F.array(*[F.lit(b) for b in boundaries]).cast("array<double>"),
         F.lit(FIRST_INDEX).cast("long"),
         lambda count, b: count + (value >= b).cast("long"),
     )
+    return _index(feature, F.when(value.isNull(), F.lit(OOV)).otherwise(bucket))
 
 
-def _bucket_vocab(
-    spark: SparkSession,
-    encoded: DataFrame,
-    boundaries: dict[str, list[float]],
-    config: DataConfig,
-) -> DataFrame:
-    """One vocab row per bucket: raw_value = the bucket's lower bound, count = train rows."""
-    features = _bucketized(config)
-    counts: dict[tuple[str, int], int] = {}
-    if features:
-        per_bucket = (
-            encoded.where(F.col("split") == "train")
-            .select(
-                F.explode(
-                    F.array(
-                        *[
-                            F.struct(F.lit(f.name).alias("feature"), F.col(f.name).alias("index"))
-                            for f in features
-                        ]
-                    )
-                ).alias("b")
-            )
-            .groupBy("b.feature", "b.index")
-            .count()
-            .collect()
-        )
-        counts = {(r["feature"], r["index"]): r["count"] for r in per_bucket}
-    rows = []
-    for f in features:
-        for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
-            index = FIRST_INDEX + i
-            rows.append((f.name, None, repr(lower), index, counts.get((f.name, index), 0)))
-    return spark.createDataFrame(
-        rows, "feature string, entity string, raw_value string, index long, count long"
-    )
+def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
+    """The samples table: every encoded row with seq_<entity> / seq_<entity>_len for every
+    entity, per the data contract, in the order its file stores rows.
 
-
-# --------------------------------------------------------------------------------------------
-# Phase 5: sequences.
-# --------------------------------------------------------------------------------------------
-
-
-def _with_sequences(encoded: DataFrame, config: DataConfig) -> DataFrame:
-    """Add seq_<entity> / seq_<entity>_len for every entity, per the data contract.
-
-    Bounded per user: instead of collecting a user's whole history, every like carries a
-    snapshot of the <= seq_len likes up to and including it (a sliding window frame). A row
-    whose history may use its user's first k likes in its own entity joins the snapshot of
-    like k. Other entities contribute the snapshot at their last train/valid like.
+    One pass over each user's rows as the shuffle left them (user, entity, likes so far,
+    line), with windows only: nothing collects a user's history, and no array exceeds seq_len.
+    - `recent`: the items of the user's last seq_len likes in this entity up to and including
+      the row (a frame counted in likes: cum - seq_len < cum' <= cum). It changes only at a
+      like, so it is the snapshot of the user's history at each like count.
+    - A train row (every row, online) sees the likes on earlier lines: `recent` of the row
+      before it. A valid / test row (frozen) sees the likes of the blocks before its own:
+      `recent` at the last row of the train (train + valid) block.
+    - The other entities: `recent` at their last train + valid row, found per user.
+    Each file's rows are then put in a pseudo-random order fixed by ROW_ORDER_SEED, before
+    the sequences are padded (so the sort moves the short arrays).
     """
-    seq_len, item = config.seq_len, config.item_feature
-    user = ["entity", "user_key"]
-    recent = Window.partitionBy(*user).orderBy("line_no").rowsBetween(-(seq_len - 1), 0)
-    snapshots = encoded.where(F.col("label") == 1).select(
-        *user,
-        (F.col("likes_before") + 1).alias("like_no"),
-        "likes_fit",
-        F.collect_list(item).over(recent).alias("items"),
+    seq_len, item, entities = config.seq_len, config.item_feature, config.entity_names
+    user = Window.partitionBy(*USER)
+    in_order = user.orderBy("cum", "line_no")
+    liked_items = F.when(F.col("label") == 1, F.col(item))
+    rows = encoded.withColumn(
+        "recent",
+        F.collect_list(liked_items).over(user.orderBy("cum").rangeBetween(-(seq_len - 1), 0)),
     )
-    own = snapshots.select(
-        *user, F.col("like_no").alias("history_likes"), F.col("items").alias("own_items")
+    before = F.lag("recent", 1).over(in_order)
+    if config.history_mode == "online":
+        own = before
+    else:
+        blocks_before = F.last(F.when(F.col("block_end"), F.col("recent")), ignorenulls=True).over(
+            in_order.rowsBetween(Window.unboundedPreceding, -1)
+        )
+        own = F.when(F.col("split") == "train", before).otherwise(blocks_before)
+    whole_user = Window.partitionBy("user_hash", "user_key")
+    rows = rows.select(
+        "*",
+        own.alias("own_items"),
+        *[
+            F.first(F.when((F.col("entity") == e) & F.col("fit_end"), F.col("recent")), True)
+            .over(whole_user)
+            .alias(f"fit_items__{e}")
+            for e in entities
+        ],
+    ).sortWithinPartitions(
+        "entity", "split", F.xxhash64(F.lit(ROW_ORDER_SEED), "user_key", "line_no")
     )
-    entities = list(config.entity_names)
-    fit = (
-        snapshots.where(F.col("like_no") == F.col("likes_fit"))
-        .groupBy("user_key")
-        .pivot("entity", entities)
-        .agg(F.first("items"))
-        .select("user_key", *[F.col(e).alias(f"fit_items__{e}") for e in entities])
-    )
-    rows = encoded.join(own, [*user, "history_likes"], "left").join(fit, "user_key", "left")
     sequences = []
     for entity in entities:
         items = F.when(F.col("entity") == entity, F.col("own_items")).otherwise(
@@ -590,109 +801,17 @@ def _with_sequences(encoded: DataFrame, config: DataConfig) -> DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Phase 6: summary and schema.
+# Phase 6: schema and summary log.
 # --------------------------------------------------------------------------------------------
-
-
-def _summarize(parsed: DataFrame, samples: DataFrame, config: DataConfig) -> dict[str, Any]:
-    """Counts per entity and split; raises if input lines != samples + quarantined + removed."""
-    duplicate = F.col("reason").isNull() & (F.col("occurrence") > 1)
-    lines = {
-        r.entity: r
-        for r in parsed.groupBy("entity")
-        .agg(
-            F.count(F.lit(1)).alias("input_lines"),
-            F.count(F.col("reason")).alias("quarantined"),
-            F.count(F.when(duplicate, 1)).alias("duplicates"),
-        )
-        .collect()
-    }
-    reasons: dict[str, dict[str, int]] = {e: {} for e in config.entity_names}
-    for r in (
-        parsed.where(F.col("reason").isNotNull())
-        .groupBy("entity", F.substring_index("reason", ":", 1).alias("kind"))
-        .count()
-        .collect()
-    ):
-        reasons[r.entity][r.kind] = r["count"]
-    per_split = {
-        (r.entity, r.split): r
-        for r in samples.groupBy("entity", "split")
-        .agg(
-            F.count(F.lit(1)).alias("rows"),
-            F.avg("label").alias("like_rate"),
-            F.countDistinct("user_key").alias("users"),
-        )
-        .collect()
-    }
-    users = {
-        r.entity: r.users
-        for r in samples.groupBy("entity").agg(F.countDistinct("user_key").alias("users")).collect()
-    }
-    overlap = {
-        r.entities: r["count"]
-        for r in samples.select("user_key", "entity")
-        .distinct()
-        .groupBy("user_key")
-        .agg(F.concat_ws("+", F.sort_array(F.collect_list("entity"))).alias("entities"))
-        .groupBy("entities")
-        .count()
-        .collect()
-    }
-
-    entities = {}
-    for e in config.entity_names:
-        line = lines.get(e)
-        input_lines = line.input_lines if line else 0
-        quarantined = line.quarantined if line else 0
-        found = line.duplicates if line else 0
-        removed = found if config.duplicates == "drop" else 0
-        splits = {
-            s: {
-                "rows": per_split[(e, s)].rows if (e, s) in per_split else 0,
-                "like_rate": per_split[(e, s)].like_rate if (e, s) in per_split else None,
-                "users": per_split[(e, s)].users if (e, s) in per_split else 0,
-            }
-            for s in SPLITS
-        }
-        rows = sum(s["rows"] for s in splits.values())
-        if input_lines != rows + quarantined + removed:
-            raise RuntimeError(
-                f"{e}: {input_lines} input lines != {rows} samples + {quarantined} quarantined "
-                f"+ {removed} removed duplicates"
-            )
-        entities[e] = {
-            "input_lines": input_lines,
-            "samples": rows,
-            "quarantined": quarantined,
-            "quarantine_reasons": reasons[e],
-            "duplicates_found": found,
-            "duplicates_removed": removed,
-            "users": users.get(e, 0),
-            "splits": splits,
-        }
-    return {
-        "dataset": config.name,
-        "history_mode": config.history_mode,
-        "duplicates": config.duplicates,
-        "seq_len": config.seq_len,
-        "entities": entities,
-        "user_overlap": dict(sorted(overlap.items())),
-    }
 
 
 def _feature_schema(
     config: DataConfig,
-    vocab: DataFrame,
+    sizes: dict[str, int],
     boundaries: dict[str, list[float]],
     input_dir: str,
     summary: dict[str, Any],
 ) -> dict[str, Any]:
-    sizes = {
-        r.feature: r.size
-        for r in vocab.groupBy("feature").agg((F.max("index") + 1).alias("size")).collect()
-    }
-
     def vocab_size(f: Feature) -> int:
         if f.kind == "bucketized":
             return FIRST_INDEX + len(boundaries[f.name]) + 1
@@ -748,6 +867,9 @@ def _feature_schema(
         "counts": {
             e: {s: v["splits"][s]["rows"] for s in SPLITS} for e, v in summary["entities"].items()
         },
+        "likes": {
+            e: {s: v["splits"][s]["likes"] for s in SPLITS} for e, v in summary["entities"].items()
+        },
     }
 
 
@@ -791,8 +913,8 @@ def _union(a: DataFrame, b: DataFrame) -> DataFrame:
 class _Stager:
     """Writes an intermediate frame as Parquet under the run's staging dir and reads it back.
 
-    Cutting the lineage here makes every later phase read fixed data once (line numbers
-    are computed exactly once) and keeps Spark from recomputing shared inputs per branch.
+    Cutting the lineage after parsing makes the shuffle, the quarantine and its counts read
+    fixed data (line numbers are computed exactly once, every line parsed once).
     """
 
     def __init__(self, spark: SparkSession, root: str) -> None:

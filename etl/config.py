@@ -24,6 +24,9 @@ GROUPS = ("user", "shared", "specific")
 KINDS = ("categorical", "bucketized")
 HISTORY_MODES = ("frozen", "online")
 DUPLICATE_POLICIES = ("keep", "drop")
+# Files per (entity, split) partition of `samples`: past a few thousand, listing and opening
+# them costs more than any shuffle they buy.
+MAX_FILES_PER_PARTITION = 4096
 ROLES = ("source", "target")
 # Columns every sample carries besides the features (docs/data-contract.md).
 RESERVED_COLUMNS = ("entity", "split", "line_no", "user_key", "label")
@@ -71,6 +74,7 @@ class DataConfig:
     valid_fraction: float
     duplicates: str
     quantile_accuracy: int
+    files_per_partition: int
 
     @property
     def entity_names(self) -> tuple[str, ...]:
@@ -142,7 +146,14 @@ def parse_config(raw: Any) -> DataConfig:
         top,
         "",
         required=("name", "entities", "user_key", "label", "features", "sequence", "split"),
-        optional=("id_columns", "leaky_columns", "duplicates", "buckets", "quantile_accuracy"),
+        optional=(
+            "id_columns",
+            "leaky_columns",
+            "duplicates",
+            "buckets",
+            "quantile_accuracy",
+            "files_per_partition",
+        ),
     )
     entities = _parse_entities(top["entities"])
     names = tuple(e.name for e in entities)
@@ -171,6 +182,12 @@ def parse_config(raw: Any) -> DataConfig:
         valid_fraction=_fraction(split.get("valid_fraction", 0.1), "split.valid_fraction"),
         duplicates=_str(top.get("duplicates", "keep"), "duplicates"),
         quantile_accuracy=_int(top.get("quantile_accuracy", 10000), "quantile_accuracy", minimum=1),
+        files_per_partition=_int(
+            top.get("files_per_partition", 8),
+            "files_per_partition",
+            minimum=1,
+            maximum=MAX_FILES_PER_PARTITION,
+        ),
     )
     _check_run_options(config)
     _check_columns(config)
@@ -361,9 +378,11 @@ def _str_list(value: Any, key: str) -> list[str]:
     return [_str(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
 
-def _int(value: Any, key: str, minimum: int) -> int:
+def _int(value: Any, key: str, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{key}: must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{key}: must be an integer <= {maximum}, got {value!r}")
     return value
 
 

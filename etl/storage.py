@@ -5,28 +5,36 @@ hdfs:// or s3a:// path on a cluster.
 
 Delta writers (docs/etl.md, "Delta writer"):
 - ``spark``: delta-spark, when its jars are on the classpath (cluster:
-  ``--packages io.delta:delta-spark_2.13:<version>``). Spark writes the table itself.
-- ``rs``: delta-rs (the ``deltalake`` package). Spark has already written the table's rows as
-  Parquet to a staging directory; the driver streams them into Delta record batch by record
-  batch (:func:`staged_batches`), so the table is never collected into memory.
+  ``--packages io.delta:delta-spark_2.13:<version>``). Spark writes and commits the table.
+- ``rs``: the executors write the table's Parquet files in place, under
+  ``TABLE/run-<run id>/`` in the usual ``key=value`` partition directories; the driver then
+  commits one Delta log entry that adds exactly those files and removes the previous
+  version's (delta-rs, ``create_table_with_add_actions`` in overwrite mode). No row passes
+  through the driver: it reads the files' Parquet footers, for the statistics, and nothing
+  else.
 Both overwrite: a re-run commits a new table version atomically and older versions stay
-readable (time travel) until someone vacuums them.
+readable (time travel) until someone vacuums them. Files written by a run that never committed
+are invisible to every reader; :func:`discard_uncommitted` deletes them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote
 
 import pyarrow as pa
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 
 Writer = Literal["auto", "spark", "rs"]
 log = logging.getLogger("etl.storage")
 
 DELTA_SPARK_CLASS = "io.delta.tables.DeltaTable"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+# Spark's directory name for a null partition value.
+HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
 
 class HadoopFs:
@@ -51,6 +59,16 @@ class HadoopFs:
     def is_file(self, path: str) -> bool:
         jpath, fs = self._resolve(path)
         return bool(fs.exists(jpath)) and bool(fs.getFileStatus(jpath).isFile())
+
+    def first_line(self, path: str) -> str | None:
+        """The file's first line (UTF-8; None if the file is empty), read without a Spark job."""
+        jpath, fs = self._resolve(path)
+        stream = fs.open(jpath)
+        try:
+            io = self._jvm.java.io
+            return io.BufferedReader(io.InputStreamReader(stream, "UTF-8")).readLine()
+        finally:
+            stream.close()
 
     def glob(self, pattern: str) -> list[str]:
         """Paths matching a glob pattern (Hadoop syntax: *, ?, [...])."""
@@ -110,58 +128,158 @@ def resolve_writer(spark: SparkSession, writer: Writer) -> Literal["spark", "rs"
     return writer
 
 
-def write_delta(
-    spark: SparkSession,
-    staging_path: str,
+def run_dir(run_id: str) -> str:
+    """The directory, relative to a table, that holds the files one run wrote with delta-rs."""
+    return f"run-{run_id}"
+
+
+@dataclass
+class TableWrite:
+    """One table's files, written by Spark; :meth:`commit` makes them the table's new version."""
+
+    table_path: str
+    writer: Literal["spark", "rs"]
+    schema: pa.Schema
+    partition_by: list[str]
+    files_dir: str  # relative to table_path (rs); "" for delta-spark, which has committed
+
+    def commit(self, spark: SparkSession) -> int:
+        """Commit (delta-rs) and return the table version this run created."""
+        if self.writer == "spark":
+            from delta.tables import DeltaTable as SparkDeltaTable
+
+            history = SparkDeltaTable.forPath(spark, self.table_path).history(1)
+            return int(history.first()["version"])
+        from deltalake import DeltaTable
+        from deltalake import Schema as DeltaSchema
+        from deltalake.transaction import create_table_with_add_actions
+
+        create_table_with_add_actions(
+            self.table_path,
+            DeltaSchema.from_arrow(self.schema),
+            _add_actions(self.table_path, self.files_dir, self.partition_by),
+            mode="overwrite",
+            partition_by=self.partition_by or None,
+        )
+        return DeltaTable(self.table_path).version()
+
+
+def write_table(
+    frame: DataFrame,
     table_path: str,
     partition_by: list[str],
     writer: Literal["spark", "rs"],
-) -> int:
-    """Overwrite the Delta table at table_path with the Parquet rows under staging_path.
+    run_id: str,
+) -> TableWrite:
+    """Write frame's rows as the table's next version: one Parquet file per task and partition.
 
-    Returns the table version this commit created (the job is the table's only writer).
+    delta-spark commits here; with delta-rs nothing is visible until :meth:`TableWrite.commit`.
     """
+    schema = _arrow_schema(frame)
     if writer == "spark":
-        from delta.tables import DeltaTable as SparkDeltaTable
-
         (
-            spark.read.parquet(staging_path)
-            .write.format("delta")
+            frame.write.format("delta")
             .mode("overwrite")
             .option("overwriteSchema", "true")
             .partitionBy(*partition_by)
             .save(table_path)
         )
-        return int(SparkDeltaTable.forPath(spark, table_path).history(1).first()["version"])
-    from deltalake import DeltaTable, write_deltalake
-
-    write_deltalake(
-        table_path,
-        staged_batches(staging_path),
-        mode="overwrite",
-        schema_mode="overwrite",
-        partition_by=partition_by or None,
+        return TableWrite(table_path, writer, schema, partition_by, "")
+    files_dir = run_dir(run_id)
+    (
+        frame.write.partitionBy(*partition_by)
+        # No _SUCCESS marker inside a Delta table: the log says which files are the table.
+        .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
+        .parquet(f"{table_path}/{files_dir}")
     )
-    return DeltaTable(table_path).version()
+    return TableWrite(table_path, writer, schema, partition_by, files_dir)
 
 
-def staged_batches(staging_path: str, batch_rows: int = 65536) -> pa.RecordBatchReader:
-    """The staged Parquet rows as a stream of record batches of at most batch_rows rows.
+def discard_uncommitted(fs: HadoopFs, table_path: str, run_id: str) -> None:
+    """Delete the files a run wrote under a table unless that table's latest version holds them.
 
-    Not pyarrow's dataset scanner: it decodes a whole row group at once, and Spark cuts row
-    groups at ~128 MB of *encoded* data; the liked-item sequences compress so well that one
-    row group decodes to gigabytes (the driver grew by ~0.8 GB per million samples).
-    ParquetFile.iter_batches decodes batch_rows rows at a time.
+    One writer per OUT_DIR: the run was the last to write, so if it did not commit, no version
+    refers to its files; if it did, they are the latest version and stay.
     """
-    import pyarrow.dataset as ds
+    files_dir = f"{table_path}/{run_dir(run_id)}"
+    if not fs.exists(files_dir):
+        return
+    if fs.exists(f"{table_path}/_delta_log"):
+        from deltalake import DeltaTable
+
+        prefix = run_dir(run_id) + "/"
+        if any(
+            path.startswith(prefix)
+            for path in DeltaTable(table_path)
+            .get_add_actions(flatten=True)
+            .column("path")
+            .to_pylist()
+        ):
+            return
+    log.info("removing %s, written by a run that did not commit it", files_dir)
+    fs.delete(files_dir)
+
+
+def _arrow_schema(frame: DataFrame) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(frame.schema)
+
+
+def _add_actions(table_path: str, files_dir: str, partition_by: list[str]) -> list[Any]:
+    """An add action per Parquet file under table_path/files_dir: size, partition values (from
+    the key=value directories Spark wrote) and statistics read from the file's footer."""
     import pyarrow.parquet as pq
+    from deltalake.transaction import AddAction
+    from pyarrow import fs as pafs
 
-    # Files whose names start with "_" or "." (Spark's _SUCCESS) are skipped by pyarrow.
-    dataset = ds.dataset(staging_path, format="parquet")
+    filesystem, root = pafs.FileSystem.from_uri(table_path)
+    selector = pafs.FileSelector(f"{root}/{files_dir}", recursive=True)
+    actions = []
+    for info in filesystem.get_file_info(selector):
+        relative = info.path[len(root) + 1 :]
+        name = relative.rsplit("/", 1)[-1]
+        if info.type != pafs.FileType.File or name.startswith(("_", ".")):
+            continue
+        values = dict(part.split("=", 1) for part in relative.split("/")[1:-1])
+        partition_values = {
+            key: None if values[key] == HIVE_NULL else unquote(values[key]) for key in partition_by
+        }
+        metadata = pq.read_metadata(info.path, filesystem=filesystem)
+        actions.append(
+            AddAction(
+                path=relative,
+                size=info.size,
+                partition_values=partition_values,
+                modification_time=int(info.mtime.timestamp() * 1000),
+                data_change=True,
+                stats=json.dumps(_stats(metadata)),
+            )
+        )
+    return actions
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        for file in dataset.files:
-            with dataset.filesystem.open_input_file(file) as handle:
-                yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_rows)
 
-    return pa.RecordBatchReader.from_batches(dataset.schema, batches())
+def _stats(metadata: Any) -> dict[str, Any]:
+    """Delta file statistics of the top-level scalar columns, from the row groups' statistics."""
+    stats: dict[str, Any] = {
+        "numRecords": metadata.num_rows,
+        "minValues": {},
+        "maxValues": {},
+        "nullCount": {},
+    }
+    schema = metadata.schema.to_arrow_schema()
+    for index in range(metadata.num_columns):
+        path = metadata.schema.column(index).path
+        if "." in path or pa.types.is_nested(schema.field(path).type):
+            continue
+        chunks = [
+            metadata.row_group(g).column(index).statistics for g in range(metadata.num_row_groups)
+        ]
+        if not chunks or any(s is None for s in chunks):
+            continue
+        stats["nullCount"][path] = sum(s.null_count for s in chunks)
+        bounded = [s for s in chunks if s.has_min_max]
+        if bounded:
+            stats["minValues"][path] = min(s.min for s in bounded)
+            stats["maxValues"][path] = max(s.max for s in bounded)
+    return stats
