@@ -8,11 +8,12 @@ Per size: generate Tenrec-format CSVs of about that many raw rows (jobs/generate
 0), run the Spark job as its own spark-submit process with the event log on, run
 jobs/duckdb_samples.py over the same files in one process, and compare the two outputs row by
 row (every column, joined on entity and line_no). Reported: wall time (process start to exit,
-JVM start included), rows per second, executor CPU seconds and where they go (phases and
-staged tables, from the event log: the job tags each phase with a job description), peak
-resident memory of the JVM (driver and executors: one JVM on a local master) and of the Python
-driver (which streams the tables into Delta with delta-rs), the JVM heap peak, and the
-DuckDB/Spark time ratio. Machine load (1-minute load average) before and after each run goes
+JVM start included), rows per second, CPU per raw row, executor CPU seconds and where they go
+(phases and staged tables, from the event log: the job tags each phase with a job
+description), the JVM's CPU outside the tasks by thread kind (JIT compilers, garbage
+collector, the rest), peak resident memory of the JVM (driver and executors: one JVM on a
+local master) and of the Python driver (which commits the files Spark wrote to Delta with
+delta-rs), the JVM heap peak, and the DuckDB/Spark time ratio. Machine load (1-minute load average) before and after each run goes
 beside the figures: on a shared machine wall time is not CPU time.
 
 Results: printed as Markdown and written to WORK_DIR/results.json, merged by size: results of
@@ -60,7 +61,8 @@ EXECUTOR_PEAKS = (
 
 
 class ProcessTree:
-    """Polls a process and its descendants: each one's peak RSS (VmHWM) and CPU time, peak sum.
+    """Polls a process and its descendants: each one's peak RSS (VmHWM) and CPU time, peak sum;
+    and the CPU time of every JVM thread, by kind.
 
     CPU time is the whole process's (user + system, all threads: GC and JIT included), as last
     seen; a process's final quarter second is missed.
@@ -70,6 +72,7 @@ class ProcessTree:
         self._root, self._interval = root, interval_s
         self.peak_by_pid: dict[int, tuple[str, int]] = {}  # pid -> (kind, peak bytes)
         self.cpu_by_pid: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds)
+        self.cpu_by_jvm_thread: dict[tuple[int, str], tuple[str, float]] = {}
         self.peak_total = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -85,7 +88,11 @@ class ProcessTree:
         cpu: dict[str, float] = defaultdict(float)
         for kind, seconds in self.cpu_by_pid.values():
             cpu[kind] += seconds
+        threads: dict[str, float] = defaultdict(float)
+        for kind, seconds in self.cpu_by_jvm_thread.values():
+            threads[kind] += seconds
         return {
+            **{f"jvm_{kind}_cpu_s": round(seconds, 1) for kind, seconds in threads.items()},
             "jvm_rss_mb": round(peaks["java"], 1),
             "python_rss_mb": round(peaks["python"], 1),
             "tree_rss_mb": round(self.peak_total / MB, 1),
@@ -108,10 +115,39 @@ class ProcessTree:
                 _, seen = self.peak_by_pid.get(pid, (kind, 0))
                 self.peak_by_pid[pid] = (kind, max(seen, hwm))
                 stat = read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
-                if len(stat) > 12:  # utime and stime, fields 14 and 15, in clock ticks
-                    ticks = int(stat[11]) + int(stat[12])
-                    self.cpu_by_pid[pid] = (kind, ticks / os.sysconf("SC_CLK_TCK"))
+                if len(stat) > 12:
+                    self.cpu_by_pid[pid] = (kind, _cpu_seconds(stat))
+                if kind == "java":
+                    self._poll_threads(pid)
             self.peak_total = max(self.peak_total, total)
+
+    def _poll_threads(self, pid: int) -> None:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return
+        for tid in tids:
+            raw = read_proc(f"/proc/{pid}/task/{tid}/stat")
+            if ")" in raw:
+                name = raw[raw.index("(") + 1 : raw.rindex(")")]
+                stat = raw.rsplit(")", 1)[-1].split()
+                self.cpu_by_jvm_thread[(pid, tid)] = (_thread_kind(name), _cpu_seconds(stat))
+
+
+def _cpu_seconds(stat: list[str]) -> float:
+    """utime + stime (fields 14 and 15 of /proc/.../stat, after the command name) in seconds."""
+    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_kind(name: str) -> str:
+    """A JVM thread's kind from its (15-character) name."""
+    if "CompilerThre" in name:
+        return "jit"
+    if name.startswith(("GC Thread", "G1 ")):
+        return "gc"
+    if name.startswith("Executor task"):
+        return "task_threads"
+    return "other"
 
 
 def read_proc(path: str) -> str:
@@ -426,10 +462,11 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"master {args.master}, driver memory {args.driver_memory}, "
         f"DuckDB threads {args.duckdb_threads}, {os.cpu_count()} cores",
         "",
-        "| raw rows | Spark wall s | rows/s | executor CPU s | JVM CPU s | driver CPU s "
-        "| JVM peak RSS MB | JVM heap peak MB | Python driver peak RSS MB | DuckDB wall s "
-        "| DuckDB CPU s | DuckDB peak RSS MB | Spark/DuckDB | differing cells | load before/after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| raw rows | Spark wall s | rows/s | CPU µs/row | executor CPU s | JVM CPU s "
+        "(JIT / GC) | driver CPU s | JVM peak RSS MB | JVM heap peak MB "
+        "| Python driver peak RSS MB | DuckDB wall s | DuckDB CPU s | DuckDB peak RSS MB "
+        "| Spark/DuckDB | differing cells | load before/after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s, d = r["spark"], r.get("duckdb", {})
@@ -439,9 +476,12 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
                 **{k: v for k, v in d.items() if k != "wall_s"},
             }
         comparison = r.get("comparison", {})
+        per_row = (s["jvm_cpu_s"] + s["python_cpu_s"]) / r["raw_rows"] * 1e6
         lines.append(
-            f"| {r['raw_rows']:,} | {s['wall_s']} | {s['rows_per_s']:,} "
-            f"| {s['profile']['totals']['cpu_s']} | {s['jvm_cpu_s']} | {s['python_cpu_s']} "
+            f"| {r['raw_rows']:,} | {s['wall_s']} | {s['rows_per_s']:,} | {per_row:.1f} "
+            f"| {s['profile']['totals']['cpu_s']} "
+            f"| {s['jvm_cpu_s']} ({s.get('jvm_jit_cpu_s', '-')} / {s.get('jvm_gc_cpu_s', '-')}) "
+            f"| {s['python_cpu_s']} "
             f"| {s['jvm_rss_mb']:.0f} "
             f"| {s['profile']['executor_peaks_mb'].get('JVMHeapMemory', 0):.0f} "
             f"| {s['python_rss_mb']:.0f} | {d.get('wall_s', '-')} | {d.get('python_cpu_s', '-')} "

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from etl.build_samples import InputError, _log_summary, build_samples
+from etl.build_samples import InputError, _discard_run, _file_order, _log_summary, build_samples
 from etl.config import DataConfig, load_config
-from etl.storage import WriterError, resolve_writer
+from etl.storage import HadoopFs, WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
 
 pytestmark = pytest.mark.slow
@@ -850,3 +852,81 @@ def test_second_entity_pair(spark, shop: tuple[Path, Path, Path]) -> None:
     assert b.vocab[b.vocab.feature == "creator_id"].entity.isna().all()
     assert set(b.samples.entity) == {"product", "post"}
     assert summary["user_overlap"]  # users by the entities they appear in
+
+
+# --------------------------------------------------------------------------------------------
+# The samples files (files_per_partition) and the delta-rs commit of files Spark wrote.
+# --------------------------------------------------------------------------------------------
+
+
+def _add_actions(table: Path, version: int | None = None) -> pd.DataFrame:
+    actions = DeltaTable(str(table), version=version).get_add_actions(flatten=True)
+    return pa.table(actions).to_pandas()
+
+
+def test_samples_files_mix_users_in_a_fixed_order(spark, built: Built) -> None:
+    """Each (entity, split) partition is several files; a user's rows of a partition are all in
+    one file; inside a file the rows follow the seeded hash order, not the users."""
+    config = load_config(TENREC_CONFIG)
+    actions = _add_actions(built.out / "samples", built.version)
+    assert actions.path.str.fullmatch(
+        r"run-[0-9a-f]{12}/entity=\w+/split=\w+/part-.*\.parquet"
+    ).all()
+    for (entity, split), files in actions.groupby(["partition.entity", "partition.split"]):
+        assert 1 < len(files) <= config.files_per_partition, (entity, split)
+        owner: dict[int, str] = {}
+        for path, records in zip(files.path, files.num_records, strict=True):
+            rows = pq.read_table(built.out / "samples" / path, columns=["user_key", "line_no"])
+            assert rows.num_rows == records  # the statistics the commit read from the footer
+            for user in set(rows.column("user_key").to_pylist()):
+                assert owner.setdefault(user, path) == path, (entity, split, user)
+            frame = rows.to_pandas().assign(entity=entity, split=split)
+            keys = (
+                spark.createDataFrame(frame.reset_index())
+                .select("index", _file_order(config).alias("key"))
+                .toPandas()
+                .sort_values("index")
+                .key
+            )
+            assert keys.is_monotonic_increasing, path
+            # Not one block per user, as when rows are written user by user.
+            users = frame.user_key.to_numpy()
+            if len(users) > 20 and len(set(users)) > 1:
+                assert 1 + (users[1:] != users[:-1]).sum() > len(set(users)), path
+
+
+def test_uncommitted_run_files_are_removed_committed_ones_kept(
+    spark, built: Built, tmp_path: Path
+) -> None:
+    """What a run killed between writing its files and committing them leaves under a table is
+    deleted by the next run (`_discard_run`); the files of committed versions stay."""
+    out = shutil.copytree(built.out, tmp_path / "out")
+    committed = sorted(p.name for p in (out / "samples").glob("run-*"))
+    interrupted = "0123456789ab"
+    for table in ("samples", "vocab"):
+        target = out / table / f"run-{interrupted}"
+        shutil.copytree(out / table / committed[0], target)
+    (out / f"_staging-{interrupted}").mkdir()
+    before = DeltaTable(str(out / "samples")).to_pyarrow_table().num_rows
+    _discard_run(HadoopFs(spark), str(out), interrupted)
+    assert not list(out.glob(f"*/run-{interrupted}")) and not list(out.glob("_staging-*"))
+    assert sorted(p.name for p in (out / "samples").glob("run-*")) == committed
+    assert DeltaTable(str(out / "samples")).to_pyarrow_table().num_rows == before
+    # The last run, killed after committing, keeps its files, staging dir left behind or not.
+    (latest,) = {path.split("/")[0] for path in _add_actions(out / "samples").path}
+    (out / f"_staging-{latest[4:]}").mkdir()
+    _discard_run(HadoopFs(spark), str(out), latest[4:])
+    assert sorted(p.name for p in (out / "samples").glob("run-*")) == committed
+    assert DeltaTable(str(out / "samples")).to_pyarrow_table().num_rows == before
+
+
+def test_schema_counts_and_likes_per_entity_and_split(built: Built) -> None:
+    """`counts` and `likes` of the schema file are the samples' rows and liked rows."""
+    samples = built.samples
+    for entity in ("video", "article"):
+        for split in ("train", "valid", "test"):
+            part = samples[(samples.entity == entity) & (samples.split == split)]
+            assert built.schema["counts"][entity][split] == len(part)
+            assert built.schema["likes"][entity][split] == int(part.label.sum())
+            assert built.summary["entities"][entity]["splits"][split]["likes"] == part.label.sum()
+    assert built.schema["likes"]["article"]["train"] > 0

@@ -152,3 +152,22 @@ def test_overrides_are_validated() -> None:
         config.with_overrides(history_mode="later")
     with pytest.raises(ConfigError, match=r"^sequence\.seq_len"):
         config.with_overrides(seq_len=0)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, r"^files_per_partition: must be an integer >= 1, got 0"),
+        (5000, r"^files_per_partition: must be an integer <= 4096, got 5000"),
+        ("8", r"^files_per_partition: must be an integer >= 1, got '8'"),
+        (True, r"^files_per_partition: must be an integer >= 1, got True"),
+    ],
+)
+def test_files_per_partition_is_validated(value: object, message: str) -> None:
+    raw = tenrec_raw()
+    assert load_config(TENREC_CONFIG).files_per_partition == raw["files_per_partition"] == 8
+    raw["files_per_partition"] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+    del raw["files_per_partition"]
+    assert parse_config(raw).files_per_partition == 8  # the default
