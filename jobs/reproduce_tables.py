@@ -46,8 +46,14 @@ from mkt.metrics import activity_group_names
 from mkt.pipelines import pipeline
 from mkt.schema import SchemaError
 from train.cluster import start_ray
-from train.config import REPO_ROOT, ConfigError, dump, load_run_config
-from train.run import check_samples, check_stage_params, prepare_run_dir
+from train.config import REPO_ROOT, ConfigError, load_run_config
+from train.run import (
+    check_samples,
+    check_stage_params,
+    prepare_run_dir,
+    resolved_config,
+    run_config_text,
+)
 
 RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
 QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"
@@ -375,7 +381,7 @@ def run_configs(
         for entry in entries:
             config = load_run_config(config_path, [*entry.overrides, *overrides, f"seed={seed}"])
             check_stage_params(config)
-            planned.append((entry, seed, config))
+            planned.append((entry, seed, resolved_config(config)))
     return planned
 
 
@@ -490,7 +496,7 @@ def run_all(
                     f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
                 )
                 run_started = time.monotonic()
-                prepare_run_dir(run_dir, dump({"invocation": invocation, **config}))
+                prepare_run_dir(run_dir, run_config_text(config, invocation))
                 if (entry.key, seed) in shared:
                     entry_dir = output / STAGE1_DIR / shared[(entry.key, seed)]
                     link_first_stage(config, samples_dir, run_dir, entry_dir)

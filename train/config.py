@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,16 @@ def check(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
     if train["lr"] <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {train['lr']}")
+    embedding_lr = train["embedding_lr"]
+    if embedding_lr is not None and (
+        isinstance(embedding_lr, bool)
+        or not isinstance(embedding_lr, int | float)
+        or embedding_lr <= 0
+    ):
+        raise ConfigError(f"train.embedding_lr: null or a number > 0, got {embedding_lr!r}")
+    for key in ("weight_decay", "embedding_l2"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")
     if train["shuffle_buffer_rows"] < 0:
         raise ConfigError("train.shuffle_buffer_rows: must be >= 0 (0 turns it off)")
     stopping = train["early_stopping"]
@@ -207,3 +218,21 @@ def check_fault(config: Mapping[str, Any]) -> None:
 
 def dump(config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+
+
+def code_commit(repo: Path = REPO_ROOT) -> str | None:
+    """HEAD's commit of the git checkout holding this code; None when the code is not a git
+    checkout or git is unavailable. (Uncommitted changes are not recorded.)"""
+    if not (repo / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--verify", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return commit if head.returncode == 0 and commit else None

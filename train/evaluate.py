@@ -23,6 +23,7 @@ from deltalake import DeltaTable
 from ray.data import ActorPoolStrategy, SaveMode
 
 from mkt.features import to_tensors
+from mkt.like_rate import Counts, fit_strength, like_rate_scores
 from mkt.metrics import evaluate
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, build_chain
@@ -88,19 +89,47 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return DeltaTable(str(path)).to_pyarrow_table().to_pandas()
 
 
-def user_activity(samples_dir: Path, schema: FeatureSchema, users: np.ndarray) -> np.ndarray:
-    """Per test row: its user's number of target-entity train rows (mkt.metrics' definition).
-    Each read block is counted where it is read; the driver only adds up those partial counts
-    (at most one row per user and block), so no train row reaches it."""
-    key = schema.columns["user_key"]
-    train = read_samples(samples_dir, schema, [schema.target_entity], "train", [key])
+def train_counts(samples_dir: Path, schema: FeatureSchema, key: str) -> Counts:
+    """Target-entity train rows and likes per value of column `key`. Each read block is
+    counted where it is read; the driver only adds up those partial counts (at most one row
+    per key and block), so no train row reaches it."""
+    label = schema.columns["label"]
+    train = read_samples(samples_dir, schema, [schema.target_entity], "train", [key, label])
     partial = train.map_batches(
-        lambda block: block.select([key]).group_by(key).aggregate([(key, "count")]),
+        lambda block: block.group_by(key).aggregate([(label, "count"), (label, "sum")]),
         batch_format="pyarrow",
         batch_size=None,
     ).to_pandas()
-    per_user = partial.groupby(key)[f"{key}_count"].sum()
-    return per_user.reindex(users).fillna(0).astype(np.int64).to_numpy()
+    total = partial.groupby(key)[[f"{label}_count", f"{label}_sum"]].sum()
+    return Counts.of(
+        total.index.to_numpy(),
+        total[f"{label}_count"].to_numpy(),
+        total[f"{label}_sum"].to_numpy(),
+    )
+
+
+def like_rate_floor(
+    samples_dir: Path, schema: FeatureSchema, users: Counts, line_no: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """The smoothed like-rate floor (mkt.like_rate) of the given target test lines, its prior
+    strength chosen on the target validation rows; returns (scores, strength)."""
+    key, item, label = schema.columns["user_key"], schema.item_feature, schema.columns["label"]
+    line = schema.columns["line_no"]
+    prior = schema.like_rate(schema.target_entity, "train")
+    if prior is None:  # a schema file from before `likes` was recorded
+        prior = float(users.likes.sum() / max(users.rows.sum(), 1.0))
+    items = train_counts(samples_dir, schema, item)
+    target = [schema.target_entity]
+    valid = read_samples(samples_dir, schema, target, "valid", [key, item, label]).to_pandas()
+    strength = fit_strength(
+        users, items, prior, valid[key].to_numpy(), valid[item].to_numpy(), valid[label].to_numpy()
+    )
+    test = read_samples(samples_dir, schema, target, "test", [line, key, item]).to_pandas()
+    test = test.set_index(line).reindex(line_no)
+    scores = like_rate_scores(
+        users, items, prior, test[key].to_numpy(), test[item].to_numpy(), strength
+    )
+    return scores, strength
 
 
 def oracle_path(schema: FeatureSchema, given: str | None) -> Path | None:
@@ -139,16 +168,17 @@ def test_metrics(
     predictions: pd.DataFrame,
     activity: np.ndarray,
     boundaries: Sequence[float],
-    oracle: np.ndarray | None,
+    references: dict[str, np.ndarray],
 ) -> dict[str, Any]:
+    """Metrics of the model's scores and of each reference scorer's (the floor, the oracle)
+    on the same rows."""
     labels = predictions["label"].to_numpy().astype(np.int64)
     users = predictions["user_key"].to_numpy()
-    result = {
-        "model": evaluate(labels, predictions["score"].to_numpy(), users, activity, boundaries)
+    scorers = {"model": predictions["score"].to_numpy(), **references}
+    return {
+        name: evaluate(labels, scores, users, activity, boundaries)
+        for name, scores in scorers.items()
     }
-    if oracle is not None:
-        result["oracle"] = evaluate(labels, oracle, users, activity, boundaries)
-    return result
 
 
 def evaluate_run(
@@ -161,7 +191,13 @@ def evaluate_run(
 ) -> dict[str, Any]:
     ray.data.DataContext.get_current().enable_progress_bars = False
     predictions = read_predictions(write_predictions(samples_dir, schema, chain, run_dir, config))
-    users = predictions["user_key"].to_numpy()
-    activity = user_activity(samples_dir, schema, users)
-    truth = oracle_scores(oracle, schema, predictions["line_no"].to_numpy()) if oracle else None
-    return test_metrics(predictions, activity, config["eval"]["activity_boundaries"], truth)
+    line_no = predictions["line_no"].to_numpy()
+    per_user = train_counts(samples_dir, schema, schema.columns["user_key"])
+    activity = per_user.lookup(predictions["user_key"].to_numpy())[0].astype(np.int64)
+    floor, strength = like_rate_floor(samples_dir, schema, per_user, line_no)
+    references = {"like_rate": floor}
+    if oracle:
+        references["oracle"] = oracle_scores(oracle, schema, line_no)
+    test = test_metrics(predictions, activity, config["eval"]["activity_boundaries"], references)
+    test["like_rate"]["prior_strength"] = strength
+    return test

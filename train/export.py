@@ -26,7 +26,6 @@ if __package__ in (None, ""):
 import argparse
 import hashlib
 import json
-import subprocess
 from typing import Any
 
 import yaml
@@ -38,11 +37,11 @@ from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving import ArtifactError, ProgramError, export_artifact
 from train.checkpoints import MODEL_FILE, CheckpointError, ModelLink, build_chain
+from train.config import code_commit
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
-REPO = Path(__file__).resolve().parents[1]
 
 
 class RunError(ValueError):
@@ -97,24 +96,6 @@ def final_chain(config: dict[str, Any], metrics: dict[str, Any], run_dir: Path) 
         weights = checkpoint_dir(s["best_checkpoint"], run_dir, name)
         links.append(ModelLink(s["model"], dict(s["params"]), str(weights)))
     return links
-
-
-def code_commit(repo: Path = REPO) -> str | None:
-    """HEAD's commit of the git checkout holding this code; None when the code is not a git
-    checkout or git is unavailable. (Uncommitted changes are not recorded.)"""
-    if not (repo / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--verify", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = head.stdout.strip()
-    return commit if head.returncode == 0 and commit else None
 
 
 def run_stamp(

@@ -100,11 +100,7 @@ def _train_stage(config: dict[str, Any]) -> None:
         model, parallel_strategy_kwargs={"find_unused_parameters": opts["find_unused_parameters"]}
     )
     # Built after prepare_model: the optimizer state follows the parameters' device.
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=opts["lr"],
-        weight_decay=opts["weight_decay"],
-    )
+    optimizer = build_optimizer(model, opts)
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_optimizer(optimizer, Path(directory))
@@ -116,10 +112,8 @@ def _train_stage(config: dict[str, Any]) -> None:
     collate = ModelBatches(schema)
     collate_valid = ModelBatches(schema, keep=[schema.columns["user_key"]])
 
-    while state.epochs_done < opts["epochs"] and not state.stopped_early:
-        epoch = state.epochs_done + 1
-        model.train()
-        batches = mixed_batches(
+    def train_batches(epoch: int) -> Any:
+        return mixed_batches(
             shard.iter_torch_batches(
                 batch_size=batch_sizes[entity],
                 collate_fn=collate,
@@ -129,6 +123,14 @@ def _train_stage(config: dict[str, Any]) -> None:
             )
             for entity, shard in train_shards.items()
         )
+
+    if opts["embedding_l2"] > 0:
+        _count_embedding_rows(model, train_batches(0), config["stage"], rank, world)
+
+    while state.epochs_done < opts["epochs"] and not state.stopped_early:
+        epoch = state.epochs_done + 1
+        model.train()
+        batches = train_batches(epoch)
         train_stats = _train_epoch(
             model, wrapped, optimizer, batches, config, epoch, state.global_step, rank, world
         )
@@ -161,6 +163,50 @@ def _train_stage(config: dict[str, Any]) -> None:
         _report(metrics, model, optimizer, state, rank)
 
 
+def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> torch.optim.Optimizer:
+    """Adam with two parameter groups: the embedding tables (step `embedding_lr`, no weight
+    decay: their L2 is `embedding_l2`, on the rows a batch touches) and the dense layers
+    (step `lr`, L2 `weight_decay`)."""
+    tables = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Embedding)
+        for p in m.parameters()
+        if p.requires_grad
+    }
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {
+            "params": [p for p in trainable if id(p) not in tables],
+            "weight_decay": opts["weight_decay"],
+        },
+        {
+            "params": [p for p in trainable if id(p) in tables],
+            "lr": opts["embedding_lr"] or opts["lr"],
+            "weight_decay": 0.0,
+        },
+    ]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=opts["lr"])
+
+
+def _count_embedding_rows(model: CTRModel, batches: Any, stage: str, rank: int, world: int) -> None:
+    """The counting pass of the embedding L2 (mkt EmbeddingBank.l2_penalty): how many of an
+    epoch's batches, over all workers, touch each embedding row. One pass over the train
+    stream before the first epoch (and again after a restart: counts are data, not state)."""
+    started = time.perf_counter()
+    counts = model.count_embedding_rows(batches)
+    if world > 1:
+        for tensor in counts:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    if rank == 0:
+        log.info(
+            "[%s] embedding rows counted for the L2 in %.0f s (%d tables)",
+            stage,
+            time.perf_counter() - started,
+            len(counts),
+        )
+
+
 def _train_epoch(
     model: CTRModel,
     wrapped: torch.nn.Module,
@@ -182,6 +228,12 @@ def _train_epoch(
     for step, batch in enumerate(batches, start=1):
         out = wrapped(batch)
         losses = model.loss(batch, out)
+        if config["train"]["embedding_l2"] > 0:
+            # Scaled so that over an epoch the objective is the sum of the rows' log losses
+            # plus embedding_l2 x the squared norm of every embedding row.
+            penalty = model.embedding_l2(batch) / batch["label"].shape[0]
+            losses["embedding_l2"] = penalty.detach()
+            losses["loss"] = losses["loss"] + config["train"]["embedding_l2"] * penalty
         if fault["nonfinite_loss_at_step"] == steps_before + step and rank == world - 1:
             losses["loss"] = losses["loss"] * float("nan")
         # Before backward: the parameters and the optimizer never see the bad step.

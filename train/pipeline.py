@@ -15,6 +15,7 @@ import ray
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink
+from train.config import code_commit
 from train.evaluate import evaluate_run, oracle_path
 from train.report import SUMMARY_FILE, write_outputs
 from train.stage import StageResult, finished, run_stage, use_gpu
@@ -42,6 +43,9 @@ def run_pipeline(
     test = evaluate_run(samples_dir, schema, chains[stages[-1].name], run_dir, config, truth)
     header = {
         "model": config["model"],
+        "code_commit": code_commit(),
+        "seed": config["seed"],
+        "train": config["train"],
         "samples": str(samples_dir),
         # Which likes the test rows' sequences may hold (docs/etl.md): results must say it.
         "history_mode": schema.history_mode,

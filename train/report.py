@@ -110,7 +110,14 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         "",
         f"## Target test rows ({model['rows']}, positive rate {_f(model['positive_rate'])})",
         "",
-        *results_table(test, {"model": metrics["model"], "oracle": "oracle (true p_like)"}),
+        *results_table(
+            test,
+            {
+                "model": metrics["model"],
+                "like_rate": "like-rate floor (smoothed user and item rates)",
+                "oracle": "oracle (true p_like)",
+            },
+        ),
         "",
         "## By user activity (target train rows per user)",
         "",

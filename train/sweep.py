@@ -47,7 +47,7 @@ from train.data import samples_path
 from train.loop import SCORE
 from train.pipeline import run_pipeline
 from train.report import METRICS_FILE, SUMMARY_FILE, results_table
-from train.run import CONFIG_FILE, prepare_run_dir
+from train.run import CONFIG_FILE, prepare_run_dir, resolved_config, run_config_text
 from train.stage import (
     CHECKPOINTS_DIR,
     TRIAL_RESOURCES,
@@ -184,7 +184,8 @@ def pipeline_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     )
     run_dir = Path(context["output"]) / TRIALS_DIR / tune.get_context().get_trial_id()
     samples_dir = Path(context["samples"])
-    prepare_run_dir(run_dir, dump({"invocation": context["invocation"], **config}))
+    config = resolved_config(config)
+    prepare_run_dir(run_dir, run_config_text(config, context["invocation"]))
     stages = pipeline(config["model"])
     stage1 = "none"
     if len(stages) > 1:

@@ -4,6 +4,10 @@ Index 0 (padding, also "not applicable" for the other entity's specific features
 zeros and gets no gradient. Indices the table cannot hold (a schema from another run, a
 serving request with a stale vocabulary) are read as out-of-vocabulary (index 2) instead of
 crashing the lookup.
+
+The bank also owns the L2 regularisation of its rows (`l2_penalty`): it reads only the rows
+a batch touches, so it stays cheap and sparse however large the tables grow, yet over an
+epoch it weighs every row as an L2 term on the whole table would (docs/training.md).
 """
 
 from __future__ import annotations
@@ -16,10 +20,17 @@ from mkt.schema import FeatureSchema
 
 PADDING = 0
 OOV = 2
+INIT_STD = 0.05
 
 
 class EmbeddingBank(nn.Module):
-    def __init__(self, schema: FeatureSchema, dim: int = 8, names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        dim: int = 8,
+        names: list[str] | None = None,
+        init_std: float = INIT_STD,
+    ) -> None:
         super().__init__()
         scalar = [f for f in schema.features if f.group != "sequence"]
         if names is not None:
@@ -28,6 +39,8 @@ class EmbeddingBank(nn.Module):
             if unknown:
                 raise KeyError(f"EmbeddingBank: {unknown} are not non-sequence schema features")
             scalar = [f for f in scalar if f.name in names]
+        if init_std < 0:
+            raise ValueError(f"EmbeddingBank.init_std: must be >= 0, got {init_std}")
         self.dim = dim
         self.item_feature = schema.item_feature
         self.length_columns = {f.name: f.length_column for f in schema.sequences}
@@ -35,18 +48,23 @@ class EmbeddingBank(nn.Module):
             {f.name: nn.Embedding(f.vocab_size, dim, padding_idx=PADDING) for f in scalar}
         )
         for table in self.tables.values():
-            nn.init.normal_(table.weight, std=0.05)
+            nn.init.normal_(table.weight, std=init_std)
             with torch.no_grad():
                 table.weight[PADDING].zero_()
+        # Per table, how many of an epoch's batches touch each row (`count_rows`); data, not
+        # weights, so not a buffer: checkpoints and exported models do not carry it.
+        self.touch_counts: dict[str, torch.Tensor] = {}
 
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
         if name not in self.tables:
             raise KeyError(f"EmbeddingBank has no table for feature {name!r}")
         table = self.tables[name]
-        index = torch.where(
-            (index < 0) | (index >= table.num_embeddings), torch.full_like(index, OOV), index
-        )
-        return table(index)
+        return table(self.clamp(name, index))
+
+    def clamp(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """`index` with what the table cannot hold read as OOV."""
+        size = self.tables[name].num_embeddings
+        return torch.where((index < 0) | (index >= size), torch.full_like(index, OOV), index)
 
     def forward(self, batch: Batch, names: list[str]) -> torch.Tensor:
         """`[B, len(names), dim]`: the embeddings of the named features, in that order."""
@@ -61,10 +79,58 @@ class EmbeddingBank(nn.Module):
         if seq_name not in self.length_columns:
             raise KeyError(f"{seq_name!r} is not a sequence of the schema")
         items = batch[seq_name]
+        return self.lookup(self.item_feature, items), self.sequence_mask(batch, seq_name)
+
+    def sequence_mask(self, batch: Batch, seq_name: str) -> torch.Tensor:
+        items = batch[seq_name]
         length = batch[self.length_columns[seq_name]]
         positions = torch.arange(items.shape[1], device=items.device)
-        mask = positions.unsqueeze(0) < length.unsqueeze(1)
-        return self.lookup(self.item_feature, items), mask
+        return positions.unsqueeze(0) < length.unsqueeze(1)
+
+    def touched_rows(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per table, the distinct rows this batch reads (its feature column, and for the item
+        table every real slot of every sequence), padding left out: it has no gradient."""
+        touched: dict[str, torch.Tensor] = {}
+        for name in self.tables:
+            parts = [batch[name].reshape(-1)] if name in batch else []
+            if name == self.item_feature:
+                parts += [batch[s][self.sequence_mask(batch, s)] for s in self.length_columns]
+            if parts:
+                rows = torch.unique(self.clamp(name, torch.cat(parts)))
+                touched[name] = rows[rows != PADDING]
+        return touched
+
+    def reset_touch_counts(self, device: torch.device | str = "cpu") -> None:
+        """Zero counts for every table (before the counting pass)."""
+        self.touch_counts.clear()
+        for name, table in self.tables.items():
+            self.touch_counts[name] = torch.zeros(table.num_embeddings, device=device)
+
+    def count_rows(self, batch: Batch) -> None:
+        """Add one to every row `batch` touches: `reset_touch_counts`, then this over an
+        epoch's batches, is the counting pass `l2_penalty` needs."""
+        for name, rows in self.touched_rows(batch).items():
+            self.touch_counts[name][rows] += 1
+
+    def l2_penalty(self, batch: Batch) -> torch.Tensor:
+        """Sum of ||w||^2 / n_w over the rows w that `batch` touches, n_w being the number of
+        an epoch's batches that touch w (`count_rows`). Summed over an epoch's batches, every
+        row then counts ||w||^2 once, rare and frequent rows alike, as in an L2 term on the
+        whole table: DIN's mini-batch aware regularisation (Zhou et al. 2018, section 4.3),
+        without reading the rows a batch does not touch. Frozen tables are left out."""
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for name, rows in self.touched_rows(batch).items():
+            table = self.tables[name]
+            if not table.weight.requires_grad:
+                continue
+            if name not in self.touch_counts:
+                raise RuntimeError(
+                    f"EmbeddingBank.l2_penalty: no touch counts for {name!r}; run count_rows "
+                    "over the training batches first"
+                )
+            touches = self.touch_counts[name][rows].clamp(min=1.0)
+            total = total + (table.weight[rows].pow(2).sum(1) / touches).sum()
+        return total
 
     def subset(self, names: list[str]) -> EmbeddingBank:
         """A bank holding only the named tables, sharing their parameters with this one
@@ -78,4 +144,5 @@ class EmbeddingBank(nn.Module):
         bank.item_feature = self.item_feature
         bank.length_columns = dict(self.length_columns)
         bank.tables = nn.ModuleDict({n: self.tables[n] for n in names})
+        bank.touch_counts = self.touch_counts
         return bank

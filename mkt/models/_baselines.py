@@ -18,6 +18,7 @@ from mkt.layers.attention import TargetAttention
 from mkt.layers.embedding import EmbeddingBank
 from mkt.layers.inputs import EntityInputs
 from mkt.layers.pooling import MeanPooling
+from mkt.layers.towers import EntityTowers
 from mkt.models.base import ConfigError, CTRModel
 from mkt.schema import FeatureSchema
 
@@ -99,7 +100,9 @@ class SingleEntityModel(CTRModel):
         self.inputs = EntityInputs(
             schema,
             dim,
-            embeddings=EmbeddingBank(schema, dim, names),
+            embeddings=EmbeddingBank(
+                schema, dim, names, init_std=self.params["embedding_init_std"]
+            ),
             attention=self.sequence_pooler(dim),  # type: ignore[arg-type]
             entities=[self.entity],
         )
@@ -132,10 +135,16 @@ class JointModel(CTRModel):
         self.inputs = EntityInputs(
             schema,
             dim,
+            embeddings=EmbeddingBank(schema, dim, init_std=self.params["embedding_init_std"]),
             attention=self.sequence_pooler(dim),  # type: ignore[arg-type]
         )
         self.common_dim = self.inputs.common_dim
         self.specific_dims = [self.inputs.specific_dim(e) for e in self.entities]
+
+    def init_tower_biases(self, towers: EntityTowers) -> None:
+        """Each entity's tower starts at that entity's train like rate."""
+        for entity, tower in zip(self.entities, towers.towers, strict=True):
+            self.init_output_bias(tower, entity)
 
     def encode(self, batch: Batch) -> tuple[Tensor, list[Tensor]]:
         """[v_u || v_seq || v_shared] `[B, common_dim]`, and each entity's specific fields

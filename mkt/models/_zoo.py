@@ -7,6 +7,7 @@ from mkt.models import (  # noqa: F401
     din_source,
     fibinet,
     finetune,
+    lr,
     mem,
     minet,
     mlp,

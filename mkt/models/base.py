@@ -7,7 +7,8 @@ of the entity they are trained on (`train_entities`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -15,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mkt.features import Batch
+from mkt.layers.embedding import INIT_STD, EmbeddingBank
 from mkt.schema import FeatureSchema
+
+# Parameters every model accepts, with these defaults unless its own `defaults` say otherwise
+# (docs/training.md, "The training recipe", for how they were chosen).
+COMMON_DEFAULTS: dict[str, Any] = {
+    # Standard deviation of the normal the embedding tables start from.
+    "embedding_init_std": INIT_STD,
+}
 
 
 class ConfigError(ValueError):
@@ -42,16 +51,61 @@ class CTRModel(nn.Module):
         bce = F.binary_cross_entropy_with_logits(out["logit"], batch["label"])
         return {"loss": bce, "bce": bce.detach()}
 
+    # -- the training recipe's hooks (docs/training.md) -----------------------------------
+    def prior_logit(self, entity: str) -> float:
+        """Log-odds of the entity's train like rate (0 where the schema does not say)."""
+        rate = self.schema.like_rate(entity, "train")
+        if rate is None or not 0.0 < rate < 1.0:
+            return 0.0
+        return math.log(rate / (1.0 - rate))
+
+    def init_output_bias(self, layer: nn.Module, entity: str) -> None:
+        """Start a logit layer (the last Linear of `layer`) at the entity's train like rate,
+        so no epoch is spent learning the base rate."""
+        linear = [m for m in layer.modules() if isinstance(m, nn.Linear)][-1]
+        if linear.out_features != 1:
+            raise ValueError(f"{type(self).__name__}: {linear} is not a 1-unit logit layer")
+        with torch.no_grad():
+            linear.bias.fill_(self.prior_logit(entity))
+
+    def embedding_banks(self) -> list[EmbeddingBank]:
+        """The banks with trainable tables (a frozen pretrained stage's are left out)."""
+        return [
+            m
+            for m in self.modules()
+            if isinstance(m, EmbeddingBank) and any(p.requires_grad for p in m.parameters())
+        ]
+
+    def count_embedding_rows(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
+        """The counting pass of `embedding_l2` over an epoch's batches; returns the count
+        tensors (to be summed across data-parallel workers, in this order)."""
+        banks = self.embedding_banks()
+        device = next(self.parameters()).device
+        for bank in banks:
+            bank.reset_touch_counts(device)
+        for batch in batches:
+            for bank in banks:
+                bank.count_rows(batch)
+        return [bank.touch_counts[name] for bank in banks for name in sorted(bank.touch_counts)]
+
+    def embedding_l2(self, batch: Batch) -> torch.Tensor:
+        """L2 of the trainable embedding rows `batch` touches (`EmbeddingBank.l2_penalty`)."""
+        banks = self.embedding_banks()
+        if not banks:
+            return torch.zeros(())
+        return torch.stack([bank.l2_penalty(batch) for bank in banks]).sum()
+
 
 def resolve_params(cls: type[CTRModel], params: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(params) - set(cls.defaults))
+    defaults = {**COMMON_DEFAULTS, **cls.defaults}
+    unknown = sorted(set(params) - set(defaults))
     if unknown:
         raise ConfigError(
-            f"{cls.__name__}: unknown parameter(s) {unknown}; accepted: {sorted(cls.defaults)}"
+            f"{cls.__name__}: unknown parameter(s) {unknown}; accepted: {sorted(defaults)}"
         )
-    resolved = dict(cls.defaults)
+    resolved = dict(defaults)
     for key, value in params.items():
-        default = cls.defaults[key]
+        default = defaults[key]
         if default is not None and value is not None and not _compatible(default, value):
             raise ConfigError(
                 f"{cls.__name__}.{key}: expected {type(default).__name__}, got {value!r}"

@@ -50,6 +50,7 @@ class CoNet(JointModel):
             [self.common_dim + d for d in self.specific_dims], hidden[:-1], dropout
         )
         self.output = EntityTowers([self.networks.out_dim] * len(self.entities), hidden[-1:])
+        self.init_tower_biases(self.output)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         common, specific = self.encode(batch)

@@ -40,7 +40,9 @@ class CTNet(DIN):
         dim = self.params["embedding_dim"]
         self.groups = {"user": self.inputs.user_names, "shared": self.inputs.shared_names}
         transferred = [n for names in self.groups.values() for n in names]
-        self.source_embeddings = EmbeddingBank(schema, dim, transferred)
+        self.source_embeddings = EmbeddingBank(
+            schema, dim, transferred, init_std=self.params["embedding_init_std"]
+        )
         if pretrained is not None:
             source = embedding_bank_of(pretrained, "ctnet")
             copy_tables(source, self.source_embeddings, transferred, "ctnet")

@@ -61,8 +61,14 @@ class FiBiNet(SingleEntityModel):
             dropout_rate(self),
             last_activation=False,
         )
+        self.init_output_bias(self.dnn, self.entity)
         # First-order part: a scalar weight per feature value, the same fields as above.
-        linear_bank = EmbeddingBank(schema, 1, list(self.inputs.embeddings.tables))
+        linear_bank = EmbeddingBank(
+            schema,
+            1,
+            list(self.inputs.embeddings.tables),
+            init_std=self.params["embedding_init_std"],
+        )
         self.linear = EntityInputs(
             schema, 1, embeddings=linear_bank, attention=MeanPooling(), entities=[self.entity]
         )

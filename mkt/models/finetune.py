@@ -66,6 +66,8 @@ class Finetune(DIN):
             target[0].bias.copy_(source[0].bias)
         for src, dst in zip(source[1:], target[1:], strict=True):
             dst.load_state_dict(src.state_dict())
+        # The copied logit layer's bias is the source's like rate; this stage scores targets.
+        self.init_output_bias(self.dnn, self.entity)
 
 
 register_pipeline(

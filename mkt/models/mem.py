@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mkt.features import Batch
-from mkt.layers import MLP, CrossNetwork, EntityInputs, MMoE, TargetAttention
+from mkt.layers import MLP, CrossNetwork, EmbeddingBank, EntityInputs, MMoE, TargetAttention
 from mkt.models import ConfigError, CTRModel, register
 from mkt.schema import FeatureSchema
 
@@ -122,7 +122,10 @@ class MEM(CTRModel):
         dim = p["embedding_dim"]
         self.entities = list(schema.entities)
         self.inputs = EntityInputs(
-            schema, dim, attention=TargetAttention(dim, p["attention_hidden"])
+            schema,
+            dim,
+            embeddings=EmbeddingBank(schema, dim, init_std=p["embedding_init_std"]),
+            attention=TargetAttention(dim, p["attention_hidden"]),
         )
         common = self.inputs.common_dim
         self.spec_widths = {e: self.inputs.specific_dim(e) for e in self.entities}
@@ -164,6 +167,8 @@ class MEM(CTRModel):
                 for e in self.entities
             }
         )
+        for e, tower in self.towers.items():
+            self.init_output_bias(tower, e)
 
     def common(self, parts: dict) -> Tensor:
         return torch.cat([parts["user"], parts["seq"], parts["shared"]], dim=1)

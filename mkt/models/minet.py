@@ -81,6 +81,7 @@ class MiNet(JointModel):
             layer_sizes(self, "tower_hidden", logit=True),
             dropout,
         )
+        self.init_tower_biases(self.towers)
 
     def sequence_pooler(self, dim: int) -> nn.Module:
         # Sequences go through MiNet's own item-level attention; EntityInputs only embeds.

@@ -41,6 +41,7 @@ class MLPModel(SingleEntityModel):
             dropout_rate(self),
             last_activation=False,
         )
+        self.init_output_bias(self.dnn, self.entity)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {"logit": self.dnn(self.fields(batch)).squeeze(-1)}

@@ -56,6 +56,7 @@ class MMoEModel(JointModel):
             layer_sizes(self, "tower_hidden", logit=True),
             dropout,
         )
+        self.init_tower_biases(self.towers)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         common, specific = self.encode(batch)

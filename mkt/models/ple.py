@@ -68,6 +68,7 @@ class PLE(JointModel):
         self.towers = EntityTowers(
             task_dims, layer_sizes(self, "tower_hidden", logit=True), dropout
         )
+        self.init_tower_biases(self.towers)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         common, specific = self.encode(batch)

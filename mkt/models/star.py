@@ -60,6 +60,12 @@ class STAR(JointModel):
             dropout,
             last_activation=False,
         )
+        nn.init.zeros_([m for m in self.auxiliary.modules() if isinstance(m, nn.Linear)][-1].bias)
+        # The per-domain bias of the star FCN's logit layer: each domain starts at its
+        # entity's train like rate (the shared bias and the auxiliary network's start at 0).
+        with torch.no_grad():
+            for i, entity in enumerate(self.entities):
+                self.star.domain_bias[-1][i].fill_(self.prior_logit(entity))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         common, specific = self.encode(batch)

@@ -24,10 +24,12 @@ from torch import Tensor, nn
 from mkt.features import Batch
 from mkt.layers import MLP, EmbeddingBank, EntityInputs, GLUGate, TargetAttention
 from mkt.models import ConfigError, CTRModel, register
+from mkt.models._baselines import copy_tables
 from mkt.models.mem import MEM, check_params
 from mkt.schema import FeatureSchema
 
 PLUGS = ("user", "seq", "shared", "cross")
+EMBEDDINGS = ("frozen_mem", "init_from_mem", "own")
 
 
 @register("tem")
@@ -46,6 +48,11 @@ class TEM(CTRModel):
         "plug_shared": True,
         "plug_cross": True,
         "dropout": 0.0,
+        # TEM's low-level embeddings when a MEM is plugged in (section 3.1: "the TEM is trained
+        # with the frozen low-level feature embeddings ... of MEM"): `frozen_mem` reads the
+        # MEM's frozen tables, `init_from_mem` starts its own tables as copies of them, `own`
+        # starts its own tables afresh. TEM alone always has its own. docs/model.md, choice 8.
+        "embeddings": "frozen_mem",
     }
 
     def __init__(
@@ -63,14 +70,33 @@ class TEM(CTRModel):
             )
         if pretrained is not None and not isinstance(pretrained, MEM):
             raise ConfigError(f"TEM: pretrained must be a MEM, got {type(pretrained).__name__}")
+        if p["embeddings"] not in EMBEDDINGS:
+            raise ConfigError(f"TEM.embeddings: {p['embeddings']!r} is not one of {EMBEDDINGS}")
         dim = p["embedding_dim"]
         target = schema.target_entity
-        own_tables = [f.name for f in schema.features if f.group in ("user", "shared")]
-        own_tables += [f.name for f in schema.specific_features(target)]
+        knowledge = None
+        if pretrained is not None:
+            # Freeze the MEM: no gradients, and eval mode kept by `train()` below.
+            pretrained.requires_grad_(False)
+            pretrained.eval()
+            knowledge = pretrained.target_path()
+            if p["embeddings"] != "own" and knowledge.inputs.dim != dim:
+                raise ConfigError(
+                    f"TEM.embedding_dim: {dim}, but embeddings={p['embeddings']!r} takes the "
+                    f"MEM's, of dim {knowledge.inputs.dim}"
+                )
+        if knowledge is not None and p["embeddings"] == "frozen_mem":
+            bank = knowledge.inputs.embeddings
+        else:
+            own_tables = [f.name for f in schema.features if f.group in ("user", "shared")]
+            own_tables += [f.name for f in schema.specific_features(target)]
+            bank = EmbeddingBank(schema, dim, names=own_tables, init_std=p["embedding_init_std"])
+            if knowledge is not None and p["embeddings"] == "init_from_mem":
+                copy_tables(knowledge.inputs.embeddings, bank, own_tables, "TEM")
         self.inputs = EntityInputs(
             schema,
             dim,
-            embeddings=EmbeddingBank(schema, dim, names=own_tables),
+            embeddings=bank,
             attention=TargetAttention(dim, p["attention_hidden"]),
             entities=[target],
         )
@@ -81,14 +107,11 @@ class TEM(CTRModel):
         self.top = MLP(
             self.bottom.out_dim, [*p["hidden"][cut:], 1], p["dropout"], last_activation=False
         )
+        self.init_output_bias(self.top, target)
 
-        self.knowledge = None
+        self.knowledge = knowledge
         self.gates = nn.ModuleDict()
-        if pretrained is not None:
-            # Freeze the MEM: no gradients, and eval mode kept by `train()` below.
-            pretrained.requires_grad_(False)
-            pretrained.eval()
-            self.knowledge = pretrained.target_path()
+        if self.knowledge is not None:
             own_dims = {
                 "user": dim * len(self.inputs.user_names),
                 "seq": dim * len(self.inputs.seq_names),
