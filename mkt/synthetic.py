@@ -17,8 +17,10 @@ def toy_schema(
     n_items: int = 300,
     source: str = "product",
     target: str = "post",
+    like_rates: dict[str, float] | None = None,
 ) -> FeatureSchema:
-    """Two entities with different specific features (the paper's product/post example)."""
+    """Two entities with different specific features (the paper's product/post example).
+    `like_rates` (entity -> train like rate) records counts and likes, as the ETL does."""
     reserved = 3
     features = [
         {
@@ -101,6 +103,8 @@ def toy_schema(
                 "user_key": "user_key",
                 "label": "label",
             },
+            "counts": {e: {"train": 10000} for e in (like_rates or {})},
+            "likes": {e: {"train": round(10000 * r)} for e, r in (like_rates or {}).items()},
         }
     )
 
