@@ -127,7 +127,7 @@ def test_tem_embeddings_from_the_mem(schema):
     assert alone.inputs.embeddings.tables["user_id"].weight.requires_grad
     with pytest.raises(ValueError, match="embedding_dim"):
         build_model("tem", schema, {"embedding_dim": 4}, pretrained=mem)
-    with pytest.raises(ValueError, match="TEM.embeddings"):
+    with pytest.raises(ValueError, match=r"TEM\.embeddings"):
         build_model("tem", schema, {"embeddings": "shared"}, pretrained=mem)
 
 
