@@ -99,6 +99,12 @@ class GeneratorConfig:
     # Execution.
     users_per_chunk: int = 20000
     calibration_users: int = 4000
+    # False: the two entities share nothing about a user but the profile columns. Each draws
+    # its own common interest (and profile shifts of it) and general propensity, and each
+    # entity's short-term state moves only with its own likes: the source carries nothing for
+    # the target (the negative-transfer check, docs/generator.md). The extra draws come after
+    # all the default ones, so the default data are byte for byte unchanged.
+    cross_entity_link: bool = True
 
     def validate(self) -> None:
         for name in (
@@ -152,6 +158,8 @@ class _World:
     items: dict[str, _Items]
     gender_offset: np.ndarray  # (3, common_dim): profile shift of the common interest
     age_offset: np.ndarray  # (8, common_dim)
+    # The article's own profile shifts, without the cross-entity link (else None: shared).
+    article_offsets: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def _popularity_cdf(rng: np.random.Generator, n: int, sigma: float) -> np.ndarray:
@@ -234,7 +242,13 @@ def _make_world(seed: int, num_users: int, cfg: GeneratorConfig) -> _World:
     items = {VIDEO: _make_items(rng, VIDEO, n_video, cfg)}
     items[ARTICLE] = _make_items(rng, ARTICLE, n_article, cfg)
     dc = cfg.common_dim
-    return _World(items, 0.3 * rng.standard_normal((3, dc)), 0.3 * rng.standard_normal((8, dc)))
+    world = _World(items, 0.3 * rng.standard_normal((3, dc)), 0.3 * rng.standard_normal((8, dc)))
+    if not cfg.cross_entity_link:
+        world.article_offsets = (
+            0.3 * rng.standard_normal((3, dc)),
+            0.3 * rng.standard_normal((8, dc)),
+        )
+    return world
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,18 +308,28 @@ def _draw_population(
     row_item = np.empty(len(row_user), dtype=np.int64)
     row_static = np.empty(len(row_user))
     row_common = np.empty((len(row_user), dc))
+    item_u = [rng.random(int((row_entity == code).sum())) for code in range(len(ENTITIES))]
+    common = {e: common for e in ENTITIES}
+    user_bias = {e: user_bias for e in ENTITIES}
+    if world.article_offsets is not None:
+        gender_offset, age_offset = world.article_offsets
+        common[ARTICLE] = gender_offset[gender] + age_offset[age] + rng.standard_normal((n, dc))
+        user_bias[ARTICLE] = (
+            cfg.user_bias_sd * rng.standard_normal(n) + GENDER_EFFECT[gender] + AGE_EFFECT[age]
+        )
     for code, entity in enumerate(ENTITIES):
         sel = row_entity == code
         items = world.items[entity]
-        idx = np.searchsorted(items.cdf, rng.random(int(sel.sum())), side="right")
+        idx = np.searchsorted(items.cdf, item_u[code], side="right")
         idx = np.minimum(idx, len(items.cdf) - 1)
         users = row_user[sel]
         row_item[sel] = idx
         row_common[sel] = items.common[idx]
         row_static[sel] = (
-            user_bias[users]
+            user_bias[entity][users]
             + items.bias[idx]
-            + cfg.gamma_common[entity] * np.einsum("ij,ij->i", common[users], items.common[idx])
+            + cfg.gamma_common[entity]
+            * np.einsum("ij,ij->i", common[entity][users], items.common[idx])
             + cfg.gamma_specific[entity]
             * np.einsum("ij,ij->i", specific[entity][users], items.specific[idx])
         )
@@ -340,23 +364,29 @@ def _run_dynamics(
     # active[t] = number of users with more than t events.
     steps = np.arange(int(lengths.max(initial=0)))
     active = len(lengths) - np.searchsorted(lengths[::-1], steps, side="right")
-    mood = np.zeros(len(order))
-    topic = np.zeros((len(order), pop.row_common.shape[1]))
+    # One short-term state per user, moved by likes of either entity; without the
+    # cross-entity link one per user and entity, moved by that entity's likes only.
+    states = 1 if cfg.cross_entity_link else len(ENTITIES)
+    mood = np.zeros((states, len(order)))
+    topic = np.zeros((states, len(order), pop.row_common.shape[1]))
     p = np.empty(len(base))
     y = np.empty(len(base), dtype=bool)
     for t, k in enumerate(active):
         rows = starts[:k] + t
         a = pop.row_common[rows]
+        state = (pop.row_entity[rows] if states > 1 else np.zeros(k, np.int64), np.arange(k))
         z = (
             base[rows]
-            + delta_m[rows] * np.tanh(mood[:k])
-            + delta_h[rows] * np.tanh(np.einsum("ij,ij->i", topic[:k], a))
+            + delta_m[rows] * np.tanh(mood[state])
+            + delta_h[rows] * np.tanh(np.einsum("ij,ij->i", topic[state], a))
         )
         p_t = _sigmoid(z)
         y_t = pop.row_uniform[rows] < p_t
         p[rows], y[rows] = p_t, y_t
-        mood[:k] = cfg.decay * mood[:k] + y_t
-        topic[:k] = cfg.decay * topic[:k] + y_t[:, None] * a
+        mood[:, :k] *= cfg.decay
+        topic[:, :k] *= cfg.decay
+        mood[state] += y_t
+        topic[state] += y_t[:, None] * a
     return p, y
 
 
@@ -604,6 +634,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=DEFAULT_USERS, help="number of users")
     parser.add_argument("--seed", type=int, default=0)
     defaults = GeneratorConfig()
+    parser.add_argument(
+        "--no-cross-entity-link",
+        dest="cross_entity_link",
+        action="store_false",
+        help="the two entities share nothing about a user but gender and age (docs/generator.md)",
+    )
     for name in ("users_per_chunk", "duplicate_rate", "missing_category_rate", "max_rows_per_user"):
         parser.add_argument(
             "--" + name.replace("_", "-"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import subprocess
 import sys
@@ -215,6 +216,55 @@ def test_users_share_a_common_interest_across_entities() -> None:
         cosines[label] = cos.mean()
     assert cosines["on"] > 0.08
     assert abs(cosines["off"]) < 0.04
+
+
+def test_without_the_cross_entity_link_the_source_says_nothing_about_the_target() -> None:
+    """--no-cross-entity-link: a video like no longer moves the next article's p (the states
+    are per entity), while an article like still does; a user's mean video p no longer
+    predicts their mean article p (own propensity and common interest per entity)."""
+    stats = {}
+    for label, cfg in (
+        ("on", gen.GeneratorConfig()),
+        ("off", gen.GeneratorConfig(cross_entity_link=False)),
+    ):
+        _, pop, p, y = _hidden_clock(cfg)
+        same_user = np.r_[False, pop.row_user[1:] == pop.row_user[:-1]]
+        prev_like = np.r_[False, y[:-1]]
+        prev_entity = np.r_[0, pop.row_entity[:-1]]
+        for before in (0, 1):
+            m = same_user & (prev_entity == before) & (pop.row_entity == 1)
+            stats[label, before] = p[m & prev_like].mean() / p[m & ~prev_like].mean()
+        means = [
+            np.bincount(pop.row_user, weights=p * (pop.row_entity == code))
+            / np.maximum(np.bincount(pop.row_user, weights=pop.row_entity == code), 1)
+            for code in (0, 1)
+        ]
+        both = np.bincount(pop.row_user, weights=pop.row_entity == 0) > 20
+        both &= np.bincount(pop.row_user, weights=pop.row_entity == 1) > 20
+        stats[label, "corr"] = np.corrcoef(np.log(means[0][both]), np.log(means[1][both]))[0, 1]
+    assert stats["on", 0] > 1.3 and stats["off", 0] < 1.1  # video like -> next article
+    assert stats["off", 1] > 1.3  # article like -> next article, kept
+    assert stats["on", "corr"] > 0.2 and abs(stats["off", "corr"]) < 0.1
+
+
+# sha256 of the CSVs for 300 users, seed 4, as written before the cross-entity switch existed
+# (commit 27d81e0): the default data must not move when the generator gains a knob.
+FROZEN_DEFAULT = {
+    "QK-video.csv": "1988d2977d1aa2d6a1bbf297f485c9d68fe35ad1ce9c679353fb0c8f5db3ec44",
+    "QK-article.csv": "02a017c727ede5d4d3e1f363f4993b2b670fd5d02f79b826879de308428edcad",
+}
+
+
+def test_default_data_unchanged_by_the_cross_entity_switch(tmp_path: Path) -> None:
+    """The switch's extra draws come after the default ones: on (the default), the files are
+    byte for byte those of the generator before it had the switch; off, they differ."""
+    gen.generate(tmp_path / "on", 300, seed=4, config=gen.GeneratorConfig())
+    gen.generate(tmp_path / "off", 300, seed=4, config=gen.GeneratorConfig(cross_entity_link=False))
+    for name, digest in FROZEN_DEFAULT.items():
+        assert hashlib.sha256((tmp_path / "on" / name).read_bytes()).hexdigest() == digest
+    assert (tmp_path / "off" / "QK-article.csv").read_bytes() != (
+        tmp_path / "on" / "QK-article.csv"
+    ).read_bytes()
 
 
 def test_informative_features_carry_signal_and_noise_features_do_not(moderate: dict) -> None:
