@@ -56,10 +56,11 @@ def _read_header(path: Path) -> list[str]:
 
 
 def _parsed_sql(config: DataConfig, entity: str, path: Path, header: list[str]) -> str:
-    """One SELECT of an entity's lines: line_no, raw_line, reason, user_key, label, raw features."""
-
-    def field(column: str) -> str:
-        return f"trim(f[{header.index(column) + 1}], ' ')"
+    """One SELECT of an entity's lines: line_no, raw_line, a hash of it, reason, user_key, label,
+    raw features. Every field is trimmed, and every id parsed, once, in its own subquery."""
+    ids = list(dict.fromkeys((config.user_key, *config.id_columns)))
+    used = [config.label, *ids, *(f.columns[entity] for f in config.features_of(entity))]
+    columns = list(dict.fromkeys(used))
 
     def as_long(value: str) -> str:
         stripped = f"regexp_replace({value}, '^{_SPARK_BLANK}+|{_SPARK_BLANK}+$', '', 'g')"
@@ -69,44 +70,46 @@ def _parsed_sql(config: DataConfig, entity: str, path: Path, header: list[str]) 
         )
 
     checks = [
-        f"WHEN len(f) != {len(header)} THEN "
-        f"'wrong column count: ' || len(f) || ', expected {len(header)}'"
+        f"WHEN n_fields != {len(header)} THEN "
+        f"'wrong column count: ' || n_fields || ', expected {len(header)}'"
     ]
-    for column in dict.fromkeys((config.user_key, *config.id_columns)):
-        value = field(column)
+    for column in ids:
         checks += [
-            f"WHEN {value} = '' THEN {_sql_str(f'empty {column}')}",
-            f"WHEN {as_long(value)} IS NULL THEN "
-            f"{_sql_str(f'non-numeric {column}: ')} || '''' || {value} || ''''",
+            f"WHEN \"v__{column}\" = '' THEN {_sql_str(f'empty {column}')}",
+            f'WHEN "id__{column}" IS NULL THEN {_sql_str(f"non-numeric {column}: ")} '
+            f"|| '''' || \"v__{column}\" || ''''",
         ]
-    label = field(config.label)
+    label = f'"v__{config.label}"'
     checks.append(
         f"WHEN {label} NOT IN ('0', '1') THEN "
         f"{_sql_str(f'label {config.label} not in {{0,1}}: ')} || '''' || {label} || ''''"
     )
-    ids = {config.user_key, *config.id_columns}
     features = []
     for f in config.features:
         if entity not in f.columns:
             features.append(f"NULL::VARCHAR AS {_raw(f)}")
         elif f.columns[entity] in ids:
             # Ids are integers: their canonical text, as user_key, is the vocabulary value.
-            features.append(f"{as_long(field(f.columns[entity]))}::VARCHAR AS {_raw(f)}")
+            features.append(f'"id__{f.columns[entity]}"::VARCHAR AS {_raw(f)}')
         else:
-            features.append(f"{field(f.columns[entity])} AS {_raw(f)}")
+            features.append(f'"v__{f.columns[entity]}" AS {_raw(f)}')
     lines = (
         f"SELECT row_number() OVER () - 1 AS line_no, coalesce(raw_line, '') AS raw_line "
         f"FROM read_csv({_sql_str(str(path))}, columns = {{'raw_line': 'VARCHAR'}}, "
         "header = false, delim = '\\x1f', quote = '', escape = '', auto_detect = false, "
         "strict_mode = false)"
     )
+    fields = ", ".join(f"trim(f[{header.index(c) + 1}], ' ') AS \"v__{c}\"" for c in columns)
+    parsed_ids = ", ".join(as_long(f'"v__{c}"') + f' AS "id__{c}"' for c in ids)
     return f"""
-        SELECT {_sql_str(entity)} AS entity, line_no, raw_line,
+        SELECT {_sql_str(entity)} AS entity, line_no, raw_line, hash(raw_line) AS line_hash,
                CASE {" ".join(checks)} END AS reason,
-               {as_long(field(config.user_key))} AS user_key,
+               "id__{config.user_key}" AS user_key,
                try_cast({label} AS TINYINT) AS label,
                {", ".join(features)}
-        FROM (SELECT *, string_split(raw_line, ',') AS f FROM ({lines}) WHERE line_no >= 1)
+        FROM (SELECT *, {parsed_ids} FROM (
+            SELECT line_no, raw_line, len(f) AS n_fields, {fields}
+            FROM (SELECT *, string_split(raw_line, ',') AS f FROM ({lines}) WHERE line_no >= 1)))
     """
 
 
@@ -191,11 +194,13 @@ def build_samples_duckdb(
         header = _read_header(path)
         config.check_header(e.name, header)
         parts.append(_parsed_sql(config, e.name, path, header))
+    # Exact copies found by a 64-bit hash of the line, as the Spark job does; only a quarantined
+    # line keeps its text (windowing and storing every line's text cost more than all the rest).
     con.execute(
-        "CREATE TEMP TABLE parsed AS SELECT *, row_number() OVER "
-        "(PARTITION BY entity, raw_line ORDER BY line_no) AS occurrence FROM ("
-        + " UNION ALL ".join(parts)
-        + ")"
+        "CREATE TEMP TABLE parsed AS SELECT * EXCLUDE (line_hash) "
+        "REPLACE (CASE WHEN reason IS NOT NULL THEN raw_line END AS raw_line), "
+        "row_number() OVER (PARTITION BY entity, user_key, line_hash ORDER BY line_no) "
+        "AS occurrence FROM (" + " UNION ALL ".join(parts) + ")"
     )
 
     keep = "reason IS NULL" + (" AND occurrence = 1" if config.duplicates == "drop" else "")
