@@ -405,13 +405,13 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
     The groups are the samples table's files (rows of one user stay in one file); every later
     step runs per user inside them. Per (entity, user), rows in line order; n rows, n_test =
     floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
-    floor(valid_fraction * n_fit + 0.5) are valid. `cum` counts the user's likes up to and
-    including the row; `block_end` marks the last row of the train and of the train + valid
-    block, `fit_end` the latter. An exact duplicate is `kept` = false when they are dropped
-    (it stays here only to be counted).
+    floor(valid_fraction * n_fit + 0.5) are valid. `likes_before` counts the user's likes on
+    earlier lines; `train_end` marks the last row of the train block, `fit_end` that of the
+    train + valid block. An exact duplicate is `kept` = false when they are dropped (it stays
+    here only to be counted).
 
-    Output ordered by (user, entity, cum, line_no): line order, but also what the sequence
-    window, whose frame is counted in likes, needs.
+    Output ordered by (user, entity, likes_before, line_no): line order, but also what the
+    sequence window, whose frame is counted in likes, needs.
     """
     user = Window.partitionBy(*USER)
     running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
@@ -431,7 +431,9 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
         "*",
         F.sum(counted).over(running).alias("rank"),
         F.sum(counted).over(user).alias("n"),
-        F.sum(counted * F.col("label")).over(running).alias("cum"),
+        (F.sum(counted * F.col("label")).over(running) - counted * F.col("label")).alias(
+            "likes_before"
+        ),
     )
     n_test = F.floor(F.col("n") * config.test_fraction + 0.5)
     n_fit = F.col("n") - n_test
@@ -448,11 +450,11 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
         "kept",
         "line_hash",
         split.alias("split"),
-        "cum",
-        (F.col("kept") & F.col("rank").isin(n_train, n_fit)).alias("block_end"),
+        "likes_before",
+        (F.col("kept") & (F.col("rank") == n_train)).alias("train_end"),
         (F.col("kept") & (F.col("rank") == n_fit)).alias("fit_end"),
         *[_raw(f) for f in config.features],
-    ).sortWithinPartitions(*USER, "cum", "line_no")
+    ).sortWithinPartitions(*USER, "likes_before", "line_no")
 
 
 def _summarize(
@@ -720,8 +722,8 @@ def _encode(
         "split",
         "line_no",
         "label",
-        "cum",
-        "block_end",
+        "likes_before",
+        "train_end",
         "fit_end",
         *[f.name for f in config.features],
     )
@@ -768,45 +770,55 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
     """The samples table: every encoded row with seq_<entity> / seq_<entity>_len for every
     entity, per the data contract, in the order its file stores rows.
 
-    One pass over each user's rows as the shuffle left them (user, entity, likes so far,
-    line), with windows only: nothing collects a user's history, and no array exceeds seq_len.
-    - `recent`: the items of the user's last seq_len likes in this entity up to and including
-      the row (a frame counted in likes: cum - seq_len < cum' <= cum). It changes only at a
-      like, so it is the snapshot of the user's history at each like count.
-    - A train row (every row, online) sees the likes on earlier lines: `recent` of the row
-      before it. A valid / test row (frozen) sees the likes of the blocks before its own:
-      `recent` at the last row of the train (train + valid) block.
-    - The other entities: `recent` at their last train + valid row, found per user.
+    Two windows over each user's rows as the shuffle left them (user, entity, likes before,
+    line): nothing collects a user's history, and no array exceeds seq_len.
+    - `before`: the items of the user's last seq_len likes in this entity on earlier lines
+      (a frame counted in likes: the likes whose own likes_before lies in [k - seq_len, k - 1]
+      for a row with k). It changes only after a like, so Spark computes it once per (user,
+      like count). That is the history of a train row, and of every row in online mode.
+    - `through`: `before` plus the row's own like: the history after the row. At the last row
+      of the train block it is what a frozen valid row sees; at the last train + valid row,
+      what a frozen test row and every row of the other entities see (one window per user).
     Each file's rows are then put in a pseudo-random order (_file_order), before the sequences
     are padded (so the sort moves the short arrays).
     """
     seq_len, item, entities = config.seq_len, config.item_feature, config.entity_names
-    user = Window.partitionBy(*USER)
-    in_order = user.orderBy("cum", "line_no")
     liked_items = F.when(F.col("label") == 1, F.col(item))
-    rows = encoded.withColumn(
-        "recent",
-        F.collect_list(liked_items).over(user.orderBy("cum").rangeBetween(-(seq_len - 1), 0)),
-    )
-    before = F.lag("recent", 1).over(in_order)
-    if config.history_mode == "online":
-        own = before
-    else:
-        blocks_before = F.last(F.when(F.col("block_end"), F.col("recent")), ignorenulls=True).over(
-            in_order.rowsBetween(Window.unboundedPreceding, -1)
-        )
-        own = F.when(F.col("split") == "train", before).otherwise(blocks_before)
+    in_likes = Window.partitionBy(*USER).orderBy("likes_before").rangeBetween(-seq_len, -1)
+    rows = encoded.withColumn("before", F.collect_list(liked_items).over(in_likes))
+    history = F.coalesce(F.col("before"), F.array().cast("array<bigint>"))
+    with_own = F.concat(history, F.array(F.col(item)))
+    through = F.when(
+        F.col("label") == 1,
+        F.slice(with_own, F.greatest(F.size(with_own) - (seq_len - 1), F.lit(1)), seq_len),
+    ).otherwise(history)
     whole_user = Window.partitionBy("user_hash", "user_key")
+
+    def at(end: str, entity: str) -> Column:
+        """`through` at the user's row of `entity` that ends a block (null if none)."""
+        return F.first(F.when((F.col("entity") == entity) & F.col(end), through), True).over(
+            whole_user
+        )
+
     rows = rows.select(
         "*",
-        own.alias("own_items"),
-        *[
-            F.first(F.when((F.col("entity") == e) & F.col("fit_end"), F.col("recent")), True)
-            .over(whole_user)
-            .alias(f"fit_items__{e}")
-            for e in entities
-        ],
-    ).sortWithinPartitions(_file_order(config))
+        *[at("train_end", e).alias(f"train_items__{e}") for e in entities],
+        *[at("fit_end", e).alias(f"fit_items__{e}") for e in entities],
+    )
+    if config.history_mode == "online":
+        own = F.col("before")
+    else:
+        own = reduce(
+            lambda chosen, e: chosen.when(
+                F.col("entity") == e,
+                F.when(F.col("split") == "valid", F.col(f"train_items__{e}")).otherwise(
+                    F.col(f"fit_items__{e}")
+                ),
+            ),
+            entities,
+            F.when(F.col("split") == "train", F.col("before")),
+        )
+    rows = rows.withColumn("own_items", own).sortWithinPartitions(_file_order(config))
     sequences = []
     for entity in entities:
         items = F.when(F.col("entity") == entity, F.col("own_items")).otherwise(
