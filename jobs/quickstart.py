@@ -1,4 +1,5 @@
-"""The quick start: generated Tenrec-format data -> Spark samples -> MKT and TEM alone -> table.
+"""The quick start: generated Tenrec-format data -> Spark samples -> MKT, TEM alone and the
+logistic-regression floor -> table.
 
     python jobs/quickstart.py [--users 24000] [--seed 0] [--data data/quickstart]
                               [--runs runs/quickstart]
@@ -8,8 +9,11 @@ Runs the project's own commands one after another, as a user would:
  2. `spark-submit etl/build_samples.py` builds the samples Delta table;
  3. `python train/run.py ... model=mkt` trains MEM then TEM on it (stage 1 and 2);
  4. `python train/run.py ... model=tem_only` trains TEM alone (the "w/o MEM" ablation);
-then prints target-entity test AUC and GAUC of both, and of the generator's oracle. Each step's
-full output goes to RUN/logs/; the console shows its progress lines.
+ 5. `python train/run.py ... model=lr` trains the one-hot logistic regression (the floor);
+then prints target-entity test AUC and GAUC of the three, of the smoothed like-rate floor and
+of the generator's oracle, and MKT's paired-bootstrap differences to TEM alone and to the
+logistic regression. Each step's full output goes to RUN/logs/; the console shows its progress
+lines.
 """
 
 from __future__ import annotations
@@ -38,7 +42,13 @@ RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 # transfer gain itself (docs/training.md, "The quick start").
 DEFAULT_USERS = 24000
 PROGRESS_MARKS = ("[etl]", "] epoch ", "resuming after", "fault drill", "error")
-RUNS = {"mkt": "TEM with MEM (MKT)", "tem_only": "TEM alone"}
+RUNS = {
+    "mkt": "TEM with MEM (MKT)",
+    "tem_only": "TEM alone",
+    "lr": "logistic regression (one-hot)",
+}
+# MKT against each of these, on the same test rows (paired bootstrap over users).
+COMPARED = ("tem_only", "lr")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 RAY_PREFIX = re.compile(r"^\(\S+ pid=\d+\) ")
 
@@ -114,8 +124,9 @@ def build_samples_command(raw: Path, samples: Path) -> list[str]:
     ]
 
 
-def results_table(runs: dict[str, dict[str, Any]], gain: dict[str, Any]) -> str:
+def results_table(runs: dict[str, dict[str, Any]], gains: dict[str, dict[str, Any]]) -> str:
     rows = [(label, runs[key]["test"]["model"]) for key, label in RUNS.items()]
+    rows.append(("like-rate floor (smoothed)", runs["mkt"]["test"]["like_rate"]))
     oracle = runs["mkt"]["test"].get("oracle")
     if oracle:
         rows.append(("oracle (generator's p_like)", oracle))
@@ -131,25 +142,29 @@ def results_table(runs: dict[str, dict[str, Any]], gain: dict[str, Any]) -> str:
         lines.append(
             f"| {label:<28} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['gauc_coverage']:>13.3f} |"
         )
-    lines += [
-        "",
-        f"TEM with MEM - TEM alone, with a paired bootstrap over the {gain['groups']} "
-        f"test users ({gain['resamples']} resamples):",
-    ]
-    for metric in ("auc", "gauc"):
-        g = gain[metric]
-        low, high = g["interval_95"]
-        lines.append(
-            f"  {metric.upper():<4} {g['difference']:+.4f}  (standard error {g['standard_error']:.4f}, "
-            f"95% interval [{low:+.4f}, {high:+.4f}], MKT better in "
-            f"{100 * g['a_better_share']:.0f}% of resamples)"
-        )
+    for other, gain in gains.items():
+        lines += [
+            "",
+            f"MKT - {RUNS[other]}, paired bootstrap over the {gain['groups']} test users "
+            f"({gain['resamples']} resamples):",
+        ]
+        for metric in ("auc", "gauc"):
+            g = gain[metric]
+            low, high = g["interval_95"]
+            lines.append(
+                f"  {metric.upper():<4} {g['difference']:+.4f}  (standard error "
+                f"{g['standard_error']:.4f}, 95% interval [{low:+.4f}, {high:+.4f}], MKT better "
+                f"in {100 * g['a_better_share']:.0f}% of resamples)"
+            )
     return "\n".join(lines)
 
 
-def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[str, Any]:
-    """MKT against TEM alone on the same test rows, with the spread the test set alone
-    causes (mkt.metrics.paired_bootstrap): users are drawn, so a user's rows move together."""
+def transfer_gains(
+    samples: Path, runs_dir: Path, resamples: int = 1000
+) -> dict[str, dict[str, Any]]:
+    """MKT against each run of COMPARED on the same test rows, with the spread the test set
+    alone causes (mkt.metrics.paired_bootstrap): users are drawn, so a user's rows move
+    together."""
     from deltalake import DeltaTable
 
     from mkt.metrics import paired_bootstrap
@@ -179,15 +194,19 @@ def transfer_gain(samples: Path, runs_dir: Path, resamples: int = 1000) -> dict[
                 f"{model}: {predictions.num_rows} predictions but {len(scored)} matched on "
                 "(entity, line_no) with the other run and the samples' test rows"
             )
-    if not (scored["label_mkt"] == scored["label_tem_only"]).all() or scored.empty:
-        raise RuntimeError("the two runs' predictions do not cover the same labelled test rows")
-    return paired_bootstrap(
-        scored["label_mkt"].to_numpy(),
-        scored["mkt"].to_numpy(),
-        scored["tem_only"].to_numpy(),
-        scored["user_key"].to_numpy(),
-        resamples=resamples,
-    )
+    labels = scored["label_mkt"]
+    if scored.empty or any(not (labels == scored[f"label_{m}"]).all() for m in RUNS):
+        raise RuntimeError("the runs' predictions do not cover the same labelled test rows")
+    return {
+        other: paired_bootstrap(
+            labels.to_numpy(),
+            scored["mkt"].to_numpy(),
+            scored[other].to_numpy(),
+            scored["user_key"].to_numpy(),
+            resamples=resamples,
+        )
+        for other in COMPARED
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             env,
         )
         runs[model] = json.loads((run_dir / "metrics.json").read_text())
-    print("\n" + results_table(runs, transfer_gain(samples, runs_dir)))
+    print("\n" + results_table(runs, transfer_gains(samples, runs_dir)))
     print(
         f"\nQuick start finished in {(time.monotonic() - started) / 60:.1f} min. Runs: {runs_dir}"
     )
