@@ -35,6 +35,12 @@ DELTA_SPARK_CLASS = "io.delta.tables.DeltaTable"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 # Spark's directory name for a null partition value.
 HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
+# Rows per Parquet row group at most. Readers (pyarrow, Ray Data) decode a whole row group at
+# once, and a samples row with its two padded sequences is ~0.4 kB decoded: ~50 MB per group.
+# Parquet's own limit is 128 MB *encoded*, which the sequences' zeros turn into millions of
+# rows (delta-rs, the previous writer, cut groups at 1,048,576 rows).
+ROW_GROUP_ROWS = 131_072
+ROW_GROUP_ROWS_KEY = "parquet.block.row.count.limit"
 
 
 class HadoopFs:
@@ -178,7 +184,8 @@ def write_table(
     schema = _arrow_schema(frame)
     if writer == "spark":
         (
-            frame.write.format("delta")
+            frame.write.option(ROW_GROUP_ROWS_KEY, ROW_GROUP_ROWS)
+            .format("delta")
             .mode("overwrite")
             .option("overwriteSchema", "true")
             .partitionBy(*partition_by)
@@ -187,7 +194,8 @@ def write_table(
         return TableWrite(table_path, writer, schema, partition_by, "")
     files_dir = run_dir(run_id)
     (
-        frame.write.partitionBy(*partition_by)
+        frame.write.option(ROW_GROUP_ROWS_KEY, ROW_GROUP_ROWS)
+        .partitionBy(*partition_by)
         # No _SUCCESS marker inside a Delta table: the log says which files are the table.
         .option("mapreduce.fileoutputcommitter.marksuccessfuljobs", "false")
         .parquet(f"{table_path}/{files_dir}")
