@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+TARGET_ROWS = ("all", "pretrain", "holdout")
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -16,18 +18,27 @@ class Stage:
     model: str  # registry name in mkt.models
     entities: str  # rows the stage trains on: "target", "source" or "both"
     pretrained_from: str | None = None  # earlier stage whose model is passed as `pretrained`
+    # Which of the target entity's train rows: "all"; "pretrain", all but the share the run
+    # config holds out for the second stage (`train.tem_holdout`); "holdout", that share only.
+    # MKT's TEM learns how far to trust the frozen MEM's knowledge on rows the MEM never
+    # fitted, as it will meet test rows (docs/model.md, choice 9).
+    target_rows: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.target_rows not in TARGET_ROWS:
+            raise ValueError(f"stage {self.name!r}: target_rows must be one of {TARGET_ROWS}")
 
 
 PIPELINES: dict[str, tuple[Stage, ...]] = {
     # The paper's MKT (sections 3.2-3.3).
     "mkt": (
-        Stage("mem", "mem", "both"),
-        Stage("tem", "tem", "target", pretrained_from="mem"),
+        Stage("mem", "mem", "both", target_rows="pretrain"),
+        Stage("tem", "tem", "target", pretrained_from="mem", target_rows="holdout"),
     ),
-    # Ablations (Table 4): w/o MEM is TEM alone; w/o TEM is MEM's target tower.
+    # Ablations (Table 4): w/o MEM is TEM alone; w/o TEM is MKT's MEM, its target tower.
     # (w/o PDL and w/o HFA are MKT with mem.gamma=0 / mem.hfa=false.)
     "tem_only": (Stage("tem", "tem", "target"),),
-    "mem_only": (Stage("mem", "mem", "both"),),
+    "mem_only": (Stage("mem", "mem", "both", target_rows="pretrain"),),
 }
 
 

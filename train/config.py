@@ -144,6 +144,8 @@ def check(config: Mapping[str, Any]) -> None:
     for key in ("weight_decay", "embedding_l2"):
         if train[key] < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")
+    if not 0.0 <= train["tem_holdout"] < 1.0:
+        raise ConfigError(f"train.tem_holdout: must be in [0, 1), got {train['tem_holdout']}")
     if train["shuffle_buffer_rows"] < 0:
         raise ConfigError("train.shuffle_buffer_rows: must be >= 0 (0 turns it off)")
     stopping = train["early_stopping"]

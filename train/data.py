@@ -24,7 +24,7 @@ import ray.data
 import torch
 from ray.data import FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.data.expressions import col
+from ray.data.expressions import Expr, col
 
 from mkt.features import Batch, to_tensors
 from mkt.schema import FeatureSchema
@@ -69,19 +69,50 @@ def read_samples(
     columns: Iterable[str],
     shuffle_seed: int | None = None,
     read_tasks: int | None = None,
+    rows: Expr | None = None,
 ) -> ray.data.Dataset:
-    """`columns` of the rows of `entities` in `split`, streamed, by at most `read_tasks` read
-    tasks at a time (None: as many as Ray Data likes). The filter is on the partition
-    columns, so Ray pushes it into the read and files of other partitions are never opened."""
+    """`columns` of the rows of `entities` in `split` (and `rows`, a further filter),
+    streamed, by at most `read_tasks` read tasks at a time (None: as many as Ray Data likes).
+    The entity and split filter is on the partition columns, so Ray pushes it into the read
+    and files of other partitions are never opened."""
     entity_col, split_col = schema.columns["entity"], schema.columns["split"]
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
+    extra = [schema.columns["line_no"]] if rows is not None else []
     ds = ray.data.read_delta(
         str(samples_path(out_dir)),
-        columns=list(dict.fromkeys([*columns, entity_col, split_col])),
+        columns=list(dict.fromkeys([*columns, *extra, entity_col, split_col])),
         shuffle=shuffle,
         concurrency=read_tasks,
     )
-    return ds.filter(expr=col(entity_col).is_in(list(entities)) & (col(split_col) == split))
+    wanted = col(entity_col).is_in(list(entities)) & (col(split_col) == split)
+    return ds.filter(expr=wanted if rows is None else wanted & rows)
+
+
+# Multiplier of a line number's hash: consecutive lines (a user's rows) land far apart.
+_HOLDOUT_HASH = 2654435761
+_HOLDOUT_BUCKETS = 10000
+
+
+def target_rows_filter(schema: FeatureSchema, part: str, share: float) -> Expr | None:
+    """The filter of a stage's target train rows (mkt.pipelines.Stage.target_rows): a row is
+    held out when a hash of its line number falls in the first `share` of the buckets, so the
+    two parts are the same whatever reads them, and interleave users and time."""
+    if part == "all" or share <= 0:
+        return None
+    bucket = (col(schema.columns["line_no"]) * _HOLDOUT_HASH) % _HOLDOUT_BUCKETS
+    held_out = bucket < round(share * _HOLDOUT_BUCKETS)
+    if part == "holdout":
+        return held_out
+    if part == "pretrain":
+        return bucket >= round(share * _HOLDOUT_BUCKETS)
+    raise DataError(f"target rows {part!r} is not one of all, pretrain, holdout")
+
+
+def stage_target_share(part: str, share: float) -> float:
+    """The expected share of the target train rows a stage reads."""
+    if part == "all" or share <= 0:
+        return 1.0
+    return share if part == "holdout" else 1.0 - share
 
 
 def entity_rows(out_dir: str | Path, schema: FeatureSchema, entity: str, split: str) -> int:

@@ -31,6 +31,8 @@ from train.data import (
     model_columns,
     read_samples,
     stage_entities,
+    stage_target_share,
+    target_rows_filter,
     train_dataset_name,
 )
 from train.loop import SCORE, STAGE_ERRORS, stage_worker
@@ -103,15 +105,24 @@ def stage_datasets(
     rows: dict[str, int],
     seed: int,
     read_tasks: int,
+    holdout: float,
 ) -> dict[str, ray.data.Dataset]:
-    """A train stream per entity with rows (see train.data on mixing them), and the
-    validation rows of the entity the stage serves: the target, unless the stage trains on
-    the source alone (as a Finetune pre-training)."""
+    """A train stream per entity with rows (see train.data on mixing them; the target's
+    limited to the stage's `target_rows`), and the validation rows of the entity the stage
+    serves: the target, unless the stage trains on the source alone (a Finetune pre-training)."""
     valid_entity = schema.source_entity if stage.entities == "source" else schema.target_entity
     columns = model_columns(schema)
+    target_filter = target_rows_filter(schema, stage.target_rows, holdout)
     datasets = {
         train_dataset_name(entity): read_samples(
-            samples_dir, schema, [entity], "train", columns, seed, read_tasks
+            samples_dir,
+            schema,
+            [entity],
+            "train",
+            columns,
+            seed,
+            read_tasks,
+            rows=target_filter if entity == schema.target_entity else None,
         )
         for entity, n in rows.items()
         if n > 0
@@ -156,8 +167,12 @@ def run_stage(
     gpu = use_gpu(config)
     scaling = config["scaling"]
     resources = {"CPU": scaling["cpus_per_worker"], **({"GPU": 1} if gpu else {})}
+    share = stage_target_share(stage.target_rows, config["train"]["tem_holdout"])
     rows = {
-        entity: entity_rows(samples_dir, schema, entity, "train")
+        entity: round(
+            entity_rows(samples_dir, schema, entity, "train")
+            * (share if entity == schema.target_entity else 1.0)
+        )
         for entity in stage_entities(schema, stage.entities)
     }
     train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows)
@@ -183,6 +198,7 @@ def run_stage(
                 rows,
                 config["seed"],
                 config["train"]["read_tasks_per_stream"],
+                config["train"]["tem_holdout"],
             ),
             run_config=ray.train.RunConfig(
                 name=stage.name,

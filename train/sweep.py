@@ -95,7 +95,7 @@ def stage1_material(
     training settings, the seed and the worker count (it shards the data)."""
     return {
         "samples": fingerprint,
-        "stage": [stage.name, stage.model, stage.entities],
+        "stage": [stage.name, stage.model, stage.entities, stage.target_rows],
         "params": resolve_params(MODELS[stage.model], config["params"].get(stage.name, {})),
         "train": config["train"],
         "seed": config["seed"],
