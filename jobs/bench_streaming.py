@@ -136,6 +136,7 @@ def make_table(
         return table
 
     counts = {e: {s: 0 for s in ("train", "valid", "test")} for e in schema["entities"]}
+    likes = {e: {s: 0 for s in ("train", "valid", "test")} for e in schema["entities"]}
     arrow_bytes = {"train": 0, "other": 0}
 
     def batches(copy: int) -> Iterator[pa.RecordBatch]:
@@ -145,6 +146,7 @@ def make_table(
                 continue
             chunk = perturbed(table, copy, maps)
             counts[entity][split] += chunk.num_rows
+            likes[entity][split] += pc.sum(chunk["label"]).as_py() or 0
             arrow_bytes["train" if split == "train" else "other"] += chunk.nbytes
             yield from chunk.to_batches(max_chunksize=CHUNK_ROWS)
 
@@ -175,7 +177,7 @@ def make_table(
                 partition_by=partitions,
             )
             print(f"table: copy {copy + 1}/{copies} written", flush=True)
-    schema["counts"] = counts
+    schema["counts"], schema["likes"] = counts, likes
     (out / "feature_schema.json").write_text(json.dumps(schema, indent=2) + "\n")
     files = [f for f in (out / "samples").rglob("*.parquet")]
     info = {

@@ -660,7 +660,10 @@ def _with_bad_samples(table: pa.Table, vocab_size: int, seq_len: int) -> pa.Tabl
     rows[1]["seq_video"] = [*rows[1]["seq_video"], 0]
     rows[2]["item_id"] = vocab_size
     assert len(rows[1]["seq_video"]) == seq_len + 1
-    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+    # The samples table declares its columns non-null; a user's table to score need not.
+    nullable = pa.schema([field.with_nullable(True) for field in table.schema])
+    bad = pa.Table.from_pylist(rows, schema=nullable)
+    return pa.concat_tables([table.cast(nullable), bad])
 
 
 def test_score_job_writes_scores_and_keeps_bad_rows(
@@ -673,7 +676,11 @@ def test_score_job_writes_scores_and_keeps_bad_rows(
     other = samples.filter(split & (pc.field("entity") == schema.source_entity))
     table = _with_bad_samples(test_rows, schema.feature("item_id").vocab_size, schema.seq_len)
     source = tmp_path / "to_score"
-    write_deltalake(str(source), pa.concat_tables([table, other]), partition_by=["entity", "split"])
+    write_deltalake(
+        str(source),
+        pa.concat_tables([table, other.cast(table.schema)]),
+        partition_by=["entity", "split"],
+    )
     # Two scoring actors of half a CPU each: as fast as one here (measured), and the batches
     # are shared between actors as on a cluster.
     common = ["--artifact", str(trained.artifact_dir), "--workers", "2"]

@@ -4,7 +4,7 @@ Shuffling (docs/training.md, "Shuffling"), without materialising the table:
 - each entity's train rows are a stream of their own, read in a new random file order every
   epoch (`FileShuffleConfig`, reseeded per execution);
 - each worker draws an entity's batches from a local buffer of `train.shuffle_buffer_rows`
-  rows, which mixes users (the ETL writes a user's rows together);
+  rows, which mixes users (the ETL writes a user's rows into one file);
 - a training batch takes from every entity's stream a share proportional to that entity's
   rows (`mixed_batches`), so every MEM step sees source and target rows in the proportion of
   the whole table. One stream of both entities would instead hand out long single-entity

@@ -612,11 +612,12 @@ def write_sweep_outputs(
     else:
         config = load_yaml(best.run_dir / CONFIG_FILE)
         config.pop("invocation")
+        commit = config.pop("code_commit", None)
         values = ", ".join(f"`{k}={best.values[k]}`" for k in keys)
         test = best.metrics["test"]
         (output / BEST_CONFIG_FILE).write_text(
             f"# Best trial {best.trial_id} of the sweep in {output}, chosen on target validation "
-            f"{metric.upper()} {best.last_score:.4f}.\n"
+            f"{metric.upper()} {best.last_score:.4f}, trained at code commit {commit}.\n"
             f"# python train/run.py --samples {samples_dir} --output RUN_DIR "
             f"--config {output / BEST_CONFIG_FILE}\n" + dump(config)
         )
