@@ -777,8 +777,9 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
       for a row with k). It changes only after a like, so Spark computes it once per (user,
       like count). That is the history of a train row, and of every row in online mode.
     - `through`: `before` plus the row's own like: the history after the row. At the last row
-      of the train block it is what a frozen valid row sees; at the last train + valid row,
-      what a frozen test row and every row of the other entities see (one window per user).
+      of the train block it is what a frozen valid row and every train or valid row of the
+      other entities see; at the last train + valid row, what a frozen test row and every
+      test row of the other entities see (one window per user).
     Each file's rows are then put in a pseudo-random order (_file_order), before the sequences
     are padded (so the sort moves the short arrays).
     """
@@ -821,8 +822,13 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
     rows = rows.withColumn("own_items", own).sortWithinPartitions(_file_order(config))
     sequences = []
     for entity in entities:
-        items = F.when(F.col("entity") == entity, F.col("own_items")).otherwise(
-            F.col(f"fit_items__{entity}")
+        # Another entity's likes up to the end of the blocks the row may look at: a test row
+        # sees train + valid, a valid or train row the train block, so a valid row sees as old
+        # a history as a test row does (docs/etl.md, "Sequences and history modes").
+        items = (
+            F.when(F.col("entity") == entity, F.col("own_items"))
+            .when(F.col("split") == "test", F.col(f"fit_items__{entity}"))
+            .otherwise(F.col(f"train_items__{entity}"))
         )
         newest_first = F.reverse(F.coalesce(items, F.array().cast("array<bigint>")))
         padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))

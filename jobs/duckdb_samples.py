@@ -157,7 +157,7 @@ def _encoded_sql(config: DataConfig, boundaries: dict[str, list[float]]) -> str:
         )
     return f"""
         SELECT r.entity, r.split, r.line_no, r.user_key, r.label, {", ".join(columns)},
-               r.likes_before, r.likes_fit, r.history_likes
+               r.likes_before, r.likes_train, r.likes_fit, r.history_likes
         FROM ranked r {" ".join(joins)}
     """
 
@@ -238,7 +238,7 @@ def build_samples_duckdb(
                        OVER (PARTITION BY entity, user_key) AS likes_fit
             FROM split
         )
-        SELECT * EXCLUDE (likes_train), ({history})::BIGINT AS history_likes FROM fit
+        SELECT *, ({history})::BIGINT AS history_likes FROM fit
     """)
 
     counts = []
@@ -282,14 +282,21 @@ def build_samples_duckdb(
         con.executemany("INSERT INTO vocab VALUES (?, ?, ?, ?, ?)", bucket_rows)
 
     item, entities = config.item_feature, config.entity_names
-    fit_columns = ", ".join(
-        f"any_value(items) FILTER (WHERE entity = {_sql_str(e)}) AS fit__{e}" for e in entities
-    )
+    def block_end(block: str) -> str:
+        # Each entity's items at the user's like that ends `block` (train, or train + valid).
+        columns = ", ".join(
+            f"any_value(items) FILTER (WHERE entity = {_sql_str(e)}) AS {block}__{e}"
+            for e in entities
+        )
+        return (
+            f"(SELECT user_key, {columns} FROM snapshots WHERE like_no = likes_{block} "
+            f"GROUP BY user_key) {block} ON {block}.user_key = s.user_key"
+        )
+
     sequences = []
     for e in entities:
-        items = (
-            f"coalesce(CASE WHEN s.entity = {_sql_str(e)} THEN own.items ELSE fit.fit__{e} END, [])"
-        )
+        other = f"CASE WHEN s.split = 'test' THEN fit.fit__{e} ELSE train.train__{e} END"
+        items = f"coalesce(CASE WHEN s.entity = {_sql_str(e)} THEN own.items ELSE {other} END, [])"
         sequences += [
             f"list_resize(list_reverse({items}), {config.seq_len}, 0)::BIGINT[] AS seq_{e}",
             f"len({items})::BIGINT AS seq_{e}_len",
@@ -297,7 +304,7 @@ def build_samples_duckdb(
     features = ", ".join(f"s.{f.name}" for f in config.features)
     con.execute(f"""
         CREATE TEMP TABLE snapshots AS
-        SELECT entity, user_key, likes_before + 1 AS like_no, likes_fit,
+        SELECT entity, user_key, likes_before + 1 AS like_no, likes_train, likes_fit,
                list({item}) OVER (PARTITION BY entity, user_key ORDER BY line_no
                                   ROWS BETWEEN {config.seq_len - 1} PRECEDING AND CURRENT ROW)
                    AS items
@@ -308,8 +315,8 @@ def build_samples_duckdb(
         FROM encoded s
         LEFT JOIN snapshots own ON own.entity = s.entity AND own.user_key = s.user_key
                                AND own.like_no = s.history_likes
-        LEFT JOIN (SELECT user_key, {fit_columns} FROM snapshots WHERE like_no = likes_fit
-                   GROUP BY user_key) fit ON fit.user_key = s.user_key
+        LEFT JOIN {block_end("train")}
+        LEFT JOIN {block_end("fit")}
     """
     con.execute(
         f"COPY ({samples}) TO {_sql_str(str(output_dir / 'samples'))} "

@@ -126,14 +126,15 @@ def _reference_splits_and_sequences(
         for rank, row in enumerate(user_rows, start=1):
             row.split = "train" if rank <= n_train else "valid" if rank <= n_fit else "test"
 
-    # Before which splits a row may look, in frozen mode (a train row: earlier train lines).
+    # Before which splits a row may look, in frozen mode (a train row: earlier train lines);
+    # in another entity's file, at all lines of those splits in both modes (no shared clock).
     visible = {"train": {"train"}, "valid": {"train"}, "test": {"train", "valid"}}
-    fit_likes: dict[tuple[str, int], list[str]] = defaultdict(list)
-    for (entity, user), user_rows in by_user.items():
-        fit_likes[(entity, user)] = [
+
+    def block_likes(entity: str, user: int, splits: set[str]) -> list[str]:
+        return [
             r.values[item.columns[entity]]
-            for r in user_rows
-            if r.label == 1 and r.split in ("train", "valid")
+            for r in by_user.get((entity, user), [])
+            if r.label == 1 and r.split in splits
         ]
     for (entity, user), user_rows in by_user.items():
         for row in user_rows:
@@ -145,7 +146,9 @@ def _reference_splits_and_sequences(
                 and (config.history_mode == "online" or p.split in visible[row.split])
             ]
             for other in config.entity_names:
-                likes = history if other == entity else fit_likes[(other, user)]
+                likes = (
+                    history if other == entity else block_likes(other, user, visible[row.split])
+                )
                 row.seqs[other] = list(reversed(likes[-config.seq_len :]))
 
 
@@ -488,9 +491,13 @@ def test_frozen_history_is_fixed_across_the_test_block(built: Built) -> None:
         assert len(test_rows) > 1 and test_rows.label.sum() > 0
         # Likes inside the test block never reach a later test row's features.
         assert test_rows[f"seq_{entity}"].map(tuple).nunique() == 1
-        # Every row of the other entity sees the same train+valid likes of this entity.
+        # The other entity's test rows all see this entity's train + valid likes; its train
+        # and valid rows all see the train likes alone, an older history.
         other = heavy[heavy.entity != entity]
-        assert other[f"seq_{entity}"].map(tuple).nunique() == 1
+        test_other = other[other.split == "test"][f"seq_{entity}"].map(tuple)
+        fit_other = other[other.split != "test"][f"seq_{entity}"].map(tuple)
+        assert test_other.nunique() == 1 and fit_other.nunique() == 1
+        assert heavy[f"seq_{entity}_len"].max() > 0
 
 
 @pytest.fixture(scope="module")
