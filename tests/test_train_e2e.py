@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from deltalake import DeltaTable
 from safetensors.torch import load_file
 from tensorboardX.proto.event_pb2 import Event
@@ -68,6 +69,8 @@ def test_generated_data_through_spark_and_both_stages(
         "train.batch_size=256",
         "train.lr=0.005",
         "train.early_stopping.metric=auc",
+        # 1,200 users: the default embedding prior outweighs their rows (docs/training.md).
+        "train.embedding_l2=0",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -83,6 +86,23 @@ def test_generated_data_through_spark_and_both_stages(
     assert "test histories `frozen`" in (run_dir / "summary.md").read_text()
     for name in ("config.yaml", "summary.md", "curves.png"):
         assert (run_dir / name).stat().st_size > 0, name
+    # Everything that ran is recorded: each stage's parameters with their defaults, the
+    # training settings and the code commit.
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    head = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    assert config["code_commit"] == metrics["code_commit"] == head
+    assert config["params"]["mem"]["gamma"] == 0.01 == mem["params"]["gamma"]
+    assert config["params"]["tem"]["embeddings"] == tem["params"]["embeddings"] == "frozen_mem"
+    assert metrics["train"]["embedding_l2"] == config["train"]["embedding_l2"] == 0
+    # The TEM trained on the held-out share of the target train rows, the MEM on the rest.
+    counts = json.loads((out / "feature_schema.json").read_text())["counts"]
+    share = config["train"]["tem_holdout"]
+    tem_rows = tem["history"][0]["train_rows"]
+    assert tem_rows == pytest.approx(share * counts["article"]["train"], rel=0.15)
+    mem_rows = mem["history"][0]["train_rows"] - counts[VIDEO]["train"]
+    assert mem_rows == pytest.approx((1 - share) * counts["article"]["train"], rel=0.15)
     # Progress while it runs: one line per epoch with rows, rows/s, loss and validation metric.
     output = done.stdout + done.stderr
     for stage in ("mem", "tem"):
@@ -108,6 +128,9 @@ def test_generated_data_through_spark_and_both_stages(
         for k, v in tem_weights.items()
         if k.startswith("knowledge.")
     }
+    # `frozen_mem`: TEM's own path reads the MEM's tables themselves, one tensor that the
+    # checkpoint stores once, under either name.
+    knowledge |= {k: v for k, v in tem_weights.items() if k.startswith("inputs.embeddings.")}
 
     def in_mem(key: str) -> str:
         if key.startswith("hfa."):
@@ -139,6 +162,8 @@ def test_generated_data_through_spark_and_both_stages(
     assert test["model"]["rows"] == len(predictions)
     assert test["model"]["auc"] > 0.6, test["model"]
     assert test["oracle"]["auc"] > test["model"]["auc"]  # the generator's truth ranks best
+    assert test["like_rate"]["rows"] == len(predictions)  # the floor, on the same rows
+    assert 0.5 < test["like_rate"]["auc"] < test["oracle"]["auc"]
     assert 0 < test["model"]["gauc_coverage"] <= 1
     assert sum(g["rows"] for g in test["model"]["by_activity"].values()) == len(predictions)
 
