@@ -47,6 +47,9 @@ RUNS = {
     "tem_only": "TEM alone",
     "lr": "logistic regression (one-hot)",
 }
+# The floor gets its own recipe, chosen on validation like the deep models' (docs/training.md,
+# "The training recipe"): a linear model wants a larger step and more epochs.
+OVERRIDES = {"lr": ("train.lr=0.01", "train.embedding_l2=10", "train.epochs=10")}
 # MKT against each of these, on the same test rows (paired bootstrap over users).
 COMPARED = ("tem_only", "lr")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 "--config",
                 str(RUN_CONFIG),
                 f"model={model}",
+                *OVERRIDES.get(model, ()),
             ],
             log_dir,
             env,
