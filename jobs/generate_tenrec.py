@@ -31,7 +31,7 @@ VIDEO, ARTICLE = "video", "article"
 ENTITIES = (VIDEO, ARTICLE)
 FILE_NAMES = {VIDEO: "QK-video.csv", ARTICLE: "QK-article.csv"}
 ORACLE_FILE = "oracle.parquet"
-# Header lines exactly as in Tenrec (docs: /work/shared/reference/tenrec.md).
+# Header lines exactly as in Tenrec (Yuan et al., NeurIPS 2022; docs/generator.md).
 HEADERS = {
     VIDEO: "user_id,item_id,click,follow,like,share,video_category,watching_times,gender,age",
     ARTICLE: (

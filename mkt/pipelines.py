@@ -21,7 +21,7 @@ class Stage:
     # Which of the target entity's train rows: "all"; "pretrain", all but the share the run
     # config holds out for the second stage (`train.tem_holdout`); "holdout", that share only.
     # MKT's TEM learns how far to trust the frozen MEM's knowledge on rows the MEM never
-    # fitted, as it will meet test rows (docs/model.md, choice 9).
+    # fitted, as it will meet test rows (docs/model.md, TEM choice 2).
     target_rows: str = "all"
 
     def __post_init__(self) -> None:

@@ -51,7 +51,7 @@ class TEM(CTRModel):
         # TEM's low-level embeddings when a MEM is plugged in (section 3.1: "the TEM is trained
         # with the frozen low-level feature embeddings ... of MEM"): `frozen_mem` reads the
         # MEM's frozen tables, `init_from_mem` starts its own tables as copies of them, `own`
-        # starts its own tables afresh. TEM alone always has its own. docs/model.md, choice 8.
+        # starts its own tables afresh. TEM alone always has its own. docs/model.md, TEM choice 1.
         "embeddings": "frozen_mem",
     }
 
