@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema
@@ -19,6 +20,15 @@ from train.config import code_commit
 from train.evaluate import evaluate_run, oracle_path
 from train.report import SUMMARY_FILE, write_outputs
 from train.stage import StageResult, finished, run_stage, use_gpu
+
+
+def started_at_commit(run_dir: Path) -> str | None:
+    """The commit RUN_DIR/config.yaml recorded when the run started (a commit made while it
+    trained is not the code that trained it); the current one if there is no such file."""
+    recorded = run_dir / "config.yaml"
+    if recorded.exists():
+        return (yaml.safe_load(recorded.read_text()) or {}).get("code_commit")
+    return code_commit()
 
 
 def run_pipeline(
@@ -43,7 +53,7 @@ def run_pipeline(
     test = evaluate_run(samples_dir, schema, chains[stages[-1].name], run_dir, config, truth)
     header = {
         "model": config["model"],
-        "code_commit": code_commit(),
+        "code_commit": started_at_commit(run_dir),
         "seed": config["seed"],
         "train": config["train"],
         "samples": str(samples_dir),
