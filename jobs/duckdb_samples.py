@@ -282,6 +282,7 @@ def build_samples_duckdb(
         con.executemany("INSERT INTO vocab VALUES (?, ?, ?, ?, ?)", bucket_rows)
 
     item, entities = config.item_feature, config.entity_names
+
     def block_end(block: str) -> str:
         # Each entity's items at the user's like that ends `block` (train, or train + valid).
         columns = ", ".join(

@@ -136,6 +136,7 @@ def _reference_splits_and_sequences(
             for r in by_user.get((entity, user), [])
             if r.label == 1 and r.split in splits
         ]
+
     for (entity, user), user_rows in by_user.items():
         for row in user_rows:
             history = [
@@ -146,9 +147,7 @@ def _reference_splits_and_sequences(
                 and (config.history_mode == "online" or p.split in visible[row.split])
             ]
             for other in config.entity_names:
-                likes = (
-                    history if other == entity else block_likes(other, user, visible[row.split])
-                )
+                likes = history if other == entity else block_likes(other, user, visible[row.split])
                 row.seqs[other] = list(reversed(likes[-config.seq_len :]))
 
 
