@@ -49,7 +49,8 @@ RUNS = {
 }
 # The floor gets its own recipe, chosen on validation like the deep models' (docs/training.md,
 # "The training recipe"): a linear model wants a larger step and more epochs.
-OVERRIDES = {"lr": ("train.lr=0.01", "train.embedding_l2=10", "train.epochs=10")}
+LR_RECIPE = ("train.lr=0.01", "train.embedding_l2=10", "train.epochs=10")
+OVERRIDES = {"lr": LR_RECIPE}
 # MKT against each of these, on the same test rows (paired bootstrap over users).
 COMPARED = ("tem_only", "lr")
 COLOUR = re.compile(r"\x1b\[[0-9;]*m")

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.quickstart import LR_RECIPE, build_samples_command, run_echoed
 from mkt.metrics import activity_group_names
 from mkt.pipelines import pipeline
 from mkt.schema import SchemaError
@@ -57,7 +58,7 @@ from train.run import (
 
 RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
 QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"
-# Sized so that the whole job (45 runs) fits about an hour on a 2-core machine: see
+# Sized so that the whole job (48 runs) fits about an hour on a 2-core machine: see
 # docs/RESULTS.md ("Tables 2, 3 and 4").
 DEFAULT_USERS = 8000
 # The smoke run: tiny data whose like rates are raised (a documented generator knob, as in the
@@ -79,7 +80,8 @@ class Entry:
     overrides: tuple[str, ...]  # run-config overrides
 
 
-SINGLE, JOINT, PRETRAIN, OURS, ABLATION = (
+FLOOR, SINGLE, JOINT, PRETRAIN, OURS, ABLATION = (
+    "floor",
     "single-domain",
     "joint training",
     "pre-training & fine-tuning",
@@ -87,6 +89,7 @@ SINGLE, JOINT, PRETRAIN, OURS, ABLATION = (
     "ablation",
 )
 TABLE2 = (
+    Entry("lr", "LR (one-hot)", FLOOR, ("model=lr", *LR_RECIPE)),
     Entry("mlp", "MLP", SINGLE, ("model=mlp",)),
     Entry("din", "DIN", SINGLE, ("model=din",)),
     Entry("fibinet", "FiBiNet", SINGLE, ("model=fibinet",)),
@@ -107,6 +110,8 @@ TABLE4 = (
 )
 ENTRIES = TABLE2 + TABLE4
 MKT, FINETUNE = "mkt", "finetune"
+# Scores every run reports beside its model's, on the same test rows: table rows of their own.
+REFERENCES = {"oracle": "oracle (generator's p_like)", "like_rate": "like-rate floor (smoothed)"}
 
 # Results: entry key -> the metrics.json of each seed's run.
 Results = Mapping[str, Sequence[Mapping[str, Any]]]
@@ -148,8 +153,9 @@ def test_stat(runs: Sequence[Mapping[str, Any]], metric: str, group: str | None 
 
 
 def table2(results: Results, entries: Sequence[Entry] = TABLE2) -> list[dict[str, Any]]:
-    """One row per model (mean and std of AUC and GAUC), then the generator's oracle when the
-    runs scored one (it is the same for every run: the data are fixed)."""
+    """One row per model (mean and std of AUC and GAUC), then the generator's oracle and the
+    like-rate floor when the runs scored them (each is the same for every run: the data are
+    fixed)."""
     rows = []
     for e in entries:
         runs = results.get(e.key, ())
@@ -158,26 +164,27 @@ def table2(results: Results, entries: Sequence[Entry] = TABLE2) -> list[dict[str
             s = test_stat(runs, metric)
             row[f"{metric}_mean"], row[f"{metric}_std"] = s.mean, s.std
         rows.append(row)
-    oracle = next(
-        (
-            run["test"]["oracle"]
-            for e in entries
-            for run in results.get(e.key, ())
-            if "oracle" in run["test"]
-        ),
-        None,
-    )
-    if oracle is not None:
-        rows.append(
-            {
-                "group": "oracle",
-                "model": "oracle (generator's p_like)",
-                "key": "oracle",
-                "seeds": 0,
-                **{f"{m}_mean": oracle[m] for m in METRICS},
-                **{f"{m}_std": math.nan for m in METRICS},
-            }
+    for key, label in REFERENCES.items():
+        scores = next(
+            (
+                run["test"][key]
+                for e in entries
+                for run in results.get(e.key, ())
+                if key in run["test"]
+            ),
+            None,
         )
+        if scores is not None:
+            rows.append(
+                {
+                    "group": key,
+                    "model": label,
+                    "key": key,
+                    "seeds": 0,
+                    **{f"{m}_mean": scores[m] for m in METRICS},
+                    **{f"{m}_std": math.nan for m in METRICS},
+                }
+            )
     return rows
 
 
@@ -317,6 +324,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 FAMILY_COLOURS = {
+    FLOOR: "tab:brown",
     SINGLE: "tab:grey",
     JOINT: "tab:blue",
     PRETRAIN: "tab:orange",
@@ -332,11 +340,13 @@ def plot(
 ) -> None:
     """Test AUC and GAUC of Table 2's models and Table 4's ablations: bars at the mean over
     the seeds, error bars one standard deviation. The oracle is written in the title, not drawn:
-    it lies far above the models and would flatten their differences."""
+    it lies far above the models and would flatten their differences; the like-rate floor is
+    a dashed line."""
     from matplotlib.figure import Figure
 
-    models = [r for r in table2_rows if r["key"] != "oracle"]
+    models = [r for r in table2_rows if r["key"] not in REFERENCES]
     oracle = next((r for r in table2_rows if r["key"] == "oracle"), None)
+    floor = next((r for r in table2_rows if r["key"] == "like_rate"), None)
     ablations = [{**r, "model": r["ablation"], "group": ABLATION} for r in table4_rows]
     ablations[-1]["group"] = OURS
     fig = Figure(figsize=(13, 7.5), layout="constrained")
@@ -355,6 +365,8 @@ def plot(
                 high = float(np.max(means[finite] + stds[finite]))
                 pad = max(0.01, (high - low) * 0.15)
                 ax.set_ylim(low - pad, high + pad)
+            if floor is not None:
+                ax.axhline(floor[f"{metric}_mean"], color="black", linestyle="--", linewidth=1)
             label = f"{title}: test {metric.upper()}"
             if oracle is not None and col == 0:
                 label += f" (oracle {oracle[f'{metric}_mean']:.4f})"
@@ -518,8 +530,6 @@ def run_all(
 
 def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> Path:
     """Generated raw data and its samples under data_dir, each made only if missing."""
-    from jobs.quickstart import build_samples_command, run_echoed
-
     raw, samples = data_dir / "raw", data_dir / "samples"
     if not (raw / "oracle.parquet").is_file():
         run_echoed(

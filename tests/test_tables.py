@@ -12,6 +12,7 @@ import pytest
 
 from jobs.reproduce_tables import (
     ENTRIES,
+    FLOOR,
     SINGLE,
     TABLE2,
     TABLE4,
@@ -40,6 +41,7 @@ def run(auc: float, gauc: float, by_group: dict[str, float] | None = None) -> di
                 "by_activity": {g: {"auc": v, "gauc": v} for g, v in groups.items()},
             },
             "oracle": {"auc": 0.9, "gauc": 0.8},
+            "like_rate": {"auc": 0.58, "gauc": 0.53},
         }
     }
 
@@ -75,14 +77,21 @@ def test_pct_is_relative_change_as_in_the_paper() -> None:
 
 def test_table2_rows_means_stds_and_oracle() -> None:
     rows = table2(fabricated())
-    assert [r["key"] for r in rows] == [e.key for e in TABLE2] + ["oracle"]
+    assert [r["key"] for r in rows] == [e.key for e in TABLE2] + ["oracle", "like_rate"]
+    assert rows[0]["key"] == "lr" and rows[0]["group"] == FLOOR  # the floor model comes first
     mkt = next(r for r in rows if r["key"] == "mkt")
     assert mkt["auc_mean"] == pytest.approx(0.72) and mkt["gauc_mean"] == pytest.approx(0.66)
     assert mkt["auc_std"] == pytest.approx(math.sqrt(0.0008))
     assert mkt["seeds"] == 2
-    oracle = rows[-1]
+    oracle, floor = rows[-2:]
     assert oracle["auc_mean"] == 0.9 and math.isnan(oracle["auc_std"])
-    assert [r["group"] for r in rows[:3]] == [SINGLE] * 3
+    assert floor["gauc_mean"] == 0.53 and floor["model"] == "like-rate floor (smoothed)"
+    assert [r["group"] for r in rows[1:4]] == [SINGLE] * 3
+    # Without the floor's scores (older runs) there is no floor row.
+    for runs in (results := fabricated()).values():
+        for r in runs:
+            r["test"].pop("like_rate", None)
+    assert [r["key"] for r in table2(results)][-2:] == [TABLE2[-1].key, "oracle"]
 
 
 def test_best_single_domain_by_gauc_or_auc() -> None:
