@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,11 +165,14 @@ def results_table(runs: dict[str, dict[str, Any]], gains: dict[str, dict[str, An
 
 
 def transfer_gains(
-    samples: Path, runs_dir: Path, resamples: int = 1000
+    samples: Path,
+    runs_dir: Path,
+    compared: Sequence[str] = COMPARED,
+    resamples: int = 1000,
 ) -> dict[str, dict[str, Any]]:
-    """MKT against each run of COMPARED on the same test rows, with the spread the test set
-    alone causes (mkt.metrics.paired_bootstrap): users are drawn, so a user's rows move
-    together."""
+    """MKT (RUNS_DIR/mkt) against each run RUNS_DIR/<compared> on the same test rows, with the
+    spread the test set alone causes (mkt.metrics.paired_bootstrap): users are drawn, so a
+    user's rows move together."""
     from deltalake import DeltaTable
 
     from mkt.metrics import paired_bootstrap
@@ -183,7 +187,8 @@ def transfer_gains(
         .to_pandas()
     )
     scored = users
-    for model in RUNS:
+    models = ("mkt", *compared)
+    for model in models:
         predictions = DeltaTable(str(runs_dir / model / "predictions")).to_pyarrow_table(
             columns=[*keys, "label", "score"]
         )
@@ -199,7 +204,7 @@ def transfer_gains(
                 "(entity, line_no) with the other run and the samples' test rows"
             )
     labels = scored["label_mkt"]
-    if scored.empty or any(not (labels == scored[f"label_{m}"]).all() for m in RUNS):
+    if scored.empty or any(not (labels == scored[f"label_{m}"]).all() for m in models):
         raise RuntimeError("the runs' predictions do not cover the same labelled test rows")
     return {
         other: paired_bootstrap(
@@ -209,7 +214,7 @@ def transfer_gains(
             scored["user_key"].to_numpy(),
             resamples=resamples,
         )
-        for other in COMPARED
+        for other in compared
     }
 
 
