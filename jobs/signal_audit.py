@@ -201,7 +201,11 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_title(f"target test {m.upper()}")
         for y, v in enumerate(values):
             ax.text(v + 0.002, y, f"{v:.3f}", va="center", fontsize=8)
-    fig.suptitle(f"Signal audit: {summary['samples']}", fontsize=9)
+    fig.suptitle(
+        f"Signal audit: {summary['target_entity']} test rows {summary['test_rows']:,}, "
+        f"likes {summary['test_likes']:,}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
