@@ -10,9 +10,10 @@ Runs the project's own commands one after another, as a user would:
  3. `python train/run.py ... model=mkt` trains MEM then TEM on it (stage 1 and 2);
  4. `python train/run.py ... model=tem_only` trains TEM alone (the "w/o MEM" ablation);
  5. `python train/run.py ... model=lr` trains the one-hot logistic regression (the floor);
+ 6. `python jobs/signal_audit.py` measures how much cross-entity signal the samples hold;
 then prints target-entity test AUC and GAUC of the three, of the smoothed like-rate floor and
-of the generator's oracle, and MKT's paired-bootstrap differences to TEM alone and to the
-logistic regression. Each step's full output goes to RUN/logs/; the console shows its progress
+of the generator's oracle, MKT's paired-bootstrap differences to TEM alone and to the
+logistic regression, and the audit's table. Each step's full output goes to RUN/logs/; the console shows its progress
 lines.
 """
 
@@ -273,7 +274,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
             env,
         )
         runs[model] = json.loads((run_dir / "metrics.json").read_text())
+    audit_dir = runs_dir / "signal_audit"
+    audit = [py, "jobs/signal_audit.py", "--samples", str(samples), "--output", str(audit_dir)]
+    step("signal_audit", audit, log_dir, env)
     print("\n" + results_table(runs, transfer_gains(samples, runs_dir)))
+    print(
+        "\nHow much cross-entity signal these samples hold, without a deep model "
+        '(docs/training.md, "What the data can show"):\n'
+    )
+    print((audit_dir / "signal_audit.md").read_text().rstrip())
     print(
         f"\nQuick start finished in {(time.monotonic() - started) / 60:.1f} min. Runs: {runs_dir}"
     )
