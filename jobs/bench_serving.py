@@ -165,14 +165,12 @@ def bench(run_dir: Path, artifact_dir: Path | None, n_requests: int, seconds: fl
     if packed.errors or not np.array_equal(packed.scalars, expected):
         raise RuntimeError("decoded requests do not encode back to the samples rows")
     scalars, sequences = torch.from_numpy(packed.scalars), torch.from_numpy(packed.sequences)
-    module = artifact.program.module()
 
     def end_to_end(start: int, size: int) -> None:
         artifact.score(requests[start : start + size])
 
     def graph(start: int, size: int) -> None:
-        with torch.inference_mode():
-            module(scalars[start : start + size], sequences[start : start + size])
+        artifact.run_graph(scalars[start : start + size], sequences[start : start + size])
 
     def eager(start: int, size: int) -> None:
         part = {k: v[start : start + size] for k, v in rows.items()}

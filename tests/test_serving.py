@@ -35,6 +35,7 @@ from deltalake import DeltaTable, write_deltalake
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import COLUMNS, FILE_NAMES, generate
 from mkt.encoding import (
+    OOV,
     EncodingContractError,
     FeatureEncoder,
     check_reserved_indices,
@@ -43,6 +44,7 @@ from mkt.encoding import (
     parse_number,
 )
 from mkt.features import to_tensors
+from mkt.layers.embedding import EmbeddingBank
 from mkt.models.mem import MEM
 from mkt.models.tem import TEM
 from mkt.schema import FeatureSchema
@@ -353,6 +355,26 @@ def test_artifact_scores_raw_test_rows_like_the_training_model(
     assert np.array_equal(
         trained.artifact.score(pa.Table.from_pylist(requests)).scores, result.scores
     )
+
+
+def test_graph_leaves_out_the_range_guard_the_training_model_keeps(
+    built: Built, trained: Trained
+) -> None:
+    """The exported graph trusts the encoder's indices (docs/serving.md, "Speed"): a foreign
+    index fails the lookup there, while the training model, whose guard the export restores,
+    still reads it as OOV."""
+    banks = [m for m in trained.tem.modules() if isinstance(m, EmbeddingBank)]
+    assert banks and all(bank.range_guard for bank in banks)
+    item = built.schema.item_feature
+    huge = torch.tensor([10**9])
+    assert torch.equal(banks[0].lookup(item, huge), banks[0].lookup(item, torch.tensor([OOV])))
+    packed = trained.artifact.encode(raw_requests(built, target_test_rows(built).iloc[:2]))
+    scalars = torch.from_numpy(packed.scalars.copy())
+    sequences = torch.from_numpy(packed.sequences)
+    assert trained.artifact.run_graph(scalars, sequences).shape == (2,)
+    scalars[:, trained.artifact.interface.scalars.index(item)] = 10**9
+    with pytest.raises((IndexError, RuntimeError), match=r"out of range|index"):
+        trained.artifact.run_graph(scalars, sequences)
 
 
 def test_bad_rows_get_a_reason_and_the_rest_are_scored(built: Built, trained: Trained) -> None:

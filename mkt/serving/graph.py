@@ -4,7 +4,9 @@ The graph (`ServingGraph`) takes two int64 tensors, so any runtime can feed it:
 - `scalars [B, F]`: one column per name in `Interface.scalars` (the user, shared and
   target-specific features, then the sequences' length columns);
 - `sequences [B, S, seq_len]`: one slice per name in `Interface.sequences`;
-and returns the like probability `[B]` (float32) of each row for the target entity.
+and returns the like probability `[B]` (float32) of each row for the target entity. The
+indices must be the artifact encoder's (every one inside its table): the graph has no
+out-of-range guard, and a foreign index fails the lookup instead of reading OOV.
 
 Storage: the graph is `torch.export`'s JSON serialisation, the weights one safetensors
 file. `torch.export.save`/`load` are not used because `load` can run code from the file: it
@@ -30,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
 
+from mkt.layers.embedding import EmbeddingBank
 from mkt.schema import FeatureSchema
 
 # Node targets a graph may call: ATen operators, and tuple indexing.
@@ -116,10 +119,19 @@ def export_program(graph: ServingGraph) -> tuple[bytes, bytes]:
     scalars = torch.ones((2, len(interface.scalars)), dtype=torch.int64)
     sequences = torch.zeros((2, len(interface.sequences), interface.seq_len), dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
-    with torch.no_grad():
-        program = torch.export.export(
-            graph, (scalars, sequences), dynamic_shapes=({0: batch}, {0: batch})
-        )
+    banks = [m for m in graph.modules() if isinstance(m, EmbeddingBank)]
+    guards = [bank.range_guard for bank in banks]
+    try:
+        # The encoder's indices are always in range (see mkt.layers.embedding).
+        for bank in banks:
+            bank.range_guard = False
+        with torch.no_grad():
+            program = torch.export.export(
+                graph, (scalars, sequences), dynamic_shapes=({0: batch}, {0: batch})
+            )
+    finally:
+        for bank, guard in zip(banks, guards, strict=True):
+            bank.range_guard = guard
     program._guards_code = []  # see the module docstring
     serialized = serialize(
         program,
