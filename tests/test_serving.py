@@ -362,7 +362,7 @@ def test_graph_leaves_out_the_range_guard_the_training_model_keeps(
 ) -> None:
     """The exported graph trusts the encoder's indices (docs/serving.md, "Speed"): a foreign
     index fails the lookup there, while the training model, whose guard the export restores,
-    still reads it as OOV."""
+    still reads it as OOV. The artifact runs it rewritten, with the same results."""
     banks = [m for m in trained.tem.modules() if isinstance(m, EmbeddingBank)]
     assert banks and all(bank.range_guard for bank in banks)
     item = built.schema.item_feature
@@ -371,7 +371,13 @@ def test_graph_leaves_out_the_range_guard_the_training_model_keeps(
     packed = trained.artifact.encode(raw_requests(built, target_test_rows(built).iloc[:2]))
     scalars = torch.from_numpy(packed.scalars.copy())
     sequences = torch.from_numpy(packed.sequences)
-    assert trained.artifact.run_graph(scalars, sequences).shape == (2,)
+    # The rewritten graph (mkt.serving.graph.runnable) computes exactly what torch.export's
+    # module does, at one row and at several.
+    exported = trained.artifact.program.module()
+    for rows in (1, 2):
+        with torch.inference_mode():
+            expected = exported(scalars[:rows], sequences[:rows])
+        assert torch.equal(trained.artifact.run_graph(scalars[:rows], sequences[:rows]), expected)
     scalars[:, trained.artifact.interface.scalars.index(item)] = 10**9
     with pytest.raises((IndexError, RuntimeError), match=r"out of range|index"):
         trained.artifact.run_graph(scalars, sequences)

@@ -35,7 +35,14 @@ import torch
 
 from mkt.encoding import EncodingContractError, FeatureEncoder
 from mkt.schema import FeatureSchema, SchemaError
-from mkt.serving.graph import Interface, ProgramError, ServingGraph, export_program, load_program
+from mkt.serving.graph import (
+    Interface,
+    ProgramError,
+    ServingGraph,
+    export_program,
+    load_program,
+    runnable,
+)
 from mkt.serving.requests import PackedRows, RequestEncoder, check_sample_rows
 
 FORMAT = "mkt-serving-artifact"
@@ -194,11 +201,7 @@ class Artifact:
         self.interface = Interface.for_schema(schema)
         self.requests = RequestEncoder(encoder, self.interface)
         self.program = program
-        self._module = program.module()
-        # torch.export's per-call input check (sympy over the shapes, a sixth of a one-row
-        # request's time) restates what the encoder and check_sample_rows already guarantee:
-        # int64 [B, F] and [B, S, seq_len].
-        self._module.validate_inputs = False
+        self._graph = runnable(program)
         # A sequence indexes the item feature's vocabulary.
         item_size = schema.feature(schema.item_feature).vocab_size
         self.vocab_sizes = {
@@ -274,7 +277,7 @@ class Artifact:
     def run_graph(self, scalars: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
         """The graph on packed, checked indices (`mkt.serving.graph`): probabilities [B]."""
         with torch.inference_mode():
-            return self._module(scalars, sequences)
+            return self._graph(scalars, sequences)
 
 
 def _check_torch_version(manifest: Mapping[str, Any], origin: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch._export.serde.serialize import SerializedArtifact, deserialize, serialize
+from torch.fx.passes.dialect.common.cse_pass import CSEPass
 
 from mkt.layers.embedding import EmbeddingBank
 from mkt.schema import FeatureSchema
@@ -184,6 +186,38 @@ def _strings_under(tree: Any, key: str) -> list[str]:
         elif isinstance(node, list):
             stack.extend(node)
     return found
+
+
+def runnable(program: torch.export.ExportedProgram) -> Callable[[Tensor, Tensor], Tensor]:
+    """`(scalars, sequences) -> probability [B]`: the program as a plain fx module, rewritten
+    for one-request latency without changing a single operation's inputs or result. On a
+    one-row request the graph's time is Python's, per node and per attribute: common
+    subexpressions are merged (TEM on the frozen MEM looks the same features up in the same
+    tables twice: 248 nodes become 183 for MKT), every weight becomes a top-level attribute
+    (the generated code otherwise walks a chain of six `nn.Module.__getattr__` calls per
+    weight), and `program.module()`'s per-call input check (sympy over the shapes) is left
+    out: the encoder and `check_sample_rows` guarantee int64 [B, F] and [B, S, seq_len].
+    One idle core, MKT of the quick start: p50 0.98 -> 0.48 ms for the graph."""
+    module = CSEPass()(program.module()).graph_module
+    for i, node in enumerate(module.graph.nodes):
+        if node.op != "get_attr" or "." not in node.target:
+            continue
+        value: Any = module
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        name = f"_weight{i}"
+        if isinstance(value, nn.Parameter):
+            module.register_parameter(name, value)
+        else:
+            module.register_buffer(name, value)
+        node.target = name
+    module.recompile()
+
+    def run(scalars: Tensor, sequences: Tensor) -> Tensor:
+        (probability,) = module(scalars, sequences)
+        return probability
+
+    return run
 
 
 def load_program(graph_json: bytes, weights: bytes) -> torch.export.ExportedProgram:
