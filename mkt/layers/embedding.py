@@ -10,11 +10,17 @@ the guard was 5 of every lookup's 6 operators, 40% of the graph's (docs/serving.
 The bank also owns the L2 regularisation of its rows (`l2_penalty`): it reads only the rows
 a batch touches, so it stays cheap and sparse however large the tables grow, yet over an
 epoch it weighs every row as an L2 term on the whole table would (docs/training.md).
+
+With `sparse_gradients` on, every lookup (and the L2) gives its table a sparse gradient: the
+rows a batch touches, not a dense tensor of the table's size, so a row-wise optimiser
+(`torch.optim.SparseAdam`) updates only those rows. At Tenrec's vocabularies the dense
+table step alone bounds a CPU worker (docs/BENCHMARKS.md, "Embedding tables").
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mkt.features import Batch
@@ -57,6 +63,16 @@ class EmbeddingBank(nn.Module):
         # weights, so not a buffer: checkpoints and exported models do not carry it.
         self.touch_counts: dict[str, torch.Tensor] = {}
         self.range_guard = True
+
+    @property
+    def sparse_gradients(self) -> bool:
+        return any(table.sparse for table in self.tables.values())
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, sparse: bool) -> None:
+        # nn.Embedding reads `sparse` at each forward, so a built model can switch.
+        for table in self.tables.values():
+            table.sparse = sparse
 
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
         if name not in self.tables:
@@ -132,7 +148,9 @@ class EmbeddingBank(nn.Module):
                     "over the training batches first"
                 )
             touches = self.touch_counts[name][rows].clamp(min=1.0)
-            total = total + (table.weight[rows].pow(2).sum(1) / touches).sum()
+            # Looked up like a feature, not indexed: a sparse table keeps a sparse gradient.
+            weights = F.embedding(rows, table.weight, sparse=table.sparse)
+            total = total + (weights.pow(2).sum(1) / touches).sum()
         return total
 
     def subset(self, names: list[str]) -> EmbeddingBank:

@@ -76,6 +76,16 @@ class CTRModel(nn.Module):
             if isinstance(m, EmbeddingBank) and any(p.requires_grad for p in m.parameters())
         ]
 
+    def embedding_tables(self) -> list[nn.Parameter]:
+        """The trainable embedding tables: the parameters a row-wise optimiser takes."""
+        tables = {id(t.weight): t.weight for b in self.embedding_banks() for t in b.tables.values()}
+        return list(tables.values())
+
+    def use_sparse_gradients(self, sparse: bool = True) -> None:
+        """Switch every trainable embedding table to sparse (or dense) gradients."""
+        for bank in self.embedding_banks():
+            bank.sparse_gradients = sparse
+
     def count_embedding_rows(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
         """The counting pass of `embedding_l2` over an epoch's batches; returns the count
         tensors (to be summed across data-parallel workers, in this order)."""
