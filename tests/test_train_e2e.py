@@ -71,6 +71,9 @@ def test_generated_data_through_spark_and_both_stages(
         "train.early_stopping.metric=auc",
         # 1,200 users: the default embedding prior outweighs their rows (docs/training.md).
         "train.embedding_l2=0",
+        # The tables on sparse gradients and SparseAdam, all-reduced sparse by DDP on gloo
+        # (the dense path is what every other Ray test trains).
+        "train.sparse_embeddings=true",
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -121,6 +124,14 @@ def test_generated_data_through_spark_and_both_stages(
     # Two names differ: the target's HFA sits under `hfa.<target>` in MEM and `hfa` in TEM, and
     # the CKE keeps only the target gate, renumbered 0.
     schema = FeatureSchema.load(out / "feature_schema.json")
+
+    def optimizer_state(stage: dict) -> dict:
+        path = Path(stage["best_checkpoint"]) / "optimizer.pt"
+        return torch.load(path, weights_only=True)
+
+    assert set(optimizer_state(mem)) == {"dense", "tables"}  # Adam beside SparseAdam
+    # TEM reads the frozen MEM's tables: none of its own to train, so one Adam.
+    assert "param_groups" in optimizer_state(tem)
     mem_weights = load_file(str(Path(mem["best_checkpoint"]) / "model.safetensors"))
     tem_weights = load_file(str(Path(tem["best_checkpoint"]) / "model.safetensors"))
     knowledge = {

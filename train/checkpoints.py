@@ -20,13 +20,16 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
 from mkt.models import CTRModel, build_model
 from mkt.schema import FeatureSchema
+
+if TYPE_CHECKING:
+    from train.optim import Optimizer
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -63,7 +66,7 @@ class TrainState:
 
 
 def save_checkpoint(
-    directory: Path, model: CTRModel, optimizer: torch.optim.Optimizer, state: TrainState
+    directory: Path, model: CTRModel, optimizer: Optimizer, state: TrainState
 ) -> None:
     # save_model (not save_file) copes with parameters shared between submodules.
     safetensors.torch.save_model(model, str(directory / MODEL_FILE))
@@ -124,7 +127,7 @@ def load_weights(model: CTRModel, directory: str | Path) -> None:
         )
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: str | Path) -> None:
+def load_optimizer(optimizer: Optimizer, directory: str | Path) -> None:
     path = verified(directory, OPTIMIZER_FILE)
     optimizer.load_state_dict(torch.load(path, weights_only=True))
 

@@ -45,6 +45,7 @@ from train.checkpoints import (
 from train.config import ConfigError
 from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
 from train.errors import NonFiniteLossError
+from train.optim import Optimizer, build_optimizer, use_sparse_embeddings
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def _train_stage(config: dict[str, Any]) -> None:
         state.resumed_after.append(state.epochs_done)
         if rank == 0:
             log.info("[%s] resuming after epoch %d", config["stage"], state.epochs_done)
+    if opts["sparse_embeddings"]:
+        use_sparse_embeddings(model, ray.train.torch.get_device(), world)
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": opts["find_unused_parameters"]}
     )
@@ -163,32 +166,6 @@ def _train_stage(config: dict[str, Any]) -> None:
         _report(metrics, model, optimizer, state, rank)
 
 
-def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> torch.optim.Optimizer:
-    """Adam with two parameter groups: the embedding tables (step `embedding_lr`, no weight
-    decay: their L2 is `embedding_l2`, on the rows a batch touches) and the dense layers
-    (step `lr`, L2 `weight_decay`)."""
-    tables = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Embedding)
-        for p in m.parameters()
-        if p.requires_grad
-    }
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {
-            "params": [p for p in trainable if id(p) not in tables],
-            "weight_decay": opts["weight_decay"],
-        },
-        {
-            "params": [p for p in trainable if id(p) in tables],
-            "lr": opts["embedding_lr"] or opts["lr"],
-            "weight_decay": 0.0,
-        },
-    ]
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=opts["lr"])
-
-
 def _count_embedding_rows(model: CTRModel, batches: Any, stage: str, rank: int, world: int) -> None:
     """The counting pass of the embedding L2 (mkt EmbeddingBank.l2_penalty): how many of an
     epoch's batches, over all workers, touch each embedding row. One pass over the train
@@ -210,7 +187,7 @@ def _count_embedding_rows(model: CTRModel, batches: Any, stage: str, rank: int, 
 def _train_epoch(
     model: CTRModel,
     wrapped: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     batches: Any,
     config: dict[str, Any],
     epoch: int,
@@ -348,7 +325,7 @@ def _valid_metrics(
 def _report(
     metrics: dict[str, float],
     model: CTRModel,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Optimizer,
     state: TrainState,
     rank: int,
 ) -> None:

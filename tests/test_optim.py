@@ -1,0 +1,73 @@
+"""train/optim.py: the stage optimiser, dense or with SparseAdam on sparse table gradients."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from mkt.models import build_model
+from mkt.synthetic import toy_batch, toy_schema
+from train.config import ConfigError
+from train.optim import SplitOptimizer, build_optimizer, use_sparse_embeddings
+
+OPTS = {"lr": 0.01, "embedding_lr": None, "weight_decay": 0.0}
+
+
+def test_sparse_optimizer_steps_only_the_rows_a_batch_read_and_resumes() -> None:
+    schema = toy_schema()
+    torch.manual_seed(0)
+    model = build_model("mem", schema, {})
+    use_sparse_embeddings(model, torch.device("cpu"), world=2)
+    optimizer = build_optimizer(model, {**OPTS, "sparse_embeddings": True})
+    assert isinstance(optimizer, SplitOptimizer)
+    tables = {id(p) for p in model.embedding_tables()}
+    owned = [
+        id(p) for part in optimizer.parts.values() for g in part.param_groups for p in g["params"]
+    ]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())  # each once
+    assert {id(p) for p in optimizer.parts["tables"].param_groups[0]["params"]} == tables
+
+    batch = toy_batch(schema, 64, seed=1)
+    table = model.inputs.embeddings.tables["brand"].weight
+    before = table.detach().clone()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.loss(batch, model(batch))["loss"].backward()
+        assert table.grad.is_sparse
+        optimizer.step()
+    read = sorted(set(batch["brand"].tolist()) - {0})
+    unread = [r for r in range(1, table.shape[0]) if r not in read]
+    assert unread and torch.equal(table.detach()[unread], before[unread])
+    assert not torch.equal(table.detach()[read], before[read])
+
+    # A checkpoint's state (torch.save, read back weights-only) resumes both parts.
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)
+    saved.seek(0)
+    again = build_optimizer(model, {**OPTS, "sparse_embeddings": True})
+    again.load_state_dict(torch.load(saved, weights_only=True))
+    restored, original = (o.parts["tables"].state_dict()["state"] for o in (again, optimizer))
+    assert restored.keys() == original.keys() and restored
+    for key in original:
+        assert torch.equal(restored[key]["exp_avg"], original[key]["exp_avg"])
+    with pytest.raises(ValueError, match="sparse_embeddings"):
+        again.load_state_dict({"dense": optimizer.parts["dense"].state_dict()})
+
+
+def test_dense_optimizer_is_one_adam_with_two_groups() -> None:
+    torch.manual_seed(0)
+    model = build_model("mem", toy_schema(), {})
+    optimizer = build_optimizer(model, {**OPTS, "embedding_lr": 0.1, "sparse_embeddings": False})
+    assert isinstance(optimizer, torch.optim.Adam)
+    lrs = sorted(g["lr"] for g in optimizer.param_groups)
+    assert lrs == [0.01, 0.1]
+
+
+def test_sparse_embeddings_refused_on_several_gpu_workers() -> None:
+    model = build_model("mem", toy_schema(), {})
+    with pytest.raises(ConfigError, match=r"train.sparse_embeddings: NCCL"):
+        use_sparse_embeddings(model, torch.device("cuda", 0), world=2)
+    use_sparse_embeddings(model, torch.device("cuda", 0), world=1)  # one GPU: nothing to reduce
+    assert all(bank.sparse_gradients for bank in model.embedding_banks())
