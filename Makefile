@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@bash scripts/check_java.sh
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,mlflow]'
 	@touch $(STAMP)
 
 setup: $(STAMP)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +47,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def generated_samples(spark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The generator's raw files for 400 users -> the Spark ETL's samples (OUT_DIR), built
+    once a session. Few users: like rates raised (a documented generator knob) so that
+    validation holds users with both labels."""
+    from etl.build_samples import build_samples
+    from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
+
+    root = tmp_path_factory.mktemp("generated")
+    rates = GeneratorConfig(target_like_rate={VIDEO: 0.2, "article": 0.15})
+    generate(root / "raw", num_users=400, seed=1, config=rates)
+    build_samples(spark, REPO / "conf" / "data" / "tenrec.yaml", root / "raw", root / "samples")
+    return root / "samples"

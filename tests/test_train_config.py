@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # train.data imports Ray: keep any Ray this test process starts on the loopback address.
@@ -74,12 +75,16 @@ def test_joined_cluster_is_not_sized_by_ray_num_cpus(monkeypatch: pytest.MonkeyP
     assert load_run_config(None, many)["ray"]["num_cpus"] == 1
 
 
-def test_mlflow_uri_needs_mlflow() -> None:
-    """mlflow is not a dependency: configuring a tracking URI without it fails, naming it."""
-    if importlib.util.find_spec("mlflow") is not None:
-        pytest.skip("mlflow is installed here")
+def test_mlflow_uri_needs_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow is an optional extra: configuring a tracking URI without it fails, naming it.
+    The test setup installs the extra, so mlflow is made unimportable here the way Python
+    marks a missing module (None in sys.modules)."""
+    uri = ["tracking.mlflow_uri=http://127.0.0.1:5000"]
+    assert load_run_config(None, uri)["tracking"]["mlflow_uri"] == "http://127.0.0.1:5000"
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    assert importlib.util.find_spec("mlflow") is None
     with pytest.raises(ConfigError, match="mlflow is not installed"):
-        load_run_config(None, ["tracking.mlflow_uri=http://127.0.0.1:5000"])
+        load_run_config(None, uri)
 
 
 def test_int_where_float_expected_and_gpu_choices() -> None:

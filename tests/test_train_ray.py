@@ -1,9 +1,11 @@
 """train/run.py on a small samples table written here (no Spark): a worker SIGKILLed once in the
-middle of an epoch, a non-finite loss, a corrupt checkpoint on resume, and the same command
-submitted to a token-protected Ray head node this test starts on 127.0.0.1."""
+middle of an epoch, a non-finite loss, a corrupt checkpoint on resume, and the same command, then
+a sweep of train/tune.py, submitted to a token-protected Ray head node this test starts on
+127.0.0.1."""
 
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import math
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -206,12 +209,13 @@ def _submit_when_agent_is_up(
         time.sleep(2)
 
 
-def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: Path) -> None:
-    """`ray start --head` on 127.0.0.1 with token auth, then `ray job submit` of the unchanged
-    command. The temp dir is short: Ray's socket paths must stay under 107 bytes."""
+@pytest.fixture(scope="module")
+def token_protected_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """`ray start --head` on 127.0.0.1 with token auth, for the module's `ray job submit` tests;
+    yields the submit command's start and its environment. The temp dir is short: Ray's socket
+    paths must stay under 107 bytes."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))
-    home = tmp_path / "home"
-    home.mkdir()
+    home = tmp_path_factory.mktemp("home")
     env = {
         **os.environ,
         "HOME": str(home),  # no ~/.ray/auth_token of the user leaks in
@@ -254,37 +258,13 @@ def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: P
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    run_dir = tmp_path / "job_run"
     try:
         _wait_for_dashboard(dashboard, head)
         address = f"http://127.0.0.1:{dashboard}"
-        submit = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO)]
-        command = [
-            sys.executable,  # the job runs with the head's PATH; name this interpreter
-            "train/run.py",
-            "--samples",
-            str(toy_samples),
-            "--output",
-            str(run_dir),
-            *QUICK,
-            "train.epochs=1",
-            "scaling.num_workers=1",
-        ]
-        unauthenticated = subprocess.run(
-            [*submit, "--", *command],
-            env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token"},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert unauthenticated.returncode != 0, "the head accepted a job with a wrong token"
-        assert "token" in unauthenticated.stderr.lower()
-        job = _submit_when_agent_is_up([*submit, "--", *command], env)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert metrics["ray_nodes"] == ["127.0.0.1"]
-        assert metrics["stages"][0]["epochs_run"] == 1
-        assert (run_dir / "predictions" / "_delta_log").is_dir()
+        yield {
+            "submit": [ray_bin, "job", "submit", "--address", address, "--working-dir", str(REPO)],
+            "env": env,
+        }
     finally:
         head.terminate()  # `ray start --block` stops the processes it started
         try:
@@ -292,3 +272,68 @@ def test_ray_job_submit_to_a_token_protected_head(toy_samples: Path, tmp_path: P
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, 9)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_ray_job_submit_to_a_token_protected_head(
+    toy_samples: Path, tmp_path: Path, token_protected_head: dict
+) -> None:
+    """`ray job submit` of the unchanged train/run.py command; a wrong token is refused."""
+    submit, env = token_protected_head["submit"], token_protected_head["env"]
+    run_dir = tmp_path / "job_run"
+    command = [
+        sys.executable,  # the job runs with the head's PATH; name this interpreter
+        "train/run.py",
+        "--samples",
+        str(toy_samples),
+        "--output",
+        str(run_dir),
+        *QUICK,
+        "train.epochs=1",
+        "scaling.num_workers=1",
+    ]
+    unauthenticated = subprocess.run(
+        [*submit, "--", *command],
+        env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unauthenticated.returncode != 0, "the head accepted a job with a wrong token"
+    assert "token" in unauthenticated.stderr.lower()
+    job = _submit_when_agent_is_up([*submit, "--", *command], env)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["ray_nodes"] == ["127.0.0.1"]
+    assert metrics["stages"][0]["epochs_run"] == 1
+    assert (run_dir / "predictions" / "_delta_log").is_dir()
+
+
+def test_ray_job_submit_of_a_sweep(
+    toy_samples: Path, tmp_path: Path, token_protected_head: dict
+) -> None:
+    """`ray job submit` of train/tune.py: a two-trial sweep joins the head (RAY_ADDRESS) and
+    runs both trials there, one at a time, as an embedded sweep does."""
+    sweep_dir = tmp_path / "job_sweep"
+    command = [
+        sys.executable,
+        "train/tune.py",
+        *["--samples", str(toy_samples), "--output", str(sweep_dir)],
+        "search_space={train.lr: {grid: [0.01, 0.003]}}",
+        *["scheduler.name=fifo", "max_concurrent_trials=1"],
+        *["run.model=tem_only", "run.train.epochs=1", "run.train.batch_size=128"],
+    ]
+    submit = token_protected_head["submit"]
+    job = _submit_when_agent_is_up([*submit, "--", *command], token_protected_head["env"])
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    with (sweep_dir / "trials.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["train.lr"], r["status"]) for r in rows) == [
+        ("0.003", "finished"),
+        ("0.01", "finished"),
+    ]
+    for r in rows:
+        metrics = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert metrics["ray_nodes"] == ["127.0.0.1"]
+        assert metrics["stages"][0]["epochs_run"] == 1
+    assert "- 1 trial(s) at a time;" in (sweep_dir / "summary.md").read_text()
+    assert (sweep_dir / "best_config.yaml").is_file()

@@ -19,8 +19,6 @@ import numpy as np
 import pytest
 import yaml
 
-from etl.build_samples import build_samples
-from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
 from mkt.pipelines import pipeline
 from train.config import ConfigError, load_run_config
 from train.run import run_config_text
@@ -37,6 +35,7 @@ from train.sweep import (
     sweep_concurrency,
     trial_concurrency,
 )
+from train.tracking import PARENT_TAG
 from train.tune import INTERRUPTED, load_sweep_config, max_reports, trial_run_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +192,7 @@ TABLE_HEADER = (
 
 
 @pytest.fixture(scope="module")
-def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def sweep(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A 2 x 2 sweep, TEM dropout x learning rate (dropout touches TEM only, so each lr's MEM
     serves two trials), one epoch per stage, one trial at a time, interrupted by its fault drill
     once the first trial has ended, then resumed by rerunning the same command.
@@ -207,11 +206,7 @@ def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
     Tune does not save ASHA's rungs: after the resume they start empty, and the unfinished
     lr = 0.01 trial, run first, is recorded first again."""
     root = tmp_path_factory.mktemp("sweep")
-    raw, samples, sweep_dir = root / "raw", root / "samples", root / "sweep"
-    # Few users: like rates raised (a documented generator knob) for two-class validation users.
-    rates = GeneratorConfig(target_like_rate={VIDEO: 0.2, "article": 0.15})
-    generate(raw, num_users=400, seed=1, config=rates)
-    build_samples(spark, REPO / "conf" / "data" / "tenrec.yaml", raw, samples)
+    samples, sweep_dir = generated_samples, root / "sweep"
     config = write_yaml(
         root / "tiny.yaml",
         {
@@ -221,7 +216,14 @@ def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
             },
             # No embedding L2: its prior outweighs 400 users' rows within one epoch, and the
             # schedule needs the good lr to leave its initialisation there.
-            "run": {"train": {"epochs": 1, "batch_size": 256, "embedding_l2": 0.0}},
+            "run": {
+                "train": {"epochs": 1, "batch_size": 256, "embedding_l2": 0.0},
+                # Interrupted and resumed: the MLflow runs must carry over.
+                "tracking": {
+                    "mlflow_uri": f"file://{root / 'mlruns'}",
+                    "mlflow_experiment": "tiny",
+                },
+            },
             "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 4},
             "max_concurrent_trials": 1,
             "fault": {"interrupt_after_trials": 1},
@@ -245,6 +247,7 @@ def sweep(spark, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "before": before,
         "stamps": stamps,
         "second": second,
+        "store": root / "mlruns",
     }
 
 
@@ -353,3 +356,55 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
     trial_metrics = json.loads((best_dir / "metrics.json").read_text())
     assert [(s["name"], s["epochs_run"]) for s in metrics["stages"]] == [("mem", 1), ("tem", 1)]
     assert metrics["test"]["model"]["rows"] == trial_metrics["test"]["model"]["rows"]
+
+
+@pytest.mark.slow
+def test_mlflow_holds_the_sweep_and_its_trials(
+    sweep: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The sweep's MLflow run (its files as artifacts), each trial's run nested under it: the
+    finished ones with their resolved config, stage runs, test metrics and curves.png, the
+    stopped ones KILLED with their last score."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=f"file://{sweep['store']}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    # (The best trial's config, rerun by test_sweep_outputs_shared_mem_and_best_config, is
+    # tracked as a run of its own, outside the sweep.)
+    (top,) = [r for r in runs if PARENT_TAG not in r.data.tags and r.info.run_name == "sweep"]
+    # Interrupted (KILLED), then resumed into the same run.
+    assert top.info.status == "FINISHED" and top.info.run_name == "sweep"
+    assert top.data.params["search_space.train.lr.grid"] == str([GOOD_LR, BAD_LR])
+    assert top.data.metrics["finished"] == 2 and top.data.metrics["stopped"] == 2
+    artifacts = {a.path for a in client.list_artifacts(top.info.run_id)}
+    assert {"summary.md", "trials.csv", "metric.png", "best_config.yaml"} <= artifacts
+
+    trials = {r.info.run_name: r for r in runs if r.data.tags.get(PARENT_TAG) == top.info.run_id}
+    rows = read_table(sweep["dir"])
+    assert set(trials) == {r["trial"] for r in rows}
+    for row in rows:
+        trial = trials[row["trial"]]
+        assert trial.data.params["train.lr"] == row["train.lr"]
+        assert trial.data.params["params.tem.dropout"] == row["params.tem.dropout"]
+        stages = [r for r in runs if r.data.tags.get(PARENT_TAG) == trial.info.run_id]
+        if row["status"] == "stopped":
+            assert trial.info.status == "KILLED"
+            assert trial.data.metrics["last_score"] == pytest.approx(float(row["last_score"]))
+            assert stages == []
+            continue
+        assert trial.info.status == "FINISHED"
+        run_dir = sweep["dir"] / TRIALS_DIR / row["trial"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert trial.data.metrics["test_auc"] == pytest.approx(metrics["test"]["model"]["auc"])
+        png = client.download_artifacts(trial.info.run_id, "curves.png", str(tmp_path))
+        assert Path(png).read_bytes() == (run_dir / "curves.png").read_bytes()
+        # Both stages, the cached MEM too, each with its epoch's validation AUC.
+        assert sorted(r.data.tags["stage"] for r in stages) == ["mem", "tem"]
+        for stage in stages:
+            (history,) = [
+                s["history"] for s in metrics["stages"] if s["name"] == stage.data.tags["stage"]
+            ]
+            assert stage.data.metrics["valid_auc"] == pytest.approx(history[-1]["valid_auc"])
+    in_sweep = [r for r in runs if not r.info.run_name.startswith("best_run")]
+    assert len(in_sweep) == 1 + len(rows) + 2 * 2  # the sweep, its trials, their stages

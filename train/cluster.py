@@ -3,14 +3,64 @@
 Import this module before anything that imports Ray: on Linux, Ray replaces a loopback node
 address with the machine's outward one unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in the
 environment when Ray is first imported, so `start_ray` sets it and only then imports Ray.
+
+`start_ray` also keeps Ray's routine messages off the console with Ray's own settings (docs/
+training.md, "Console output"): the driver's `ray` logger and Ray Data's loggers at WARNING,
+Tune's old output engine (silent at `verbose=0`; the new one prints its experiment box anyway),
+no Ray Data progress bars, and `quiet_worker` run in every worker process. Warnings and
+errors still reach the console.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
+from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+# Environment of the driver and of every worker; a value already set wins, so a user can turn
+# Ray's messages back on (e.g. RAY_DATA_LOG_LEVEL=INFO). No progress bars: tqdm is not
+# installed, and bars drawn in workers would come to the console as lines.
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "WARNING", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# Ray Data's warning, once per process, that the progress bars are off: they are, on purpose.
+PROGRESS_LOGGER = "ray.data._internal.progress"
+# Train's placement-group cleaner asks the State API, which runs in the dashboard, every second
+# whether the controller lives, and warns each time it cannot. The embedded Ray runs without a
+# dashboard, and shuts down with the run, which removes its placement groups anyway.
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_worker() -> None:
+    """`worker_process_setup_hook` of every Ray worker process of a run."""
+    import ray
+    from ray.util.annotations import RayDeprecationWarning
+
+    # Ray's libraries log their routine steps at INFO; their warnings still show.
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
+    # Train's worker context logs every report ("Reporting training result ...") through a
+    # logger named after its file, outside `ray.train`, so Train's LoggingConfig misses it.
+    context = Path(ray.__file__).parent / "train" / "v2" / "_internal" / "execution" / "context.py"
+    logging.getLogger(str(context)).setLevel(logging.WARNING)
+    # Deprecated calls inside Ray's own code (e.g. Train's DatasetManager) are Ray's to fix;
+    # ours, attributed to our modules, still show.
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
+    # mkt.features.to_tensors reads Ray's read-only Arrow-backed batches without copying and
+    # never writes into them, which is all that torch's warning is about.
+    warnings.filterwarnings(
+        "ignore",
+        message="The given NumPy array is not writable",
+        category=UserWarning,
+        module=r"mkt\.features",
+    )
+
+
+def quiet_embedded_worker() -> None:
+    """`quiet_worker`, and no State API warnings: the embedded Ray has no dashboard."""
+    quiet_worker()
+    logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def cluster_address(config: dict[str, Any]) -> str | None:
@@ -24,10 +74,17 @@ def start_ray(config: dict[str, Any]) -> bool:
     address = cluster_address(config)
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    env = {name: os.environ.setdefault(name, value) for name, value in QUIET_ENV.items()}
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the driver's only: Tune runs there
     import ray
 
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
     if address is not None:
-        ray.init(address=address)
+        ray.init(
+            address=address,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env, "worker_process_setup_hook": quiet_worker},
+        )
         return False
     # address="local": never attach to some other cluster found on this machine.
     ray.init(
@@ -35,6 +92,8 @@ def start_ray(config: dict[str, Any]) -> bool:
         num_cpus=config["ray"]["num_cpus"],
         _node_ip_address=LOOPBACK,
         include_dashboard=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": env, "worker_process_setup_hook": quiet_embedded_worker},
     )
     addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
     if addresses != {LOOPBACK}:

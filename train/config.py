@@ -218,6 +218,19 @@ def check_fault(config: Mapping[str, Any]) -> None:
         raise ConfigError(f"fault.nonfinite_loss_at_step: null or a step number >= 1, got {step!r}")
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config as flat `a.b.c` parameters (TensorBoard hparams, MLflow params); values other
+    than numbers, strings and booleans as their text."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
+    return flat
+
+
 def dump(config: Mapping[str, Any]) -> str:
     return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
 

@@ -16,8 +16,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-import ray
-import ray.data
 import torch
 from deltalake import DeltaTable
 from ray.data import ActorPoolStrategy, SaveMode
@@ -189,7 +187,6 @@ def evaluate_run(
     config: dict[str, Any],
     oracle: Path | None,
 ) -> dict[str, Any]:
-    ray.data.DataContext.get_current().enable_progress_bars = False
     predictions = read_predictions(write_predictions(samples_dir, schema, chain, run_dir, config))
     line_no = predictions["line_no"].to_numpy()
     per_user = train_counts(samples_dir, schema, schema.columns["user_key"])

@@ -81,6 +81,26 @@ def results_table(test: dict[str, Any], names: dict[str, str]) -> list[str]:
     return lines
 
 
+# The scorers of a run's test table, in order, with their labels.
+SCORERS = {
+    "like_rate": "like-rate floor (smoothed user and item rates)",
+    "oracle": "oracle (true p_like)",
+}
+
+
+def console_summary(metrics: dict[str, Any], run_dir: Path, seconds: float) -> str:
+    """What a run prints last: where its files are, and its test table (summary.md has more)."""
+    model = metrics["test"]["model"]
+    return "\n".join(
+        [
+            f"[run] {metrics['model']} done in {seconds / 60:.1f} min: {model['rows']} target "
+            f"test rows (positive rate {_f(model['positive_rate'])}); {run_dir}/{SUMMARY_FILE} "
+            f"has every table, {METRICS_FILE} the numbers, {CURVES_FILE} the curves",
+            *results_table(metrics["test"], {"model": metrics["model"], **SCORERS}),
+        ]
+    )
+
+
 def summary_markdown(metrics: dict[str, Any]) -> str:
     test = metrics["test"]
     lines = [
@@ -110,14 +130,7 @@ def summary_markdown(metrics: dict[str, Any]) -> str:
         "",
         f"## Target test rows ({model['rows']}, positive rate {_f(model['positive_rate'])})",
         "",
-        *results_table(
-            test,
-            {
-                "model": metrics["model"],
-                "like_rate": "like-rate floor (smoothed user and item rates)",
-                "oracle": "oracle (true p_like)",
-            },
-        ),
+        *results_table(test, {"model": metrics["model"], **SCORERS}),
         "",
         "## By user activity (target train rows per user)",
         "",

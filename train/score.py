@@ -210,8 +210,13 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
     from ray.data import ActorPoolStrategy, SaveMode
     from ray.data.expressions import col
 
+    print(
+        f"[score] {args.input} ({args.kind}{f', split {args.split}' if args.split else ''}) with "
+        f"{args.artifact}, {args.workers} actor(s) x {args.cpus_per_worker} CPU, into "
+        f"{args.output}",
+        flush=True,
+    )
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False
         read = [*columns, *([SPLIT] if args.split else [])]
         rows = ray.data.read_delta(args.input, columns=read)
         if ENTITY in columns:

@@ -1,10 +1,10 @@
 """Run one pipeline stage: a Ray Train `TorchTrainer` over the streamed samples.
 
 The trainer runs inside a one-trial Ray Tune experiment for one reason: Train V2 has no
-TensorBoard or MLflow integration of its own, and Tune's logger callbacks are Ray's. Train's
+TensorBoard integration of its own, and Tune's logger callbacks are Ray's. Train's
 `TuneReportCallback` hands every epoch's report to the trial, and Tune's `TBXLoggerCallback`
-(and `MLflowLoggerCallback` when `tracking.mlflow_uri` is set) record it. Checkpoints, restarts
-and early stopping are Train's and the loop's; Tune adds no retries of its own.
+records it (MLflow is logged by train.tracking). Checkpoints, restarts and early stopping are
+Train's and the loop's; Tune adds no retries of its own.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, TrainState
+from train.config import flatten
 from train.data import (
     entity_rows,
     model_columns,
@@ -176,12 +177,17 @@ def run_stage(
         for entity in stage_entities(schema, stage.entities)
     }
     train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows)
+    print(
+        f"[{stage.name}] start: {stage.model}, {', '.join(f'{n} {e}' for e, n in rows.items())} "
+        f"train rows, {scaling['num_workers']} worker(s) x {scaling['cpus_per_worker']} CPU"
+        f"{' + 1 GPU' if gpu else ''}, up to {config['train']['epochs']} epochs",
+        flush=True,
+    )
     storage = str(run_dir / CHECKPOINTS_DIR)
     errors = error_file(run_dir, stage)
     errors.unlink(missing_ok=True)  # an earlier invocation's; this one starts afresh
 
     def fit(_: dict[str, Any]) -> None:
-        ray.data.DataContext.get_current().enable_progress_bars = False
         trainer = TorchTrainer(
             stage_worker,
             train_loop_config=train_loop_config,
@@ -211,6 +217,9 @@ def run_stage(
                     checkpoint_score_order="max",
                 ),
                 callbacks=[TuneReportCallback()],
+                # Train's own steps (worker group started, each report, each checkpoint) go
+                # to its log files under Ray's session logs, not to the console.
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         trainer.fit()
@@ -223,11 +232,11 @@ def run_stage(
     else:
         tuner = tune.Tuner(
             tune.with_resources(fit, TRIAL_RESOURCES),
-            param_space=_flat(config),
+            param_space=flatten(config),
             run_config=tune.RunConfig(
                 name=stage.name,
                 storage_path=str(run_dir / TENSORBOARD_DIR),
-                callbacks=tracking_callbacks(config, stage.name),
+                callbacks=[TBXLoggerCallback()],
                 verbose=0,
             ),
         )
@@ -248,31 +257,3 @@ def _stage_result(
     best = max(result.best_checkpoints, key=lambda pair: pair[1][SCORE])
     link = ModelLink(stage.model, config["params"].get(stage.name, {}), best[0].path)
     return StageResult(stage.name, link, state, dict(best[1]))
-
-
-def tracking_callbacks(config: dict[str, Any], stage: str) -> list[Any]:
-    callbacks: list[Any] = [TBXLoggerCallback()]
-    uri = config["tracking"]["mlflow_uri"]
-    if uri:  # mlflow's presence is checked with the config (train.config.check)
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        callbacks.append(
-            MLflowLoggerCallback(
-                tracking_uri=uri,
-                experiment_name=config["tracking"]["mlflow_experiment"],
-                tags={"stage": stage, "model": config["model"]},
-            )
-        )
-    return callbacks
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """The run config as flat `a.b.c` parameters (TensorBoard hparams, MLflow params)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, int | float | str | bool) else str(value)
-    return flat

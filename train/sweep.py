@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from ray import tune
 from ray.train import Result
 from ray.tune.experiment import Trial
+from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from mkt.models import MODELS
@@ -45,17 +46,11 @@ from train.cluster import cluster_address
 from train.config import dump, load_yaml
 from train.data import samples_path
 from train.loop import SCORE
-from train.pipeline import run_pipeline
+from train.pipeline import open_tracker, run_pipeline
 from train.report import METRICS_FILE, SUMMARY_FILE, results_table
 from train.run import CONFIG_FILE, prepare_run_dir, resolved_config, run_config_text
-from train.stage import (
-    CHECKPOINTS_DIR,
-    TRIAL_RESOURCES,
-    finished,
-    run_stage,
-    tracking_callbacks,
-    use_gpu,
-)
+from train.stage import CHECKPOINTS_DIR, TRIAL_RESOURCES, finished, run_stage, use_gpu
+from train.tracking import SWEEP_ARTIFACTS, Tracker, end_unfinished
 from train.tune import max_reports, trial_run_config
 
 EXPERIMENT = "tune"
@@ -186,6 +181,8 @@ def pipeline_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     samples_dir = Path(context["samples"])
     config = resolved_config(config)
     prepare_run_dir(run_dir, run_config_text(config, context["invocation"]))
+    # Opened before stage 1, so that a trial the scheduler stops there has its MLflow run too.
+    open_tracker(config, run_dir, context["tracking_parent"])
     stages = pipeline(config["model"])
     stage1 = "none"
     if len(stages) > 1:
@@ -194,7 +191,9 @@ def pipeline_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
         stages = stages[1:]
     for stage in stages:
         _replay(recorded_history(run_dir / CHECKPOINTS_DIR / stage.name))
-    metrics = run_pipeline(config, samples_dir, run_dir, context["oracle"])
+    metrics = run_pipeline(
+        config, samples_dir, run_dir, context["oracle"], context["tracking_parent"]
+    )
     best = metrics["stages"][-1]["best_valid"]
     value = best.get(f"valid_{context['metric']}")
     tune.report(
@@ -355,6 +354,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run or resume the sweep in `output`, then write its files; returns the summary."""
     experiment = output / EXPERIMENT
+    tracking = sweep["run"]["tracking"]
+    tracker = Tracker.open(tracking, output, sweep, {"model": sweep["run"]["model"]})
     context = {
         "base": sweep["run"],
         "metric": sweep["metric"],
@@ -364,6 +365,7 @@ def run_sweep(
         "invocation": {"samples": str(samples_dir), "oracle": oracle},
         "fingerprint": samples_fingerprint(samples_dir),
         "stage1_cache": sweep["stage1_cache"] or str(output / STAGE1_DIR),
+        "tracking_parent": tracker.run_id if tracker else None,
     }
     trainable = tune.with_resources(
         tune.with_parameters(pipeline_trial, context=context), TRIAL_RESOURCES
@@ -379,8 +381,7 @@ def run_sweep(
         )
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
-        callbacks = [*tracking_callbacks(sweep["run"], "sweep")]
-        callbacks.append(SweepProgress(expected_trials(sweep), keys))
+        callbacks = [TBXLoggerCallback(), SweepProgress(expected_trials(sweep), keys)]
         drill = sweep["fault"]["interrupt_after_trials"]
         if drill is not None:
             callbacks.append(InterruptAfterTrials(drill, output / INTERRUPT_MARKER))
@@ -411,7 +412,21 @@ def run_sweep(
         )
     tuner.fit()
     trials = collect_trials(experiment, output, keys)
-    return write_sweep_outputs(sweep, output, samples_dir, trials, concurrency)
+    summary = write_sweep_outputs(sweep, output, samples_dir, trials, concurrency)
+    if tracker is not None:
+        ended = {"stopped": "KILLED", "failed": "FAILED"}
+        for row in trials:
+            if row.status in ended:
+                last = {"last_score": row.last_score, "reports": row.reports}
+                end_unfinished(tracking, row.run_dir, ended[row.status], last)
+        best = summary["best"]
+        numbers = {k: summary[k] for k in ("finished", "stopped", "failed", "unfinished")}
+        if best is not None:
+            numbers.update(best_valid_score=best["valid"].get(f"valid_{sweep['metric']}"))
+        tracker.log(numbers, SWEEP_ARTIFACTS)
+        # An interrupted sweep's run ends KILLED; resuming the sweep reopens it.
+        tracker.end("KILLED" if summary["unfinished"] else "FINISHED")
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
