@@ -187,7 +187,8 @@ def check(config: Mapping[str, Any]) -> None:
     if config["tracking"]["mlflow_uri"] and importlib.util.find_spec("mlflow") is None:
         raise ConfigError(
             f"tracking.mlflow_uri is set ({config['tracking']['mlflow_uri']}) but mlflow is not "
-            "installed: `pip install mlflow`, or leave tracking.mlflow_uri null"
+            "installed: `pip install -e '.[mlflow]'` (the pinned extra), or leave "
+            "tracking.mlflow_uri null"
         )
     check_fault(config)
 
