@@ -63,7 +63,8 @@ def _experiment_id(client: Any, name: str) -> str:
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
-    """The finite numbers of a report (MLflow takes no NaN from the file store's readers)."""
+    """The numbers of a report as metrics: text (a sweep trial's `stage1`) is none, and NaN
+    (a GAUC without a user of both labels) is left out, as metrics.json leaves it null."""
     return {
         k: float(v)
         for k, v in values.items()
