@@ -27,12 +27,11 @@ import time
 
 import torch
 
+from mkt.contract import FIRST_INDEX
 from mkt.features import Batch
 from mkt.models import build_model
 from mkt.schema import FeatureSchema
 from train.optim import build_optimizer, use_sparse_embeddings
-
-FIRST_INDEX = 3  # after padding, missing and OOV
 
 
 def resized(schema: FeatureSchema, users: int, items: int) -> FeatureSchema:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from deltalake import DeltaTable
 
-from mkt.encoding import MISSING, OOV
+from mkt.contract import MISSING, OOV
 from mkt.features import to_tensors
 from mkt.schema import FeatureSchema
 from mkt.serving import RECENT_LIKES, Artifact

@@ -33,7 +33,7 @@ from mkt.features import to_tensors
 from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, build_chain
-from train.cluster import start_ray
+from train.cluster import ray_session
 from train.config import load_run_config
 
 STAGES = {
@@ -100,14 +100,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     samples_dir = args.samples.resolve()
     base = bench_config(args.epochs, args.overrides)
     schema = FeatureSchema.load(samples_dir)
-    started_here = start_ray(base)
-    import ray
-
-    from train.data import stage_entities
-    from train.stage import run_stage
-
     results = []
-    try:
+    with ray_session(base):
+        # Imported only now: Ray's environment is set before Ray is first imported.
+        from train.data import stage_entities
+        from train.stage import run_stage
+
         for name, (stage, ancestors) in STAGES.items():
             chain = [*ancestors, ModelLink(stage.model, {})]
             for workers in args.workers:
@@ -138,9 +136,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             for r in results:
                 if r["model"] == name:
                     r.update(ceiling_rows_per_s=ceiling, ratio=r["ray_rows_per_s"] / ceiling)
-    finally:
-        if started_here:
-            ray.shutdown()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1))
     print(table(results, base, args.ceiling_threads))

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mkt.contract import RAW_MISSING
+
 VIDEO, ARTICLE = "video", "article"
 ENTITIES = (VIDEO, ARTICLE)
 FILE_NAMES = {VIDEO: "QK-video.csv", ARTICLE: "QK-article.csv"}
@@ -41,7 +43,6 @@ HEADERS = {
     ),
 }
 COLUMNS = {entity: header.split(",") for entity, header in HEADERS.items()}
-MISSING = "\\N"
 DEFAULT_USERS = 8000
 ORACLE_SCHEMA = pa.schema(
     [("entity", pa.string()), ("line_no", pa.int64()), ("p_like", pa.float64())]
@@ -503,7 +504,7 @@ def _entity_table(
         missing = items.category_missing[idx]
         missing_count = int(missing.sum())
         data["video_category"] = pc.if_else(
-            pa.array(missing), MISSING, pc.cast(data["video_category"], pa.string())
+            pa.array(missing), RAW_MISSING, pc.cast(data["video_category"], pa.string())
         )
     # Repeat exposures of an item to a user happen naturally; count those with both labels.
     pair = pop.user_ids[pop.row_user[sel]] * len(items.cdf) + pop.row_item[sel]

@@ -43,18 +43,18 @@ from typing import Any
 import numpy as np
 
 from jobs.quickstart import LR_RECIPE, build_samples_command, run_echoed
+from mkt.contract import SCHEMA_FILE
 from mkt.metrics import activity_group_names
 from mkt.pipelines import pipeline
-from mkt.schema import SchemaError
-from train.cluster import start_ray
-from train.config import REPO_ROOT, ConfigError, load_run_config
-from train.run import (
-    check_samples,
+from mkt.schema import FeatureSchema, SchemaError, load_samples_dir
+from train.checks import (
     check_stage_params,
     prepare_run_dir,
     resolved_config,
     run_config_text,
 )
+from train.cluster import ray_session
+from train.config import REPO_ROOT, ConfigError, load_run_config
 
 RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
 QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"
@@ -402,15 +402,14 @@ def run_dir_of(output: Path, entry: Entry, seed: int) -> Path:
 
 
 def shared_first_stages(
-    planned: Sequence[tuple[Entry, int, dict[str, Any]]], samples_dir: Path
+    planned: Sequence[tuple[Entry, int, dict[str, Any]]], fingerprint: str
 ) -> dict[tuple[str, int], str]:
     """The cache key of each run's first stage when another run's first stage would be trained
-    identically (`train.sweep.stage1_material`: samples, stage, model parameters, training
+    identically (`train.stage1_cache.stage1_material`: samples, stage, model parameters, training
     settings, seed, workers), keyed by (entry, seed)."""
     from train.stage import use_gpu
-    from train.sweep import samples_fingerprint, stage1_key, stage1_material
+    from train.stage1_cache import stage1_key, stage1_material
 
-    fingerprint = samples_fingerprint(samples_dir)
     keys = {
         (entry.key, seed): stage1_key(
             stage1_material(config, pipeline(config["model"])[0], fingerprint, use_gpu(config))
@@ -421,27 +420,6 @@ def shared_first_stages(
     for key in keys.values():
         counts[key] = counts.get(key, 0) + 1
     return {run: key for run, key in keys.items() if counts[key] > 1}
-
-
-def link_first_stage(
-    config: dict[str, Any], samples_dir: Path, run_dir: Path, entry_dir: Path
-) -> None:
-    """Train the first stage once in `entry_dir` (or finish it there), then link it into
-    `run_dir`, where run_pipeline finds it finished."""
-    from mkt.schema import FeatureSchema
-    from train.checkpoints import ModelLink
-    from train.stage import CHECKPOINTS_DIR, finished, run_stage
-
-    stage = pipeline(config["model"])[0]
-    target = run_dir / CHECKPOINTS_DIR / stage.name
-    if target.exists():
-        return
-    if finished(stage, config, entry_dir) is None:
-        schema = FeatureSchema.load(samples_dir)
-        link = ModelLink(stage.model, config["params"].get(stage.name, {}))
-        run_stage(stage, config, schema, samples_dir, entry_dir, [link])
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.symlink_to(entry_dir / CHECKPOINTS_DIR / stage.name, target_is_directory=True)
 
 
 def finished_runs(
@@ -480,16 +458,16 @@ def run_all(
     log: Callable[[str], None],
 ) -> dict[str, list[dict[str, Any]]]:
     """Every planned run inside one Ray session; returns each entry's metrics.json per seed."""
-    import ray
-
-    from train.pipeline import run_pipeline
-
     results: dict[str, list[dict[str, Any]]] = {}
-    started_here = start_ray(planned[0][2])
     started = time.monotonic()
     durations: dict[str, list[float]] = {}
-    try:
-        shared = shared_first_stages(planned, samples_dir)
+    with ray_session(planned[0][2]):
+        # Imported only now: Ray's environment is set before Ray is first imported.
+        from train.pipeline import run_pipeline
+        from train.stage1_cache import cached_first_stage, samples_fingerprint
+
+        fingerprint = samples_fingerprint(samples_dir)
+        shared = shared_first_stages(planned, fingerprint)
         invocation = {"samples": str(samples_dir), "oracle": oracle}
         for k, (entry, seed, config) in enumerate(planned, 1):
             run_dir = run_dir_of(output, entry, seed)
@@ -510,16 +488,20 @@ def run_all(
                 run_started = time.monotonic()
                 prepare_run_dir(run_dir, run_config_text(config, invocation))
                 if (entry.key, seed) in shared:
-                    entry_dir = output / STAGE1_DIR / shared[(entry.key, seed)]
-                    link_first_stage(config, samples_dir, run_dir, entry_dir)
+                    cached_first_stage(
+                        pipeline(config["model"])[0],
+                        config,
+                        FeatureSchema.load(samples_dir),
+                        samples_dir,
+                        run_dir,
+                        output / STAGE1_DIR,
+                        fingerprint,
+                    )
                 run_pipeline(config, samples_dir, run_dir, oracle)
                 seconds = time.monotonic() - run_started
                 durations.setdefault(entry.key, []).append(seconds)
                 log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
             results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
-    finally:
-        if started_here:
-            ray.shutdown()
     log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
     return results
 
@@ -545,7 +527,7 @@ def prepare_samples(data_dir: Path, users: int, data_seed: int, quick: bool) -> 
                 *(QUICK_LIKE_RATES if quick else ()),
             ]
         )
-    if not (samples / "feature_schema.json").is_file():
+    if not (samples / SCHEMA_FILE).is_file():
         run_echoed(build_samples_command(raw, samples))
     return samples
 
@@ -618,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         users = args.users or (QUICK_USERS if args.quick else DEFAULT_USERS)
         samples_dir = prepare_samples(output / "data", users, args.data_seed, args.quick)
-    check_samples(samples_dir)
+    load_samples_dir(samples_dir)
     oracle = str(Path(args.oracle).resolve()) if args.oracle else None
 
     def log(line: str) -> None:

@@ -44,8 +44,7 @@ from deltalake import DeltaTable
 from sklearn.linear_model import LogisticRegression
 
 from mkt.metrics import auc, gauc, paired_bootstrap
-from mkt.schema import FeatureSchema
-from train.data import samples_path
+from mkt.schema import FeatureSchema, samples_table
 from train.evaluate import oracle_path, oracle_scores
 
 # Inverse L2 strengths tried on validation; the floor's and the cross model's best were
@@ -58,7 +57,7 @@ def read_rows(samples: Path, schema: FeatureSchema) -> pd.DataFrame:
     features = [f.name for f in schema.features if f.kind != "sequence"]
     c = schema.columns
     cols = [c["entity"], c["split"], c["user_key"], c["line_no"], c["label"], *features]
-    return DeltaTable(str(samples_path(samples))).to_pandas(columns=cols)
+    return DeltaTable(str(samples_table(samples))).to_pandas(columns=cols)
 
 
 def one_hot(values: np.ndarray, size: int) -> sp.csr_matrix:

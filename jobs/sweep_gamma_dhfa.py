@@ -25,6 +25,7 @@ import argparse
 import shutil
 
 from jobs.quickstart import build_samples_command, run_echoed
+from mkt.contract import SCHEMA_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP_CONFIG = REPO / "conf" / "tune" / "gamma_dhfa.yaml"
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
                 str(args.seed),
             ]
         )
-    if not (samples / "feature_schema.json").is_file():
+    if not (samples / SCHEMA_FILE).is_file():
         run_echoed(build_samples_command(raw, samples))
     run_echoed(
         [

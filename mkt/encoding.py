@@ -41,13 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from mkt.contract import FIRST_INDEX, MISSING, MISSING_TOKENS, OOV, PAD, RESERVED_INDICES
 from mkt.schema import Feature, FeatureSchema
 
-PAD, MISSING, OOV = 0, 1, 2
-FIRST_INDEX = 3
-MISSING_TOKENS = frozenset({"\\N", ""})
-# What the ETL writes as `reserved_indices` in feature_schema.json (etl/build_samples.py).
-RESERVED_INDICES = {"padding": PAD, "missing": MISSING, "oov": OOV}
 RESERVED_KEY = "reserved_indices"
 
 

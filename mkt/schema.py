@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mkt.contract import RESERVED_INDICES, SAMPLES_TABLE, SCHEMA_FILE
+
 GROUPS = ("user", "sequence", "shared", "specific")
 KINDS = ("categorical", "bucketized", "sequence")
 SUPPORTED_FORMAT = 1
@@ -201,7 +203,7 @@ class FeatureSchema:
     def load(cls, path: str | Path) -> FeatureSchema:
         path = Path(path)
         if path.is_dir():
-            path = path / "feature_schema.json"
+            path = path / SCHEMA_FILE
         if not path.exists():
             raise SchemaError(f"{path}: feature schema not found (run etl/build_samples.py first)")
         try:
@@ -238,7 +240,7 @@ class FeatureSchema:
             "entities": list(self.entities),
             "seq_len": self.seq_len,
             "history_mode": self.history_mode,
-            "reserved_indices": {"padding": 0, "missing": 1, "oov": 2},
+            "reserved_indices": dict(RESERVED_INDICES),
             "item_feature": self.item_feature,
             "features": feats,
             "columns": self.columns,
@@ -246,3 +248,19 @@ class FeatureSchema:
             "counts": self.counts,
             "likes": self.likes,
         }
+
+
+def samples_table(out_dir: str | Path) -> Path:
+    """The `samples` Delta table of OUT_DIR (what etl/build_samples.py writes)."""
+    path = Path(out_dir) / SAMPLES_TABLE
+    if not (path / "_delta_log").is_dir():
+        raise SchemaError(f"{path}: not a Delta table (run etl/build_samples.py first)")
+    return path
+
+
+def load_samples_dir(out_dir: str | Path) -> FeatureSchema:
+    """OUT_DIR's feature schema, once OUT_DIR is checked to hold the schema file and the
+    samples table: the one check of the samples layout, before any cluster starts."""
+    schema = FeatureSchema.load(Path(out_dir) / SCHEMA_FILE)
+    samples_table(out_dir)
+    return schema

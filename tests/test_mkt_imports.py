@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -32,3 +33,65 @@ def test_no_mkt_module_imports_spark_or_ray() -> None:
     count, loaded = run.stdout.split(" ", 1)
     assert int(count) > 20  # every subpackage was walked (layers, models, serving)
     assert loaded.strip() == "[]", f"mkt imports {loaded.strip()}"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (`from a.b import c` counts as a.b.c where that
+    is a module, else as a.b), read from the source files."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for package in ("mkt", "etl", "train", "jobs"):
+        for path in (root / package).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    deps.add(sub if sub in files else node.module)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    graph = _import_graph()
+    assert "mkt.registry" in graph and "train.sweep" in graph  # the walk found the modules
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            for dep in graph[node]:
+                if dep == goal:
+                    return True
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return False
+
+    cycles = sorted(
+        (name, dep) for name, deps in graph.items() for dep in deps if reaches(dep, name)
+    )
+    assert cycles == [], f"import cycles through: {cycles}"
+
+
+def test_the_contract_needs_only_the_standard_library() -> None:
+    """etl/ (Spark), train/ (Ray) and serving import mkt.contract: it must pull in nothing."""
+    graph = _import_graph()
+    assert graph["mkt.contract"] == set()
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys, mkt.contract; print(sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    loaded = ast.literal_eval(run.stdout)
+    assert not [m for m in loaded if m.split(".")[0] in ("torch", "numpy", "pyspark", "ray")]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mkt.synthetic import toy_batch, toy_schema
+from train.checks import check_stage_params, prepare_run_dir
 from train.config import ConfigError, load_run_config, parse_overrides
 from train.data import entity_batch_sizes, mixed_batches
-from train.run import check_stage_params, prepare_run_dir
 
 
 def test_defaults_then_file_then_overrides(tmp_path: Path) -> None:

@@ -34,8 +34,8 @@ from train.checkpoints import (
     load_weights,
     save_checkpoint,
 )
+from train.checks import check_stage_params
 from train.config import ConfigError, load_run_config
-from train.run import check_stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("etl", "mkt", "train", "jobs")

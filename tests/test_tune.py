@@ -20,23 +20,15 @@ import pytest
 import yaml
 
 from mkt.pipelines import pipeline
+from train.checks import run_config_text
 from train.config import ConfigError, load_run_config
-from train.run import run_config_text
-from train.sweep import (
-    BEST_CONFIG_FILE,
-    CONCURRENCY_FILE,
-    STAGE1_DIR,
-    STAGE1_KEY_FILE,
-    TABLE_FILE,
-    TRIALS_DIR,
-    _plain,
-    stage1_key,
-    stage1_material,
-    sweep_concurrency,
-    trial_concurrency,
-)
+from train.stage1_cache import KEY_FILE as STAGE1_KEY_FILE
+from train.stage1_cache import stage1_key, stage1_material
+from train.sweep import CONCURRENCY_FILE, STAGE1_DIR, _plain, sweep_concurrency, trial_concurrency
+from train.sweep_config import load_sweep_config, max_reports, trial_run_config
+from train.sweep_report import BEST_CONFIG_FILE, TABLE_FILE, TRIALS_DIR
 from train.tracking import PARENT_TAG
-from train.tune import INTERRUPTED, load_sweep_config, max_reports, trial_run_config
+from train.tune import INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE_PY = REPO / "train" / "tune.py"

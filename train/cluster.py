@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +106,20 @@ def start_ray(config: dict[str, Any]) -> bool:
             "before train.cluster.start_ray set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0?"
         )
     return True
+
+
+@contextmanager
+def ray_session(config: dict[str, Any]) -> Iterator[None]:
+    """Ray for the `with` block: the Ray this process already holds (a test, a notebook), the
+    configured cluster joined, or an embedded one started here and shut down after the block."""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        yield
+        return
+    started_here = start_ray(config)
+    try:
+        yield
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()

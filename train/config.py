@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mkt.contract import ConfigError
 from train.cluster import cluster_address
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +26,6 @@ EARLY_STOPPING_METRICS = ("auc", "gauc")
 USE_GPU = ("auto", True, False)
 # Keys whose values are checked in `check`, not by the type of their default.
 MIXED_TYPE_KEYS = {"scaling.use_gpu"}
-
-
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message names the file or key."""
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -27,20 +27,11 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import Expr, col
 
 from mkt.features import Batch, to_tensors
-from mkt.schema import FeatureSchema
-
-SAMPLES_TABLE = "samples"
+from mkt.schema import FeatureSchema, samples_table
 
 
 class DataError(ValueError):
-    """Samples that are missing or cannot feed a stage."""
-
-
-def samples_path(out_dir: str | Path) -> Path:
-    path = Path(out_dir) / SAMPLES_TABLE
-    if not (path / "_delta_log").is_dir():
-        raise DataError(f"{path}: not a Delta table (run etl/build_samples.py first)")
-    return path
+    """Samples that cannot feed a stage."""
 
 
 def stage_entities(schema: FeatureSchema, rows: str) -> list[str]:
@@ -79,7 +70,7 @@ def read_samples(
     shuffle = FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else None
     extra = [schema.columns["line_no"]] if rows is not None else []
     ds = ray.data.read_delta(
-        str(samples_path(out_dir)),
+        str(samples_table(out_dir)),
         columns=list(dict.fromkeys([*columns, *extra, entity_col, split_col])),
         shuffle=shuffle,
         concurrency=read_tasks,

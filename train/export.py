@@ -31,8 +31,8 @@ from typing import Any
 import yaml
 from deltalake import DeltaTable
 
+from mkt.contract import SCHEMA_FILE, ConfigError
 from mkt.encoding import EncodingContractError, check_reserved_indices
-from mkt.models import ConfigError
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving import ArtifactError, ProgramError, export_artifact
@@ -124,7 +124,7 @@ def run_stamp(
         "pipeline": config["model"],
         "seed": config.get("seed"),
         "samples": samples,
-        "schema_sha256": _sha256(Path(samples) / "feature_schema.json"),
+        "schema_sha256": _sha256(Path(samples) / SCHEMA_FILE),
         "export_code_commit": code_commit(),
         "stages": stages,
         "test": {k: test.get(k) for k in ("rows", "auc", "gauc", "logloss")},
@@ -138,7 +138,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     samples = Path(config["invocation"]["samples"])
     schema = FeatureSchema.load(samples)
     # The ETL's encoding constants must be serving's (mkt.encoding), else refuse to export.
-    schema_path = samples / "feature_schema.json"
+    schema_path = samples / SCHEMA_FILE
     check_reserved_indices(json.loads(schema_path.read_text()), str(schema_path))
     vocab_path = samples / "vocab"
     if not (vocab_path / "_delta_log").is_dir():

@@ -42,7 +42,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from mkt.serving import RECENT_LIKES, Artifact, ArtifactError, ScoreResult, read_artifact_files
-from train.cluster import start_ray
+from train.cluster import ray_session
 
 KINDS = ("samples", "raw")
 ENTITY, LINE_NO, SPLIT = "entity", "line_no", "split"
@@ -200,23 +200,18 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
     if args.split and SPLIT not in table_schema.names:
         raise ScoreInputError(f"--split {args.split}: the input table has no {SPLIT!r} column")
 
-    # A caller (a test, a notebook) may have started Ray already; otherwise start_ray must
-    # run before Ray is first imported (see train/cluster.py).
-    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    started_here = False
-    if not running:
-        started_here = start_ray({"ray": {"address": args.ray_address, "num_cpus": args.num_cpus}})
-    import ray
-    from ray.data import ActorPoolStrategy, SaveMode
-    from ray.data.expressions import col
+    with ray_session({"ray": {"address": args.ray_address, "num_cpus": args.num_cpus}}):
+        # Imported only now: Ray's environment is set before Ray is first imported.
+        import ray
+        from ray.data import ActorPoolStrategy, SaveMode
+        from ray.data.expressions import col
 
-    print(
-        f"[score] {args.input} ({args.kind}{f', split {args.split}' if args.split else ''}) with "
-        f"{args.artifact}, {args.workers} actor(s) x {args.cpus_per_worker} CPU, into "
-        f"{args.output}",
-        flush=True,
-    )
-    try:
+        print(
+            f"[score] {args.input} ({args.kind}{f', split {args.split}' if args.split else ''}) "
+            f"with {args.artifact}, {args.workers} actor(s) x {args.cpus_per_worker} CPU, into "
+            f"{args.output}",
+            flush=True,
+        )
         read = [*columns, *([SPLIT] if args.split else [])]
         rows = ray.data.read_delta(args.input, columns=read)
         if ENTITY in columns:
@@ -236,9 +231,6 @@ def score_table(args: argparse.Namespace) -> dict[str, Any]:
             num_cpus=args.cpus_per_worker,
         )
         scored.write_delta(args.output, mode=SaveMode.OVERWRITE)
-    finally:
-        if started_here:
-            ray.shutdown()
     summary = {
         "artifact": artifact.manifest["run"].get("run_id"),
         "input": args.input,

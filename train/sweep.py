@@ -15,51 +15,35 @@ trial's k-th report means the same whether its epochs were trained now or earlie
 
 from __future__ import annotations
 
-import csv
-import fcntl
-import hashlib
 import json
 import math
 import os
 import signal
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import ray
-from deltalake import DeltaTable
-from matplotlib.figure import Figure
 from ray import tune
-from ray.train import Result
 from ray.tune.experiment import Trial
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from mkt.models import MODELS
-from mkt.models.base import resolve_params
 from mkt.pipelines import Stage, pipeline
 from mkt.schema import FeatureSchema
-from train.checkpoints import ModelLink, TrainState
+from train.checks import prepare_run_dir, resolved_config, run_config_text
 from train.cluster import cluster_address
-from train.config import dump, load_yaml
-from train.data import samples_path
 from train.loop import SCORE
 from train.pipeline import open_tracker, run_pipeline
-from train.report import METRICS_FILE, SUMMARY_FILE, results_table
-from train.run import CONFIG_FILE, prepare_run_dir, resolved_config, run_config_text
-from train.stage import CHECKPOINTS_DIR, TRIAL_RESOURCES, finished, run_stage, use_gpu
+from train.report import METRICS_FILE
+from train.stage import CHECKPOINTS_DIR, TRIAL_RESOURCES, use_gpu
+from train.stage1_cache import cached_first_stage, recorded_history, samples_fingerprint
+from train.sweep_config import expected_trials, max_reports, trial_run_config
+from train.sweep_report import TRIALS_DIR, TrialRow, write_sweep_outputs
 from train.tracking import SWEEP_ARTIFACTS, Tracker, end_unfinished
-from train.tune import max_reports, trial_run_config
 
 EXPERIMENT = "tune"
-TRIALS_DIR = "trials"
 STAGE1_DIR = "stage1"
-STAGE1_KEY_FILE = "key.json"  # what a cache entry's key hashes, for people
-TABLE_FILE = "trials.csv"
-BEST_CONFIG_FILE = "best_config.yaml"
-PLOT_FILE = "metric.png"
 # Trials at once, as the sweep first started (Tuner.restore keeps that number on a resume).
 CONCURRENCY_FILE = "concurrency.json"
 # Key of a trial's last report, present once its whole pipeline finished and was evaluated.
@@ -69,63 +53,6 @@ INTERRUPT_MARKER = ".interrupt-drill"
 
 # ---------------------------------------------------------------------------------------------
 # Stage-1 cache
-
-
-def samples_fingerprint(samples_dir: Path) -> str:
-    """What identifies a samples table's content: the schema file and the data files of the
-    Delta snapshot (their names carry a fresh UUID on every write, so a rebuilt table differs
-    even where its version number restarts)."""
-    digest = hashlib.sha256((samples_dir / "feature_schema.json").read_bytes())
-    uris = DeltaTable(str(samples_path(samples_dir))).file_uris()
-    for name in sorted(uri.rsplit("/", 1)[-1] for uri in uris):
-        digest.update(name.encode())
-    return digest.hexdigest()[:16]
-
-
-def stage1_material(
-    config: Mapping[str, Any], stage: Stage, fingerprint: str, gpu: bool
-) -> dict[str, Any]:
-    """Everything the first stage's checkpoints depend on: the samples, the stage and its
-    resolved model parameters (so a default written out equals the default left out), the
-    training settings, the seed and the worker count (it shards the data)."""
-    return {
-        "samples": fingerprint,
-        "stage": [stage.name, stage.model, stage.entities, stage.target_rows],
-        "params": resolve_params(MODELS[stage.model], config["params"].get(stage.name, {})),
-        "train": config["train"],
-        "seed": config["seed"],
-        "num_workers": config["scaling"]["num_workers"],
-        "use_gpu": gpu,
-    }
-
-
-def stage1_key(material: Mapping[str, Any]) -> str:
-    encoded = json.dumps(material, sort_keys=True, default=str).encode()
-    return hashlib.sha256(encoded).hexdigest()[:16]
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`, held by this process; the OS drops it if the process dies
-    (a trial stopped by the scheduler leaves no stale lock)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def recorded_history(storage: Path) -> list[dict[str, Any]]:
-    """The per-epoch reports held by a stage's latest checkpoint (none if it has none)."""
-    if not storage.is_dir():
-        return []
-    try:
-        latest = Result.from_path(str(storage)).checkpoint
-    except RuntimeError:  # the stage never reached its first checkpoint
-        return []
-    return TrainState.load(Path(latest.path)).history if latest else []
 
 
 def _replay(history: Sequence[Mapping[str, Any]]) -> None:
@@ -141,26 +68,18 @@ def shared_first_stage(
     run_dir: Path,
     context: Mapping[str, Any],
 ) -> str:
-    """Make sure the cache holds `stage` trained for `config` (training or finishing it here if
-    not), link it into `run_dir`; returns "trained" or "cached"."""
-    material = stage1_material(config, stage, context["fingerprint"], use_gpu(config))
-    key = stage1_key(material)
-    cache = Path(context["stage1_cache"])
-    entry = cache / key
-    with _locked(cache / f"{key}.lock"):
-        _replay(recorded_history(entry / CHECKPOINTS_DIR / stage.name))
-        how = "cached"
-        if finished(stage, config, entry) is None:
-            entry.mkdir(parents=True, exist_ok=True)
-            (entry / STAGE1_KEY_FILE).write_text(json.dumps(material, indent=1, default=str))
-            link = ModelLink(stage.model, config["params"].get(stage.name, {}))
-            run_stage(stage, config, schema, samples_dir, entry, [link])
-            how = "trained"
-    target = run_dir / CHECKPOINTS_DIR / stage.name
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(entry / CHECKPOINTS_DIR / stage.name, target_is_directory=True)
-    return how
+    """The trial's first stage from the sweep's stage-1 cache, its epochs reported to Tune
+    again; returns "trained" or "cached"."""
+    return cached_first_stage(
+        stage,
+        config,
+        schema,
+        samples_dir,
+        run_dir,
+        Path(context["stage1_cache"]),
+        context["fingerprint"],
+        on_history=_replay,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,11 +145,6 @@ def param_space(space: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
         "randint": lambda a: tune.randint(*a),
     }
     return {key: makers[kind](args) for key, spec in space.items() for kind, args in spec.items()}
-
-
-def expected_trials(sweep: Mapping[str, Any]) -> int:
-    grid = math.prod(len(spec["grid"]) for spec in sweep["search_space"].values() if "grid" in spec)
-    return grid * sweep["num_samples"]
 
 
 def trial_concurrency(sweep: Mapping[str, Any]) -> int:
@@ -433,23 +347,6 @@ def run_sweep(
 # Outputs
 
 
-@dataclass
-class TrialRow:
-    trial_id: str
-    values: dict[str, Any]  # the trial's search-space values
-    status: str  # finished | stopped (by the scheduler) | failed | unfinished
-    reports: int
-    last_score: float | None
-    run_dir: Path
-    stage1: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)  # the trial's metrics.json
-
-    @property
-    def valid(self) -> dict[str, Any]:
-        """The last stage's best-checkpoint validation metrics."""
-        return self.metrics["stages"][-1]["best_valid"] if self.metrics else {}
-
-
 def collect_trials(experiment: Path, output: Path, keys: Sequence[str]) -> list[TrialRow]:
     rows = []
     for trial in tune.ExperimentAnalysis(str(experiment)).trials:
@@ -478,197 +375,3 @@ def collect_trials(experiment: Path, output: Path, keys: Sequence[str]) -> list[
     order = {"finished": 0, "stopped": 1, "unfinished": 2, "failed": 3}
     rows.sort(key=lambda r: (order[r.status], -(r.last_score or -math.inf), r.trial_id))
     return rows
-
-
-def _f(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.4f}"
-
-
-def _epochs(row: TrialRow) -> str:
-    return ", ".join(f"{s['name']} {s['epochs_run']}" for s in row.metrics.get("stages", []))
-
-
-def write_table_csv(rows: Sequence[TrialRow], keys: Sequence[str], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(
-            [
-                "trial",
-                *keys,
-                "status",
-                "reports",
-                "stage1",
-                "epochs",
-                "valid_auc",
-                "valid_gauc",
-                "last_score",
-                "run_dir",
-            ]
-        )
-        for r in rows:
-            writer.writerow(
-                [
-                    r.trial_id,
-                    *(r.values[k] for k in keys),
-                    r.status,
-                    r.reports,
-                    r.stage1,
-                    _epochs(r),
-                    r.valid.get("valid_auc", ""),
-                    r.valid.get("valid_gauc", ""),
-                    r.last_score if r.last_score is not None else "",
-                    str(r.run_dir),
-                ]
-            )
-
-
-def trials_markdown(rows: Sequence[TrialRow], keys: Sequence[str], metric: str) -> list[str]:
-    chosen = {"auc": "AUC", "gauc": "GAUC"}[metric]
-    header = ["trial", *keys, "status", "reports", "stage 1", "epochs run"]
-    header += [f"valid {m}{' (selects)' if m == chosen else ''}" for m in ("GAUC", "AUC")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        status = r.status
-        if r.status != "finished" and r.last_score is not None:
-            status += f" (last report {_f(r.last_score)})"
-        cells = [r.trial_id, *(str(r.values[k]) for k in keys), status, str(r.reports)]
-        cells += [r.stage1, _epochs(r), _f(r.valid.get("valid_gauc")), _f(r.valid.get("valid_auc"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _point(value: Any) -> Any:
-    """A search-space value as a plot coordinate (lists, e.g. layer sizes, as their text)."""
-    return json.dumps(value) if isinstance(value, list | dict) else value
-
-
-def _sort_key(value: Any) -> tuple[int, Any]:
-    return (0, value) if isinstance(value, int | float) else (1, str(value))
-
-
-def plot_sweep(rows: Sequence[TrialRow], keys: Sequence[str], metric: str, path: Path) -> None:
-    """The pipeline's validation metric over the first search key (one point per value, evenly
-    spaced, so a log-scale grid with 0 reads naturally), one line per value of the second key;
-    the best trial of each point when other keys vary too."""
-    finished_rows = [r for r in rows if r.status == "finished"]
-    x_key = keys[0]
-    line_key = keys[1] if len(keys) > 1 else None
-
-    def coords(row: TrialRow) -> tuple[Any, Any]:
-        return _point(row.values[x_key]), _point(row.values[line_key]) if line_key else None
-
-    xs = sorted({coords(r)[0] for r in finished_rows}, key=_sort_key)
-    lines = sorted({coords(r)[1] for r in finished_rows}, key=_sort_key)
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for line in lines:
-        points = []
-        for i, x in enumerate(xs):
-            scores = [r.last_score for r in finished_rows if coords(r) == (x, line)]
-            if scores:
-                points.append((i, max(scores)))
-        label = f"{line_key} = {line}" if line_key else None
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    best = max(finished_rows, key=lambda r: r.last_score)
-    ax.plot(
-        xs.index(coords(best)[0]),
-        best.last_score,
-        marker="*",
-        markersize=16,
-        color="black",
-        linestyle="none",
-        label="best",
-    )
-    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(f"target validation {metric.upper()}")
-    ax.set_title(f"{len(finished_rows)} finished trial(s)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-def write_sweep_outputs(
-    sweep: Mapping[str, Any],
-    output: Path,
-    samples_dir: Path,
-    rows: Sequence[TrialRow],
-    concurrency: int,
-) -> dict[str, Any]:
-    keys = list(sweep["search_space"])
-    metric = sweep["metric"]
-    run = sweep["run"]
-    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "failed")}
-    unfinished = expected_trials(sweep) - sum(counts.values())
-    finished_rows = [r for r in rows if r.status == "finished"]
-    best = max(finished_rows, key=lambda r: r.last_score, default=None)
-    write_table_csv(rows, keys, output / TABLE_FILE)
-    lines = [
-        f"# Sweep of `{run['model']}` over {' × '.join(f'`{k}`' for k in keys)}",
-        "",
-        f"- samples: `{samples_dir}`",
-        f"- trials: {counts['finished']} finished, {counts['stopped']} stopped early by the "
-        f"scheduler ({sweep['scheduler']['name']}), {counts['failed']} failed"
-        + (f", {unfinished} not run yet (interrupted)" if unfinished else ""),
-        f"- {concurrency} trial(s) at a time; each: {run['scaling']['num_workers']} worker(s) x "
-        f"{run['scaling']['cpus_per_worker']} CPU, at most {run['train']['epochs']} epochs per "
-        f"stage, early stopping on validation {metric.upper()}",
-        f"- stage 1 trained {sum(r.stage1 == 'trained' for r in finished_rows)} time(s), taken "
-        f"from the cache {sum(r.stage1 == 'cached' for r in finished_rows)} time(s) (finished "
-        "trials)",
-        "",
-    ]
-    summary: dict[str, Any] = {**counts, "unfinished": unfinished, "best": None}
-    if best is None:
-        lines += ["No trial finished its pipeline yet: no best config.", ""]
-    else:
-        config = load_yaml(best.run_dir / CONFIG_FILE)
-        config.pop("invocation")
-        commit = config.pop("code_commit", None)
-        values = ", ".join(f"`{k}={best.values[k]}`" for k in keys)
-        test = best.metrics["test"]
-        (output / BEST_CONFIG_FILE).write_text(
-            f"# Best trial {best.trial_id} of the sweep in {output}, chosen on target validation "
-            f"{metric.upper()} {best.last_score:.4f}, trained at code commit {commit}.\n"
-            f"# python train/run.py --samples {samples_dir} --output RUN_DIR "
-            f"--config {output / BEST_CONFIG_FILE}\n" + dump(config)
-        )
-        lines += [
-            f"## Best trial, chosen on target validation {metric.upper()}",
-            "",
-            f"{values} (trial `{best.trial_id}`): validation GAUC "
-            f"{_f(best.valid.get('valid_gauc'))}, AUC {_f(best.valid.get('valid_auc'))}.",
-            "",
-            f"Its run config: `{BEST_CONFIG_FILE}` (`python train/run.py --samples "
-            f"{samples_dir} --output RUN_DIR --config {output / BEST_CONFIG_FILE}`).",
-            "",
-            f"### Its target test rows ({test['model']['rows']}; not used to choose it)",
-            "",
-            *results_table(test, {"model": "best trial", "oracle": "oracle (true p_like)"}),
-            "",
-        ]
-        plot_sweep(rows, keys, metric, output / PLOT_FILE)
-        summary["best"] = {
-            "trial_id": best.trial_id,
-            "values": best.values,
-            "valid": best.valid,
-            "test": test,
-            "config": str(output / BEST_CONFIG_FILE),
-        }
-    lines += [
-        f"## All trials, best validation {metric.upper()} first",
-        "",
-        *trials_markdown(rows, keys, metric),
-        "",
-        f"Table as CSV: `{TABLE_FILE}`."
-        + (f" Plot: `{PLOT_FILE}`." if best is not None else "")
-        + f" Each trial's run (train/run.py files): `{TRIALS_DIR}/<trial>/`.",
-        "",
-    ]
-    text = "\n".join(lines)
-    (output / SUMMARY_FILE).write_text(text)
-    print(text, flush=True)
-    return summary

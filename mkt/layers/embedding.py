@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkt.contract import OOV, PAD
 from mkt.features import Batch
 from mkt.schema import FeatureSchema
 
-PADDING = 0
-OOV = 2
 INIT_STD = 0.05
 
 
@@ -53,12 +52,12 @@ class EmbeddingBank(nn.Module):
         self.item_feature = schema.item_feature
         self.length_columns = {f.name: f.length_column for f in schema.sequences}
         self.tables = nn.ModuleDict(
-            {f.name: nn.Embedding(f.vocab_size, dim, padding_idx=PADDING) for f in scalar}
+            {f.name: nn.Embedding(f.vocab_size, dim, padding_idx=PAD) for f in scalar}
         )
         for table in self.tables.values():
             nn.init.normal_(table.weight, std=init_std)
             with torch.no_grad():
-                table.weight[PADDING].zero_()
+                table.weight[PAD].zero_()
         # Per table, how many of an epoch's batches touch each row (`count_rows`); data, not
         # weights, so not a buffer: checkpoints and exported models do not carry it.
         self.touch_counts: dict[str, torch.Tensor] = {}
@@ -116,7 +115,7 @@ class EmbeddingBank(nn.Module):
                 parts += [batch[s][self.sequence_mask(batch, s)] for s in self.length_columns]
             if parts:
                 rows = torch.unique(self.clamp(name, torch.cat(parts)))
-                touched[name] = rows[rows != PADDING]
+                touched[name] = rows[rows != PAD]
         return touched
 
     def reset_touch_counts(self, device: torch.device | str = "cpu") -> None:

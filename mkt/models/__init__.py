@@ -1,28 +1,34 @@
-"""The model zoo: every model is one file registering itself under a name.
+"""The model zoo: every model is one file registering itself under a name (mkt.registry).
 
 `build_model("mem", schema, params)` builds one; `MODELS` lists them. A new baseline is one
-new file with `@register("name")` plus an import line below.
+new file with `@register("name")` plus its name in the import list below.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from mkt.models.base import ConfigError, CTRModel
+from mkt.contract import ConfigError
+from mkt.models import (  # noqa: F401  (each file registers its model; keep sorted)
+    conet,
+    ctnet,
+    din,
+    din_source,
+    fibinet,
+    finetune,
+    lr,
+    mem,
+    minet,
+    mlp,
+    mmoe,
+    ple,
+    star,
+    tem,
+)
+from mkt.models.base import CTRModel
+from mkt.registry import MODELS
 from mkt.schema import FeatureSchema
-
-MODELS: dict[str, type[CTRModel]] = {}
-
-
-def register(name: str) -> Callable[[type[CTRModel]], type[CTRModel]]:
-    def deco(cls: type[CTRModel]) -> type[CTRModel]:
-        if name in MODELS:
-            raise ValueError(f"model name {name!r} registered twice")
-        MODELS[name] = cls
-        return cls
-
-    return deco
 
 
 def build_model(
@@ -41,7 +47,4 @@ def build_model(
     return cls(schema, params)
 
 
-__all__ = ["MODELS", "CTRModel", "ConfigError", "build_model", "register"]
-
-# Model files register themselves on import (keep this list sorted).
-from mkt.models import _zoo  # noqa: E402,F401
+__all__ = ["MODELS", "CTRModel", "ConfigError", "build_model"]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers.embedding import INIT_STD, EmbeddingBank
 from mkt.schema import FeatureSchema
@@ -25,10 +26,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     # Standard deviation of the normal the embedding tables start from.
     "embedding_init_std": INIT_STD,
 }
-
-
-class ConfigError(ValueError):
-    """Bad model parameters; the message names the key."""
 
 
 class CTRModel(nn.Module):

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers.cross_connection import CrossConnectionNetworks
 from mkt.layers.towers import EntityTowers
-from mkt.models import ConfigError, register
 from mkt.models._baselines import (
     ATTENTION_HIDDEN,
     EMBEDDING_DIM,
@@ -28,6 +28,7 @@ from mkt.models._baselines import (
     dropout_rate,
     layer_sizes,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -20,10 +20,10 @@ import torch
 from mkt.features import Batch
 from mkt.layers.embedding import EmbeddingBank
 from mkt.layers.gate import GLUGate
-from mkt.models import CTRModel, register
 from mkt.models._baselines import copy_tables, embedding_bank_of, entity_fields
+from mkt.models.base import CTRModel
 from mkt.models.din import DIN
-from mkt.pipelines import Stage, register_pipeline
+from mkt.registry import Stage, register, register_pipeline
 from mkt.schema import FeatureSchema
 
 

@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 from torch import nn
 
 from mkt.layers.attention import TargetAttention
-from mkt.models import register
 from mkt.models._baselines import ATTENTION_HIDDEN, layer_sizes
 from mkt.models.mlp import MLPModel
+from mkt.registry import register
 
 
 @register("din")

@@ -7,8 +7,8 @@ shared and source-specific.
 
 from __future__ import annotations
 
-from mkt.models import register
 from mkt.models.din import DIN
+from mkt.registry import register
 
 
 @register("din_source")

@@ -23,7 +23,6 @@ from mkt.layers.inputs import EntityInputs
 from mkt.layers.mlp import MLP
 from mkt.layers.pooling import MeanPooling
 from mkt.layers.senet import SENet
-from mkt.models import register
 from mkt.models._baselines import (
     EMBEDDING_DIM,
     SINGLE_DNN,
@@ -34,6 +33,7 @@ from mkt.models._baselines import (
     layer_sizes,
     positive,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mkt.models import ConfigError, CTRModel, register
+from mkt.contract import ConfigError
 from mkt.models._baselines import copy_tables
+from mkt.models.base import CTRModel
 from mkt.models.din import DIN
-from mkt.pipelines import Stage, register_pipeline
+from mkt.registry import Stage, register, register_pipeline
 from mkt.schema import FeatureSchema
 
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from mkt.features import Batch
 from mkt.layers.embedding import EmbeddingBank
-from mkt.models import register
 from mkt.models.base import CTRModel
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

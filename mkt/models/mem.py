@@ -23,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers import MLP, CrossNetwork, EmbeddingBank, EntityInputs, MMoE, TargetAttention
-from mkt.models import ConfigError, CTRModel, register
+from mkt.models.base import CTRModel
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -26,7 +26,6 @@ from mkt.layers.item_attention import ItemLevelAttention
 from mkt.layers.mlp import MLP
 from mkt.layers.pooling import MeanPooling
 from mkt.layers.towers import EntityTowers, pick_entity
-from mkt.models import register
 from mkt.models._baselines import (
     EMBEDDING_DIM,
     JOINT_SHARED,
@@ -36,6 +35,7 @@ from mkt.models._baselines import (
     layer_sizes,
     positive,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -14,7 +14,6 @@ import torch
 
 from mkt.features import Batch
 from mkt.layers.mlp import MLP
-from mkt.models import register
 from mkt.models._baselines import (
     EMBEDDING_DIM,
     SINGLE_DNN,
@@ -22,6 +21,7 @@ from mkt.models._baselines import (
     dropout_rate,
     layer_sizes,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

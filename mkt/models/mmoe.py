@@ -16,7 +16,6 @@ import torch
 from mkt.features import Batch
 from mkt.layers.mmoe import MMoE
 from mkt.layers.towers import EntityTowers
-from mkt.models import register
 from mkt.models._baselines import (
     ATTENTION_HIDDEN,
     EMBEDDING_DIM,
@@ -27,6 +26,7 @@ from mkt.models._baselines import (
     layer_sizes,
     positive,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

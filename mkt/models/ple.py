@@ -18,7 +18,6 @@ import torch
 from mkt.features import Batch
 from mkt.layers.cgc import ExtractionLayer
 from mkt.layers.towers import EntityTowers
-from mkt.models import register
 from mkt.models._baselines import (
     ATTENTION_HIDDEN,
     EMBEDDING_DIM,
@@ -29,6 +28,7 @@ from mkt.models._baselines import (
     layer_sizes,
     positive,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -22,7 +22,6 @@ from mkt.features import Batch
 from mkt.layers.mlp import MLP
 from mkt.layers.partitioned_norm import PartitionedNorm
 from mkt.layers.star import StarMLP
-from mkt.models import register
 from mkt.models._baselines import (
     ATTENTION_HIDDEN,
     EMBEDDING_DIM,
@@ -32,6 +31,7 @@ from mkt.models._baselines import (
     dropout_rate,
     layer_sizes,
 )
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 

@@ -21,11 +21,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers import MLP, EmbeddingBank, EntityInputs, GLUGate, TargetAttention
-from mkt.models import ConfigError, CTRModel, register
 from mkt.models._baselines import copy_tables
+from mkt.models.base import CTRModel
 from mkt.models.mem import MEM, check_params
+from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 PLUGS = ("user", "seq", "shared", "cross")

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import safetensors.torch
 import torch
 
+from mkt.contract import SCHEMA_FILE
 from mkt.encoding import EncodingContractError, FeatureEncoder
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving.graph import (
@@ -48,7 +49,6 @@ from mkt.serving.requests import PackedRows, RequestEncoder, check_sample_rows
 FORMAT = "mkt-serving-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SCHEMA_FILE = "feature_schema.json"
 GRAPH_FILE = "model/graph.json"
 WEIGHTS_FILE = "model/weights.safetensors"
 VOCAB_DIR = "vocab"
