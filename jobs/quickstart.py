@@ -19,24 +19,19 @@ lines.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
+from jobs.common import LR_RECIPE, REPO, build_samples_command, spark_env
+
 RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 # Three times the generator's default: about 0.55M video and 0.19M article rows, ~680
 # positives in the target test split. At the generator default (8000 users, ~220 test
@@ -49,9 +44,6 @@ RUNS = {
     "tem_only": "TEM alone",
     "lr": "logistic regression (one-hot)",
 }
-# The floor gets its own recipe, chosen on validation like the deep models' (docs/training.md,
-# "The training recipe"): a linear model wants a larger step and more epochs.
-LR_RECIPE = ("train.lr=0.01", "train.embedding_l2=10", "train.epochs=10")
 OVERRIDES = {"lr": LR_RECIPE}
 # MKT against each of these, on the same test rows (paired bootstrap over users).
 COMPARED = ("tem_only", "lr")
@@ -86,48 +78,6 @@ def step(name: str, command: list[str], log_dir: Path, env: dict[str, str]) -> f
         sys.exit(f"{name} failed (exit {child.returncode}); full output: {log_path}")
     print(f"   done in {seconds:.0f} s", flush=True)
     return seconds
-
-
-def spark_submit() -> str:
-    """spark-submit of this interpreter's environment (pip's pyspark), else the one on PATH."""
-    beside = Path(sys.executable).parent / "spark-submit"
-    found = str(beside) if beside.exists() else shutil.which("spark-submit")
-    if found is None:
-        sys.exit("spark-submit not found: install the project (`make setup`) first")
-    return found
-
-
-def spark_env() -> dict[str, str]:
-    """This process's environment for a child that runs Spark: Spark's Python workers must be
-    this interpreter, and every server binds to loopback."""
-    return {
-        **os.environ,
-        "PYSPARK_PYTHON": sys.executable,
-        "PYSPARK_DRIVER_PYTHON": sys.executable,
-        "SPARK_LOCAL_IP": "127.0.0.1",
-    }
-
-
-def run_echoed(command: list[str]) -> None:
-    """Print a command, then run it from the repository root with spark_env(); fail if it does."""
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO, env=spark_env(), check=True)
-
-
-def build_samples_command(raw: Path, samples: Path) -> list[str]:
-    """The Spark job that turns the generated raw files into samples, on local[2]."""
-    return [
-        spark_submit(),
-        "--master",
-        "local[2]",
-        "etl/build_samples.py",
-        "--config",
-        str(DATA_CONFIG),
-        "--input",
-        str(raw),
-        "--output",
-        str(samples),
-    ]
 
 
 def results_table(runs: dict[str, dict[str, Any]], gains: dict[str, dict[str, Any]]) -> str:

@@ -25,25 +25,21 @@ smoke run of a few minutes on tiny data).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import csv
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jobs.quickstart import LR_RECIPE, build_samples_command, run_echoed
-from mkt.contract import SCHEMA_FILE
+from jobs.common import LR_RECIPE, build_samples_command, run_echoed
+from mkt.contract import SCHEMA_FILE, ConfigError
 from mkt.metrics import activity_group_names
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError, load_samples_dir
@@ -54,7 +50,7 @@ from train.checks import (
     run_config_text,
 )
 from train.cluster import ray_session
-from train.config import REPO_ROOT, ConfigError, load_run_config
+from train.config import REPO_ROOT, load_run_config
 
 RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables.yaml"
 QUICK_RUN_CONFIG = REPO_ROOT / "conf" / "run" / "tables_quick.yaml"

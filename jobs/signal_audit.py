@@ -26,15 +26,10 @@ its paired bootstrap over test users (mkt.metrics.paired_bootstrap). Outputs in 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -15,16 +15,12 @@ shows the plot, and its table is the data of those two files.
 
 from __future__ import annotations
 
+import argparse
+import shutil
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
-import shutil
-
-from jobs.quickstart import build_samples_command, run_echoed
+from jobs.common import build_samples_command, run_echoed
 from mkt.contract import SCHEMA_FILE
 
 REPO = Path(__file__).resolve().parents[1]

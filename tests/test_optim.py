@@ -7,9 +7,9 @@ import io
 import pytest
 import torch
 
+from mkt.contract import ConfigError
 from mkt.models import build_model
 from mkt.synthetic import toy_batch, toy_schema
-from train.config import ConfigError
 from train.optim import SplitOptimizer, build_optimizer, use_sparse_embeddings
 
 OPTS = {"lr": 0.01, "embedding_lr": None, "weight_decay": 0.0}

@@ -13,9 +13,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 import torch
 
+from mkt.contract import ConfigError
 from mkt.synthetic import toy_batch, toy_schema
 from train.checks import check_stage_params, prepare_run_dir
-from train.config import ConfigError, load_run_config, parse_overrides
+from train.config import load_run_config, parse_overrides
 from train.data import entity_batch_sizes, mixed_batches
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from mkt.contract import ConfigError
 from mkt.models import build_model
 from mkt.synthetic import toy_batch, toy_schema
 from train import export
@@ -35,7 +36,7 @@ from train.checkpoints import (
     save_checkpoint,
 )
 from train.checks import check_stage_params
-from train.config import ConfigError, load_run_config
+from train.config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("etl", "mkt", "train", "jobs")

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
+from mkt.contract import ConfigError
 from mkt.pipelines import pipeline
 from train.checks import run_config_text
-from train.config import ConfigError, load_run_config
+from train.config import load_run_config
 from train.stage1_cache import KEY_FILE as STAGE1_KEY_FILE
 from train.stage1_cache import stage1_key, stage1_material
 from train.sweep import CONCURRENCY_FILE, STAGE1_DIR, _plain, sweep_concurrency, trial_concurrency

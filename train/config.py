@@ -19,6 +19,7 @@ import yaml
 
 from mkt.contract import ConfigError
 from train.cluster import cluster_address
+from train.faults import RUN_FAULTS, check_fault
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "conf" / "run" / "default.yaml"
@@ -112,7 +113,7 @@ def load_run_config(
     config_path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """Defaults, then the config file (if any), then the overrides; checked."""
-    config = load_yaml(DEFAULT_CONFIG)
+    config = {**load_yaml(DEFAULT_CONFIG), "fault": RUN_FAULTS}
     if config_path is not None:
         config = merge(config, load_yaml(config_path), str(config_path))
     config = merge(config, parse_overrides(overrides), "override")
@@ -188,32 +189,6 @@ def check(config: Mapping[str, Any]) -> None:
             "tracking.mlflow_uri null"
         )
     check_fault(config)
-
-
-def check_fault(config: Mapping[str, Any]) -> None:
-    """The drills' keys; a drill that could never fire is an error, not a silent no-op."""
-    fault = config["fault"]
-    kill = fault["kill_worker_at"]
-    for name in ("epoch", "batch"):
-        value = kill[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"fault.kill_worker_at.{name}: null or an integer, got {value!r}")
-        if value is not None and value < 1:
-            raise ConfigError(f"fault.kill_worker_at.{name}: must be >= 1 (1-based), got {value}")
-    if (kill["epoch"] is None) != (kill["batch"] is None):
-        unset = "epoch" if kill["epoch"] is None else "batch"
-        raise ConfigError(
-            f"fault.kill_worker_at.{unset}: must be set together with the other key of "
-            "fault.kill_worker_at (or both null)"
-        )
-    if kill["epoch"] is not None and kill["epoch"] > config["train"]["epochs"]:
-        raise ConfigError(
-            f"fault.kill_worker_at.epoch: {kill['epoch']} is after the last epoch "
-            f"(train.epochs={config['train']['epochs']}); the drill would never fire"
-        )
-    step = fault["nonfinite_loss_at_step"]
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-        raise ConfigError(f"fault.nonfinite_loss_at_step: null or a step number >= 1, got {step!r}")
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -17,15 +17,11 @@ a checkpoint is damaged or the schema's reserved indices differ.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import hashlib
 import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import yaml

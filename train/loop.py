@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from mkt.contract import ConfigError
 from mkt.metrics import auc, gauc, log_loss
 from mkt.models import CTRModel
 from mkt.schema import FeatureSchema
@@ -42,9 +42,9 @@ from train.checkpoints import (
     load_weights,
     save_checkpoint,
 )
-from train.config import ConfigError
 from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
 from train.errors import NonFiniteLossError
+from train.faults import check_kill_fired, kill_drill, poisons_step
 from train.optim import Optimizer, build_optimizer, use_sparse_embeddings
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
@@ -211,7 +211,7 @@ def _train_epoch(
             penalty = model.embedding_l2(batch) / batch["label"].shape[0]
             losses["embedding_l2"] = penalty.detach()
             losses["loss"] = losses["loss"] + config["train"]["embedding_l2"] * penalty
-        if fault["nonfinite_loss_at_step"] == steps_before + step and rank == world - 1:
+        if poisons_step(fault, steps_before + step, rank, world):
             losses["loss"] = losses["loss"] * float("nan")
         # Before backward: the parameters and the optimizer never see the bad step.
         _check_finite(losses["loss"], config["stage"], epoch, steps_before, step, rank, world)
@@ -233,13 +233,8 @@ def _train_epoch(
                 rows * world / elapsed,
                 sums["loss"] / rows,
             )
-        _kill_drill(fault, epoch, step, rank, world)
-    kill = fault["kill_worker_at"]
-    if kill["epoch"] == epoch and step < kill["batch"] and not Path(fault["marker"]).exists():
-        raise ConfigError(
-            f"fault.kill_worker_at.batch: {kill['batch']}, but epoch {epoch} has only {step} "
-            "batches per worker; the drill would never fire"
-        )
+        kill_drill(fault, epoch, step, rank, world)
+    check_kill_fired(fault, epoch, step)
     elapsed = time.perf_counter() - started
     names = sorted(sums)
     # On the worker's device: an NCCL process group has no CPU collectives.
@@ -349,43 +344,6 @@ def _check_finite_weights(model: CTRModel, stage: str, epoch: int, global_step: 
             f"stage {stage!r}: non-finite weights after epoch {epoch} (global step "
             f"{global_step}), e.g. {bad[:3]}; epoch {epoch}'s checkpoint is not written"
         )
-
-
-def _kill_drill(fault: dict[str, Any], epoch: int, step: int, rank: int, world: int) -> None:
-    """SIGKILL the last worker's own process once, right after step `batch` of epoch `epoch`
-    (tests). SIGKILL, not an exception: nothing in the process runs after it (no `finally`,
-    no Ray or gloo shutdown), as when the OOM killer or a lost node takes a worker. It first
-    waits until Train has registered the previous epoch's checkpoint, so the restart must
-    resume after exactly that epoch: a deterministic drill, not a race with the controller."""
-    kill = fault["kill_worker_at"]
-    if (kill["epoch"], kill["batch"]) != (epoch, step) or rank != world - 1:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    deadline = time.monotonic() + 120
-    while _registered_epochs(fault["storage"]) < epoch - 1:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"fault drill: epoch {epoch - 1}'s checkpoint never registered")
-        time.sleep(0.5)
-    marker.write_text(f"worker {rank} killed in epoch {epoch} after batch {step}\n")
-    log.warning(
-        "fault drill: SIGKILL of worker %d (pid %d) in epoch %d after batch %d",
-        rank,
-        os.getpid(),
-        epoch,
-        step,
-    )
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _registered_epochs(storage: str) -> int:
-    """Epochs done in the latest checkpoint Train has registered for this stage."""
-    try:
-        latest = ray.train.Result.from_path(storage).checkpoint
-        return TrainState.load(Path(latest.path)).epochs_done if latest else 0
-    except (RuntimeError, OSError, ValueError):  # snapshot not written yet, or mid-write
-        return 0
 
 
 def _epoch_line(stage: str, epochs: int, m: dict[str, float], state: TrainState) -> str:

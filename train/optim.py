@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from mkt.contract import ConfigError
 from mkt.models import CTRModel
-from train.config import ConfigError
 
 
 class SplitOptimizer:

@@ -13,21 +13,17 @@ tensorboard/. Rerunning the same command resumes an interrupted run. See docs/tr
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script (also from a `ray job submit` working dir): import this checkout's code.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 from typing import Any
 
+from mkt.contract import ConfigError
 from mkt.schema import SchemaError, load_samples_dir
 from train.checkpoints import CheckpointError
 from train.checks import check_stage_params, prepare_run_dir, resolved_config, run_config_text
 from train.cluster import ray_session
-from train.config import ConfigError, load_run_config
+from train.config import load_run_config
 from train.errors import NonFiniteLossError
 
 

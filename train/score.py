@@ -21,16 +21,11 @@ batch's other rows are scored (one bad row never fails the job). Without a clust
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any

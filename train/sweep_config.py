@@ -20,6 +20,7 @@ from train.config import (
     merge,
     parse_overrides,
 )
+from train.faults import SWEEP_FAULTS
 
 DEFAULT_SWEEP_CONFIG = REPO_ROOT / "conf" / "tune" / "default.yaml"
 # Search-space entries: `{kind: arguments}`; see conf/tune/default.yaml.
@@ -32,7 +33,7 @@ def load_sweep_config(
 ) -> dict[str, Any]:
     """conf/tune/default.yaml, then the file, then the overrides; `run` resolved into a whole
     run config (conf/run/default.yaml under every layer's `run`), all checked."""
-    sweep = load_yaml(DEFAULT_SWEEP_CONFIG)
+    sweep = {**load_yaml(DEFAULT_SWEEP_CONFIG), "fault": SWEEP_FAULTS}
     run_layers = [(sweep.pop("run"), str(DEFAULT_SWEEP_CONFIG))]
     layers = [(load_yaml(config_path), str(config_path))] if config_path is not None else []
     layers.append((parse_overrides(overrides), "override"))

@@ -17,14 +17,9 @@ rerunning finished trials. See docs/tuning.md.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script (also from a `ray job submit` working dir): import this checkout's code.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 from typing import Any
 
 from mkt.contract import ConfigError

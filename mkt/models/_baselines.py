@@ -13,13 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers.attention import TargetAttention
 from mkt.layers.embedding import EmbeddingBank
 from mkt.layers.inputs import EntityInputs
 from mkt.layers.pooling import MeanPooling
 from mkt.layers.towers import EntityTowers
-from mkt.models.base import ConfigError, CTRModel
+from mkt.models.base import CTRModel
 from mkt.schema import FeatureSchema
 
 # Sizes of the paper's public data set runs (section 4.1.3).
