@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from mkt.config_file import read_config_file
+from mkt.contract import ConfigError
 
 GROUPS = ("user", "shared", "specific")
 KINDS = ("categorical", "bucketized")
@@ -31,10 +32,6 @@ ROLES = ("source", "target")
 # Columns every sample carries besides the features (docs/data-contract.md).
 RESERVED_COLUMNS = ("entity", "split", "line_no", "user_key", "label")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class ConfigError(ValueError):
-    """A data config (or a raw file header checked against it) is wrong; names the key."""
 
 
 @dataclass(frozen=True)
@@ -125,14 +122,7 @@ class DataConfig:
 
 def load_config(path: str | Path) -> DataConfig:
     """Read and validate a data config YAML; raise ConfigError naming the bad key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"data config not found: {path}")
-    with path.open() as fh:
-        try:
-            raw = yaml.load(fh, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    raw = read_config_file(path, "data config")
     try:
         return parse_config(raw)
     except ConfigError as err:
@@ -396,18 +386,3 @@ def _identifier(name: Any, key: str) -> None:
     # Entity and feature names become column names and Delta partition values.
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigError(f"{key}: name must match {_NAME.pattern}")
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key repeated in one mapping (PyYAML keeps the last silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)

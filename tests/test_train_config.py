@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -101,6 +102,32 @@ def test_missing_or_bad_config_file(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_run_config(bad)
+
+
+def test_a_key_written_twice_names_its_file_and_line(tmp_path: Path) -> None:
+    """Run and sweep configs go through the data config's reader: a repeated key fails."""
+    from train.sweep_config import load_sweep_config
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  lr: 0.01\n  epochs: 3\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"(?s)twice\.yaml.*duplicate key 'lr'.*line 4"):
+        load_run_config(twice)
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("metric: auc\nrun:\n  seed: 1\nmetric: gauc\n")
+    with pytest.raises(ConfigError, match=r"(?s)sweep\.yaml.*duplicate key 'metric'.*line 4"):
+        load_sweep_config(sweep)
+
+
+def test_fault_drills_are_off_and_absent_from_the_users_config() -> None:
+    """Drills stay possible by override, but conf/run/default.yaml does not list them."""
+    from train.config import DEFAULT_CONFIG
+
+    assert not re.search(r"^fault:", DEFAULT_CONFIG.read_text(), re.M)
+    config = load_run_config(None, ["fault.nonfinite_loss_at_step=3"])
+    assert config["fault"]["nonfinite_loss_at_step"] == 3
+    assert load_run_config()["fault"]["kill_worker_at"] == {"epoch": None, "batch": None}
+    with pytest.raises(ConfigError, match=r"unknown key 'fault\.kill_at'"):
+        load_run_config(None, ["fault.kill_at=3"])
 
 
 def test_stage_params_are_checked_against_the_models() -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from mkt.config_file import read_config_file
 from mkt.contract import ConfigError
 from train.cluster import cluster_address
 from train.faults import RUN_FAULTS, check_fault
@@ -30,18 +31,7 @@ MIXED_TYPE_KEYS = {"scaling.use_gpu"}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: run config not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    return data
+    return read_config_file(path, "run config")
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
