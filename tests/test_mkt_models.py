@@ -365,3 +365,14 @@ def test_mem_and_tem_learn_the_planted_signal(schema):
     tem = TEM(schema, {}, pretrained=mem)
     tem_auc = fit(tem, schema, 100, target_only=True, seed=2, lr=1e-2)
     assert tem_auc > 0.75
+
+
+def test_model_params_doc_lists_every_default() -> None:
+    """docs/model-params.md is the one place that shows every model's defaults: it must be what
+    `python -m mkt.models --markdown` prints from the model files today."""
+    from pathlib import Path
+
+    from mkt.models.__main__ import markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "model-params.md"
+    assert doc.read_text() == markdown(), "regenerate: python -m mkt.models --markdown"
