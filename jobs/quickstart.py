@@ -239,5 +239,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     return runs
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-quickstart` (pyproject.toml)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

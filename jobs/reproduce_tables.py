@@ -655,8 +655,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-tables` (pyproject.toml)."""
     try:
         main()
     except (ConfigError, SchemaError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -291,5 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-signal-audit` (pyproject.toml)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

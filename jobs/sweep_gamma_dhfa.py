@@ -89,5 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         copy_to_docs(sweep, Path(args.docs))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-sweep-gamma-dhfa` (pyproject.toml)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -95,3 +95,25 @@ def test_the_contract_needs_only_the_standard_library() -> None:
     )
     loaded = ast.literal_eval(run.stdout)
     assert not [m for m in loaded if m.split(".")[0] in ("torch", "numpy", "pyspark", "ray")]
+
+
+def test_every_script_runs_through_the_installed_package(tmp_path) -> None:
+    """pyproject.toml's scripts name a `cli` of an importable module, and an installed script
+    starts from any directory: entry points need no sys.path edits."""
+    import importlib
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    scripts = tomllib.loads(pyproject.read_text())["project"]["scripts"]
+    assert "mkt-train" in scripts and "mkt-quickstart" in scripts
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    installed = shutil.which("mkt-train", path=str(Path(sys.executable).parent))
+    assert installed is not None, "reinstall the project: pip install -e ."
+    run = subprocess.run(
+        [installed, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "usage: mkt-train" in run.stdout, run.stderr

@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_pipeline(config, samples_dir, run_dir, oracle)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-train` (pyproject.toml)."""
     try:
         main()
     except (ConfigError, SchemaError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     except (CheckpointError, NonFiniteLossError) as e:
         sys.exit(f"error: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    cli()

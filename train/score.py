@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-score` (pyproject.toml)."""
     status = main()
     # Everything is written and printed by now. Leave without finalizing the interpreter:
     # pyarrow dataset readahead left by the Delta reads in this process can abort (SIGABRT)
@@ -263,3 +264,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+if __name__ == "__main__":
+    cli()

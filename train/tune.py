@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run_sweep(sweep, samples_dir, output, oracle)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line, also installed as `mkt-tune` (pyproject.toml)."""
     try:
         outcome = main()
     except (ConfigError, SchemaError, FileNotFoundError) as e:
@@ -74,3 +75,7 @@ if __name__ == "__main__":
             file=sys.stderr,
         )
         sys.exit(INTERRUPTED)
+
+
+if __name__ == "__main__":
+    cli()
