@@ -9,25 +9,25 @@ read the config before it decides how to start Ray.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import subprocess
+import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from mkt.config_file import read_config_file
+from mkt.config_file import check_typed, check_value, describe, read_config_file
 from mkt.contract import ConfigError
 from train.cluster import cluster_address
-from train.faults import RUN_FAULTS, check_fault
+from train.faults import RUN_FAULTS, RunFaults, check_fault
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "conf" / "run" / "default.yaml"
 EARLY_STOPPING_METRICS = ("auc", "gauc")
-USE_GPU = ("auto", True, False)
-# Keys whose values are checked in `check`, not by the type of their default.
-MIXED_TYPE_KEYS = {"scaling.use_gpu"}
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -56,58 +56,136 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return nested
 
 
-def merge(base: Mapping[str, Any], layer: Mapping[str, Any], origin: str) -> dict[str, Any]:
-    """`layer` over `base`; keys absent from `base` are errors outside `params`."""
+@dataclass(frozen=True)
+class EarlyStopping:
+    metric: Literal["auc", "gauc"]
+    patience: int
+
+
+@dataclass(frozen=True)
+class Train:
+    epochs: int
+    batch_size: int
+    lr: float
+    embedding_lr: float | None
+    weight_decay: float
+    embedding_l2: float
+    sparse_embeddings: bool
+    tem_holdout: float
+    early_stopping: EarlyStopping
+    shuffle_buffer_rows: int
+    read_tasks_per_stream: int
+    eval_batch_size: int
+    progress_every_batches: int
+    find_unused_parameters: bool
+
+
+@dataclass(frozen=True)
+class Scaling:
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: Literal["auto"] | bool
+    torch_threads: int
+
+
+@dataclass(frozen=True)
+class Ray:
+    address: str | None
+    num_cpus: int
+    max_failures: int
+
+
+@dataclass(frozen=True)
+class Eval:
+    activity_boundaries: list[float]
+
+
+@dataclass(frozen=True)
+class Tracking:
+    mlflow_uri: str | None
+    mlflow_experiment: str
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run config holds: its keys and their types. The defaults, each documented, are
+    conf/run/default.yaml (and train/faults.py's for `fault`); loading checks the two agree."""
+
+    model: str
+    seed: int
+    params: dict[str, dict[str, Any]]  # per stage; each model checks its own keys
+    train: Train
+    scaling: Scaling
+    ray: Ray
+    eval: Eval
+    tracking: Tracking
+    fault: RunFaults
+
+
+def merge(
+    base: Mapping[str, Any], layer: Mapping[str, Any], origin: str, declared: type = RunConfig
+) -> dict[str, Any]:
+    """`layer` over `base`: every key of `layer` must be declared by the dataclass `declared`
+    (free-form below a `dict[...]` field such as `params`) and hold a value of its type."""
     merged = copy.deepcopy(dict(base))
-    _merge_into(merged, layer, origin, path=())
+    _merge_into(merged, layer, origin, (), declared)
     return merged
 
 
 def _merge_into(
-    into: dict[str, Any], layer: Mapping[str, Any], origin: str, path: tuple[str, ...]
+    into: dict[str, Any],
+    layer: Mapping[str, Any],
+    origin: str,
+    path: tuple[str, ...],
+    declared: Any,
 ) -> None:
-    free_form = len(path) >= 1 and path[0] == "params"
+    hints = typing.get_type_hints(declared) if dataclasses.is_dataclass(declared) else None
     for key, value in layer.items():
         where = ".".join((*path, str(key)))
-        if key not in into:
-            if not free_form:
-                raise ConfigError(f"{origin}: unknown key {where!r}")
-            into[key] = copy.deepcopy(value)
+        if hints is None:  # free-form: the model behind `params.<stage>` checks its keys
+            if isinstance(into.get(key), dict) and isinstance(value, Mapping):
+                _merge_into(into[key], value, origin, (*path, str(key)), None)
+            else:
+                into[key] = copy.deepcopy(value)
             continue
-        default = into[key]
-        if isinstance(default, dict):
+        if key not in hints:
+            raise ConfigError(f"{origin}: unknown key {where!r}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint) or typing.get_origin(hint) is dict:
             if value is None:
                 value = {}
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{origin}: {where!r} must be a mapping, got {value!r}")
-            _merge_into(default, value, origin, (*path, str(key)))
-        elif (
-            free_form or where in MIXED_TYPE_KEYS or default is None or _compatible(default, value)
-        ):
-            into[key] = copy.deepcopy(value)
-        else:
+            free = None if typing.get_origin(hint) is dict else hint
+            _merge_into(into.setdefault(key, {}), value, origin, (*path, str(key)), free)
+            continue
+        try:
+            check_value(hint, value, where)
+        except ConfigError:
             raise ConfigError(
-                f"{origin}: {where!r} expects {type(default).__name__}, got {value!r}"
-            )
-
-
-def _compatible(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, int | float)
-    return isinstance(value, type(default))
+                f"{origin}: {where!r} expects {describe(hint)}, got {value!r}"
+            ) from None
+        into[key] = copy.deepcopy(value)
 
 
 def load_run_config(
     config_path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """Defaults, then the config file (if any), then the overrides; checked."""
-    config = {**load_yaml(DEFAULT_CONFIG), "fault": RUN_FAULTS}
+    config = run_defaults()
     if config_path is not None:
         config = merge(config, load_yaml(config_path), str(config_path))
     config = merge(config, parse_overrides(overrides), "override")
     check(config)
+    return config
+
+
+def run_defaults() -> dict[str, Any]:
+    """conf/run/default.yaml with the fault drills' defaults (all off): a value for every key
+    RunConfig declares."""
+    config = merge({}, load_yaml(DEFAULT_CONFIG), str(DEFAULT_CONFIG))
+    config = merge(config, {"fault": RUN_FAULTS}, "train/faults.py")
+    check_typed(RunConfig, config)
     return config
 
 
@@ -151,8 +229,6 @@ def check(config: Mapping[str, Any]) -> None:
         raise ConfigError("scaling.cpus_per_worker: must be > 0")
     if scaling["torch_threads"] < 1:
         raise ConfigError("scaling.torch_threads: must be >= 1")
-    if scaling["use_gpu"] not in USE_GPU:
-        raise ConfigError(f"scaling.use_gpu: must be one of {USE_GPU}")
     # ray.num_cpus sizes the embedded Ray only; a cluster that is joined brings its own CPUs.
     needed = scaling["num_workers"] * scaling["cpus_per_worker"]
     if cluster_address(config) is None and config["ray"]["num_cpus"] < needed:

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,27 @@ from mkt.contract import ConfigError
 
 log = logging.getLogger(__name__)
 
-# The `fault` section of a run config.
+
+@dataclass(frozen=True)
+class KillWorkerAt:
+    epoch: int | None
+    batch: int | None
+
+
+@dataclass(frozen=True)
+class RunFaults:
+    """The `fault` section of a run config (train/config.py's RunConfig)."""
+
+    kill_worker_at: KillWorkerAt
+    nonfinite_loss_at_step: int | None
+
+
+@dataclass(frozen=True)
+class SweepFaults:
+    interrupt_after_trials: int | None
+
+
+# The `fault` section's defaults, all off.
 RUN_FAULTS: dict[str, Any] = {
     # SIGKILL of the last worker's process, once, right after this batch (1-based) of this
     # epoch (1-based); the stage must resume from the previous epoch's checkpoint. Both or

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from mkt.config_file import check_typed
 from mkt.contract import ConfigError
 from mkt.pipelines import pipeline
 from train.checks import check_stage_params
 from train.config import (
-    DEFAULT_CONFIG,
     EARLY_STOPPING_METRICS,
     REPO_ROOT,
     check,
     load_yaml,
     merge,
     parse_overrides,
+    run_defaults,
 )
-from train.faults import SWEEP_FAULTS
+from train.faults import SWEEP_FAULTS, SweepFaults
 
 DEFAULT_SWEEP_CONFIG = REPO_ROOT / "conf" / "tune" / "default.yaml"
 # Search-space entries: `{kind: arguments}`; see conf/tune/default.yaml.
@@ -28,13 +30,37 @@ DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 
 
+@dataclass(frozen=True)
+class Scheduler:
+    name: Literal["asha", "fifo"]
+    grace_period: int
+    reduction_factor: float
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep config holds besides `run` (a run config, RunConfig): its keys and their
+    types. The defaults, each documented, are conf/tune/default.yaml."""
+
+    search_space: dict[str, dict[str, Any]]  # dotted run-config key -> {distribution: args}
+    metric: Literal["auc", "gauc"]
+    num_samples: int
+    scheduler: Scheduler
+    max_concurrent_trials: int | None
+    stage1_cache: str | None
+    fault: SweepFaults
+
+
 def load_sweep_config(
     config_path: str | Path | None = None, overrides: Iterable[str] = ()
 ) -> dict[str, Any]:
     """conf/tune/default.yaml, then the file, then the overrides; `run` resolved into a whole
-    run config (conf/run/default.yaml under every layer's `run`), all checked."""
-    sweep = {**load_yaml(DEFAULT_SWEEP_CONFIG), "fault": SWEEP_FAULTS}
-    run_layers = [(sweep.pop("run"), str(DEFAULT_SWEEP_CONFIG))]
+    run config (the run defaults under every layer's `run`), all checked."""
+    defaults = load_yaml(DEFAULT_SWEEP_CONFIG)
+    run_layers = [(defaults.pop("run", None), str(DEFAULT_SWEEP_CONFIG))]
+    sweep = merge({}, defaults, str(DEFAULT_SWEEP_CONFIG), SweepConfig)
+    sweep = merge(sweep, {"fault": SWEEP_FAULTS}, "train/faults.py", SweepConfig)
+    check_typed(SweepConfig, sweep)
     layers = [(load_yaml(config_path), str(config_path))] if config_path is not None else []
     layers.append((parse_overrides(overrides), "override"))
     for layer, origin in layers:
@@ -47,8 +73,8 @@ def load_sweep_config(
             if not isinstance(space, Mapping) or not space:
                 raise ConfigError(f"{origin}: 'search_space' must be a non-empty mapping")
             sweep["search_space"] = dict(space)
-        sweep = merge(sweep, layer, origin)
-    run = load_yaml(DEFAULT_CONFIG)
+        sweep = merge(sweep, layer, origin, SweepConfig)
+    run = run_defaults()
     for layer, origin in run_layers:
         if layer is None:
             continue
