@@ -109,6 +109,12 @@ def _matches(hint: Any, value: Any, path: str) -> bool:
 
 
 def describe(hint: Any) -> str:
-    if typing.get_origin(hint) is typing.Literal:
-        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    """A declared type as the error names it: `int | None` -> "null or int"."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return " or ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        named = [describe(a) for a in args if a is not type(None)]
+        return " or ".join((["null"] if type(None) in args else []) + named)
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

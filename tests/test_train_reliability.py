@@ -329,7 +329,10 @@ def test_a_config_file_cannot_construct_python_objects(tmp_path: Path) -> None:
         (["fault.kill_worker_at.epoch=1"], "fault.kill_worker_at.batch: must be set together"),
         (["fault.kill_worker_at.batch=3"], "fault.kill_worker_at.epoch: must be set together"),
         (["fault.kill_worker_at.epoch=0", "fault.kill_worker_at.batch=1"], "epoch: must be >= 1"),
-        (["fault.kill_worker_at.epoch=1", "fault.kill_worker_at.batch=x"], "batch: null or an"),
+        (
+            ["fault.kill_worker_at.epoch=1", "fault.kill_worker_at.batch=x"],
+            "batch' expects null or int",
+        ),
         (
             ["train.epochs=2", "fault.kill_worker_at.epoch=3", "fault.kill_worker_at.batch=1"],
             r"fault.kill_worker_at.epoch: 3 is after the last epoch \(train.epochs=2\)",
