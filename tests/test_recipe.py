@@ -173,3 +173,21 @@ def test_fit_strength_picks_the_best_validation_auc():
     }
     assert aucs[chosen] == max(aucs.values())
     assert aucs[chosen] > 0.6  # the planted propensity is found
+
+
+def test_recipe_curves_keep_every_epoch_of_every_stage(tmp_path) -> None:
+    """jobs/recipe_curves.py's figure and JSON hold each run's per-epoch validation numbers,
+    stage by stage, as the runs' metrics.json recorded them."""
+    from jobs.recipe_curves import curves, plot
+
+    def run(aucs: list[float]) -> dict:
+        history = [{"valid_auc": a, "valid_logloss": 0.1 + a / 10} for a in aucs]
+        return {
+            "stages": [{"name": "mem", "history": history}, {"name": "tem", "history": history[:2]}]
+        }
+
+    data = curves({"recipe": run([0.5, 0.6, 0.7]), "recipe_off": run([0.6, 0.55, 0.5])})
+    assert data["recipe"]["mem"]["valid_auc"] == [0.5, 0.6, 0.7]
+    assert data["recipe_off"]["tem"]["valid_logloss"] == [0.16, 0.155]
+    plot(data, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
