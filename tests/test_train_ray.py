@@ -11,6 +11,7 @@ import glob
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -109,7 +110,13 @@ def test_worker_killed_mid_epoch_resumes_and_matches_an_undisturbed_run(
     group resumes from epoch 1's checkpoint and its test AUC is that of an undisturbed run of the
     same config and seed, within noise (docs/RELIABILITY.md, "A worker killed mid-epoch")."""
     killed_dir, calm_dir = tmp_path / "killed", tmp_path / "calm"
-    run_cli(["--samples", str(toy_samples), "--output", str(calm_dir), *QUICK])
+    calm_run = run_cli(["--samples", str(toy_samples), "--output", str(calm_dir), *QUICK])
+    # The counting pass of the embedding L2 (on by default) prints the line docs/training.md
+    # documents (test_console.py's run has no L2).
+    assert re.search(
+        r"\[tem\] embedding rows counted for the L2 in \d+ s \(\d+ tables\)",
+        calm_run.stdout + calm_run.stderr,
+    )
     kill = ["fault.kill_worker_at.epoch=2", "fault.kill_worker_at.batch=2"]
     killed = run_cli(["--samples", str(toy_samples), "--output", str(killed_dir), *QUICK, *kill])
     marker = killed_dir / ".fault-drill-tem"
