@@ -6,8 +6,10 @@ set; the job must put each line in exactly one of the two tables, with the reaso
 model of docs/etl.md ("Bad input -> quarantine") expects, and its counts must reconcile. File-
 level defects (empty file, header only, reordered or missing header columns) are explicit cases.
 
-Spark takes seconds per build, so each example batches many lines into one file and the search
-is small and derandomized (the same examples every run).
+Spark takes seconds per build, whatever the number of lines, so each example batches 30-60
+malformed lines per file into one build, and the search is three derandomized examples (the
+same every run). Together they insert about 200 malformed lines of 12 (entity, reason) kinds,
+more of both than the ten examples of 1-30 lines the test once drew (70 lines, 9 kinds).
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def raw_line(draw: st.DrawFn, entity: str) -> bytes:
 
 def inserted_lines(entity: str) -> st.SearchStrategy:
     """(position fraction, line) pairs: where in the file each malformed line goes."""
-    return st.lists(st.tuples(st.floats(0, 1), raw_line(entity)), min_size=1, max_size=30)
+    return st.lists(st.tuples(st.floats(0, 1), raw_line(entity)), min_size=30, max_size=60)
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,12 +214,17 @@ def assert_every_line_accounted_for(raw: Path, out: Path, summary: dict) -> None
 
 
 @settings(
-    max_examples=10,
+    max_examples=3,
     derandomize=True,
     deadline=None,
     # A failing example is reported as found: shrinking would rerun Spark hundreds of times.
     phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    # Large examples on purpose (one Spark build each): the smallest is 30 lines per file.
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.large_base_example,
+    ],
 )
 @given(video=inserted_lines("video"), article=inserted_lines("article"))
 def test_every_malformed_line_is_a_sample_or_quarantined(

@@ -1,16 +1,15 @@
-"""The whole pipeline: generator -> Spark samples (the session fixture) -> train/run.py with two
-Ray workers and both MKT stages -> predictions that trace back to raw lines -> train/export.py
-on that RUN_DIR -> a serving artifact that scores the test rows as the run's predictions."""
+"""The whole pipeline: generator -> Spark samples -> train/run.py with two Ray workers and both
+MKT stages (the session's `mkt_run`, tests/conftest.py, whose console and MLflow store
+tests/test_console.py checks) -> predictions that trace back to raw lines -> train/export.py on
+that RUN_DIR -> a serving artifact that scores the test rows as the run's predictions."""
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +20,11 @@ from deltalake import DeltaTable
 from safetensors.torch import load_file
 from tensorboardX.proto.event_pb2 import Event
 
-from etl.build_samples import build_samples
-from jobs.generate_tenrec import VIDEO, GeneratorConfig, generate
+from jobs.generate_tenrec import VIDEO
 from mkt.schema import FeatureSchema
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-# Small data, so the like rates are raised (a documented generator knob) to put enough
-# positives in the test split for "well above chance" to be a stable assertion.
-USERS = 1200
-LIKE_RATES = {VIDEO: 0.2, "article": 0.15}
 
 
 def tensorboard_scalars(path: Path) -> dict[str, list[float]]:
@@ -48,34 +41,11 @@ def tensorboard_scalars(path: Path) -> dict[str, list[float]]:
 
 
 def test_generated_data_through_spark_and_both_stages(
-    spark, tmp_path: Path, capsys: pytest.CaptureFixture
+    mkt_run: dict, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    raw, out, run_dir = tmp_path / "raw", tmp_path / "out", tmp_path / "run"
-    generate(raw, num_users=USERS, seed=3, config=GeneratorConfig(target_like_rate=LIKE_RATES))
-    build_samples(spark, REPO / "conf" / "data" / "tenrec.yaml", raw, out)
-
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    env.pop("RAY_ADDRESS", None)
-    command = [
-        sys.executable,
-        str(REPO / "train" / "run.py"),
-        "--samples",
-        str(out),
-        "--output",
-        str(run_dir),
-        "model=mkt",
-        "scaling.num_workers=2",
-        "train.epochs=2",
-        "train.batch_size=256",
-        "train.lr=0.005",
-        "train.early_stopping.metric=auc",
-        # 1,200 users: the default embedding prior outweighs their rows (docs/training.md).
-        "train.embedding_l2=0",
-        # The tables on sparse gradients and SparseAdam, all-reduced sparse by DDP on gloo
-        # (the dense path is what every other Ray test trains).
-        "train.sparse_embeddings=true",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    # 1,200 users, both stages on 2 workers, 2 epochs of batch 256, lr 0.005, early stopping on
+    # AUC, no embedding L2, sparse embeddings (the command: tests/conftest.py, `mkt_run`).
+    raw, out, run_dir, done = mkt_run["raw"], mkt_run["samples"], mkt_run["dir"], mkt_run["done"]
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "| mkt |" in done.stdout  # the summary table is printed
 
