@@ -70,6 +70,8 @@ ROW_ORDER_SEED = 20240901
 MAX_BROADCAST_ENTRIES = 16_000_000
 CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
+ADAPTIVE = "spark.sql.adaptive.enabled"
+SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
 # The columns of every row between the shuffle by user and the encoding.
 USER = ["user_hash", "user_key", "entity"]
 
@@ -134,6 +136,13 @@ def build_samples(
             spark.conf.set(CACHE_COMPRESSION, compressed)
         return frame
 
+    # A fixed plan: the one big shuffle is the repartition by user, into the files; every other
+    # shuffle is a small aggregation, as many partitions as files. Adaptive execution re-planned
+    # each query stage at run time (driver work, generated code to compile) for nothing to
+    # gain: 1M rows, 25.7 -> 23.3 CPU s in a warm JVM (docs/BENCHMARKS.md).
+    session_conf = {key: spark.conf.get(key) for key in (ADAPTIVE, SHUFFLE_PARTITIONS)}
+    spark.conf.set(ADAPTIVE, "false")
+    spark.conf.set(SHUFFLE_PARTITIONS, str(config.files_per_partition))
     try:
         phase(2, "numbering, parsing and validating raw lines")
         numbered, input_lines = _numbered_lines(spark, paths)
@@ -152,6 +161,7 @@ def build_samples(
         files = min(
             config.files_per_partition, max(1, sum(input_lines.values()) // MIN_LINES_PER_FILE)
         )
+        spark.conf.set(SHUFFLE_PARTITIONS, str(files))
         phase(3, f"splitting users' rows in {files} groups (history mode {config.history_mode})")
         rows = persist(_split_rows(parsed, config, files))
         kept = rows.where(F.col("kept"))
@@ -204,6 +214,8 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SUMMARY_FILE}", json.dumps(summary, indent=2) + "\n")
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
     finally:
+        for key, value in session_conf.items():
+            spark.conf.set(key, value)
         for frame in cached:
             frame.unpersist()
         _discard_run(fs, output_dir, run_id)
