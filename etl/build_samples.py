@@ -68,8 +68,19 @@ ROW_ORDER_SEED = 20240901
 # Vocabularies up to this many entries are broadcast to every task for the encoding joins
 # (about 64 bytes each); a larger one is joined by a shuffle, which Spark plans itself.
 MAX_BROADCAST_ENTRIES = 16_000_000
+# Options for the driver JVM (on a local master it also runs the executors). The job cannot set
+# them once its JVM runs, so its command passes them (docs/etl.md):
+#   spark-submit --driver-java-options "-XX:+UseSerialGC -XX:CompileThresholdScaling=10" ...
+# (a cluster's executors: spark.executor.extraJavaOptions). The serial collector: on 2 cores
+# G1's barriers and concurrent threads cost more CPU than its pauses save. A 10x higher JIT
+# compile threshold: C2 compiled every lukewarm method of Spark, Janino and the generated
+# classes, a quarter of all CPU. 5M rows on local[2]: JVM CPU 156.7 -> 128.3 s (JIT 42.0 ->
+# 21.9, tasks 93.2 -> 84.8; docs/BENCHMARKS.md).
+DRIVER_JAVA_OPTIONS = "-XX:+UseSerialGC -XX:CompileThresholdScaling=10"
 CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
+ADAPTIVE = "spark.sql.adaptive.enabled"
+SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
 # The columns of every row between the shuffle by user and the encoding.
 USER = ["user_hash", "user_key", "entity"]
 
@@ -134,6 +145,13 @@ def build_samples(
             spark.conf.set(CACHE_COMPRESSION, compressed)
         return frame
 
+    # A fixed plan: the one big shuffle is the repartition by user, into the files; every other
+    # shuffle is a small aggregation, as many partitions as files. Adaptive execution re-planned
+    # each query stage at run time (driver work, generated code to compile) for nothing to
+    # gain: 1M rows, 25.7 -> 23.3 CPU s in a warm JVM (docs/BENCHMARKS.md).
+    session_conf = {key: spark.conf.get(key) for key in (ADAPTIVE, SHUFFLE_PARTITIONS)}
+    spark.conf.set(ADAPTIVE, "false")
+    spark.conf.set(SHUFFLE_PARTITIONS, str(config.files_per_partition))
     try:
         phase(2, "numbering, parsing and validating raw lines")
         numbered, input_lines = _numbered_lines(spark, paths)
@@ -152,6 +170,7 @@ def build_samples(
         files = min(
             config.files_per_partition, max(1, sum(input_lines.values()) // MIN_LINES_PER_FILE)
         )
+        spark.conf.set(SHUFFLE_PARTITIONS, str(files))
         phase(3, f"splitting users' rows in {files} groups (history mode {config.history_mode})")
         rows = persist(_split_rows(parsed, config, files))
         kept = rows.where(F.col("kept"))
@@ -204,6 +223,8 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SUMMARY_FILE}", json.dumps(summary, indent=2) + "\n")
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
     finally:
+        for key, value in session_conf.items():
+            spark.conf.set(key, value)
         for frame in cached:
             frame.unpersist()
         _discard_run(fs, output_dir, run_id)

@@ -1,8 +1,8 @@
 """Benchmark etl/build_samples.py (spark-submit) against the DuckDB reference on generated data.
 
     python jobs/bench_etl.py --rows 1000000 5000000 20000000 --work-dir /tmp/etl-bench \
-        [--master local[2]] [--driver-memory 4g] [--duckdb-threads 2] [--duckdb-max-rss-gb 14] \
-        [--no-duckdb] [--keep]
+        [--master local[2]] [--driver-memory 4g] [--java-options OPTS] [--duckdb-threads 2] \
+        [--duckdb-max-rss-gb 14] [--no-duckdb] [--keep]
 
 Per size: generate Tenrec-format CSVs of about that many raw rows (jobs/generate_tenrec.py, seed
 0), run the Spark job as its own spark-submit process with the event log on, run
@@ -351,6 +351,8 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
     }
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", args.master]
     cmd += ["--driver-memory", args.driver_memory]
+    if args.java_options:
+        cmd += ["--driver-java-options", args.java_options]
     for key, value in conf.items():
         cmd += ["--conf", f"{key}={value}"]
     cmd += [str(REPO / "etl" / "build_samples.py"), "--config", str(CONFIG)]
@@ -360,6 +362,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
     result = _run_measured(cmd, out.parent / f"{out.name}.log", spark_env())
     summary = json.loads((out / "etl_summary.json").read_text())
     result["job_wall_s"] = summary["wall_s"]
+    result["java_options"] = args.java_options
     result["samples"] = sum(e["samples"] for e in summary["entities"].values())
     result["samples_table_mb"] = _size_mb(out / "samples")
     (log_file,) = set(events.iterdir()) - before
@@ -460,6 +463,7 @@ def bench_size(rows: int, args: argparse.Namespace) -> dict[str, Any]:
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"master {args.master}, driver memory {args.driver_memory}, "
+        f"driver JVM options '{args.java_options}', "
         f"DuckDB threads {args.duckdb_threads}, {os.cpu_count()} cores",
         "",
         "| raw rows | Spark wall s | rows/s | CPU µs/row | executor CPU s | JVM CPU s "
@@ -515,6 +519,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--driver-memory", default="4g")
     parser.add_argument("--conf", action="append", default=[], help="extra KEY=VALUE for Spark")
+    parser.add_argument(
+        "--java-options",
+        default=None,
+        help="the driver JVM's options (default: etl.build_samples.DRIVER_JAVA_OPTIONS, "
+        "as docs/etl.md's command passes them; '' for the JVM's defaults)",
+    )
     parser.add_argument("--duckdb-threads", type=int, default=2)
     parser.add_argument("--duckdb-memory", default="6GB")
     parser.add_argument(
@@ -526,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-duckdb", action="store_true", help="Spark only")
     parser.add_argument("--keep", action="store_true", help="keep raw data and outputs")
     args = parser.parse_args(argv)
+    if args.java_options is None:
+        from etl.build_samples import DRIVER_JAVA_OPTIONS
+
+        args.java_options = DRIVER_JAVA_OPTIONS
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     results_file = args.work_dir / "results.json"
