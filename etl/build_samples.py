@@ -19,27 +19,23 @@ Phases (each logs one line):
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # spark-submit runs this file as a script; make `import etl` resolve to this repository.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from functools import reduce
+from pathlib import Path
 from typing import Any
 
 from pyspark import SparkConf, StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from etl.config import ConfigError, DataConfig, Feature, load_config
+from etl.config import DataConfig, Feature, load_config
 from etl.storage import (
     HadoopFs,
     Writer,
@@ -48,17 +44,27 @@ from etl.storage import (
     resolve_writer,
     write_table,
 )
+from mkt.contract import (
+    FIRST_INDEX,
+    MISSING,
+    MISSING_TOKENS,
+    OOV,
+    PAD,
+    QUARANTINE_TABLE,
+    SAMPLES_TABLE,
+    SCHEMA_FILE,
+    SPLITS,
+    VOCAB_TABLE,
+    ConfigError,
+)
+from mkt.schema import Feature as SchemaFeature
+from mkt.schema import FeatureSchema
 
 log = logging.getLogger("etl.build_samples")
 
-# Reserved indices of every categorical / bucketized feature and sequence (data contract).
-PAD, MISSING, OOV = 0, 1, 2
-FIRST_INDEX = 3
-MISSING_TOKENS = ("\\N", "")
-SPLITS = ("train", "valid", "test")
-SCHEMA_FILE = "feature_schema.json"
 SUMMARY_FILE = "etl_summary.json"
-TABLES = {"samples": ["entity", "split"], "vocab": [], "quarantine": []}
+# Each table of OUT_DIR with its partition columns.
+TABLES = {SAMPLES_TABLE: ["entity", "split"], VOCAB_TABLE: [], QUARANTINE_TABLE: []}
 STAGING_PREFIX = "_staging-"
 # A tiny input gets fewer samples files than files_per_partition: at most one per this many
 # input lines, so a few hundred lines are not cut into a dozen near-empty files.
@@ -115,7 +121,7 @@ def build_samples(
 
     def phase(number: int, text: str) -> None:
         log.info("[%d/6 %6.1fs] %s", number, time.monotonic() - started, text)
-        # Names the phase's jobs in the Spark UI and event log (jobs/bench_etl.py reads it).
+        # Names the phase's jobs in the Spark UI and event log (benchmarks/bench_etl.py reads it).
         spark.sparkContext.setJobDescription(f"[{number}/6] {text}")
 
     phase(1, f"checking {config_path} against the headers of {input_dir}")
@@ -195,10 +201,10 @@ def build_samples(
         spark.conf.set(CONCURRENT_WRITERS, str(len(SPLITS) * len(config.entities)))
         try:
             writes = {
-                "samples": write_table(
+                SAMPLES_TABLE: write_table(
                     _samples(encoded, config),
-                    f"{output_dir}/samples",
-                    TABLES["samples"],
+                    f"{output_dir}/{SAMPLES_TABLE}",
+                    TABLES[SAMPLES_TABLE],
                     chosen_writer,
                     run_id,
                 )
@@ -207,21 +213,22 @@ def build_samples(
             spark.conf.set(CONCURRENT_WRITERS, writers)
 
         phase(6, f"writing vocab and quarantine; committing ({chosen_writer} writer) {output_dir}")
-        for table, frame in (("vocab", vocab.coalesce(1)), ("quarantine", quarantine)):
+        for table, frame in ((VOCAB_TABLE, vocab.coalesce(1)), (QUARANTINE_TABLE, quarantine)):
             writes[table] = write_table(
                 frame, f"{output_dir}/{table}", TABLES[table], chosen_writer, run_id
             )
         schema = _feature_schema(config, sizes, boundaries, input_dir, summary)
         # Each table commits atomically, but the three commits are not one transaction: the
         # schema file, written last, names the versions that belong together.
-        schema["table_versions"] = {t: w.commit(spark) for t, w in writes.items()}
-        summary["table_versions"] = schema["table_versions"]
+        versions = {t: w.commit(spark) for t, w in writes.items()}
+        schema = dataclasses.replace(schema, table_versions=versions)
+        summary["table_versions"] = versions
         summary["output_dir"] = output_dir
         summary["writer"] = chosen_writer
         summary["wall_s"] = round(time.monotonic() - started, 1)
         # The schema file goes last, once the tables it describes are committed.
         fs.write_text(f"{output_dir}/{SUMMARY_FILE}", json.dumps(summary, indent=2) + "\n")
-        fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema, indent=2) + "\n")
+        fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema.to_dict(), indent=2) + "\n")
     finally:
         for key, value in session_conf.items():
             spark.conf.set(key, value)
@@ -378,7 +385,7 @@ def _parse_lines(
             return F.col(f"id__{column}").cast("string")
         # Missing (`\N` or empty) becomes null here, once, so later phases test only isNull.
         value = F.col(f"f__{column}")
-        return F.when(~value.isin(*MISSING_TOKENS), value)
+        return F.when(~value.isin(*sorted(MISSING_TOKENS)), value)
 
     lines = lines.withColumn("reason", reason)
     return lines.select(
@@ -894,7 +901,7 @@ def _feature_schema(
     boundaries: dict[str, list[float]],
     input_dir: str,
     summary: dict[str, Any],
-) -> dict[str, Any]:
+) -> FeatureSchema:
     def vocab_size(f: Feature) -> int:
         if f.kind == "bucketized":
             return FIRST_INDEX + len(boundaries[f.name]) + 1
@@ -902,58 +909,49 @@ def _feature_schema(
 
     # As `_parse_lines` checks and canonicalises them.
     id_columns = {config.user_key, *config.id_columns}
-    features: list[dict[str, Any]] = []
-    for f in config.features:
-        entry: dict[str, Any] = {
-            "name": f.name,
-            "group": f.group,
-            "entity": f.entity,
-            "kind": f.kind,
-            "vocab_size": vocab_size(f),
-        }
-        if f.kind == "bucketized":
-            entry["boundaries"] = boundaries[f.name]
-        integer_id = [e for e in config.entity_names if f.columns.get(e) in id_columns]
-        if integer_id:
-            entry["integer_id"] = integer_id
-        features.append(entry)
     item = config.feature(config.item_feature)
-    for e in config.entity_names:
-        features.append(
-            {
-                "name": f"seq_{e}",
-                "group": "sequence",
-                "entity": e,
-                "kind": "sequence",
-                "item_feature": item.name,
-                "vocab_size": vocab_size(item),
-                "seq_len": config.seq_len,
-                "length_column": f"seq_{e}_len",
-            }
+    features = [
+        SchemaFeature(
+            name=f.name,
+            group=f.group,
+            kind=f.kind,
+            vocab_size=vocab_size(f),
+            entity=f.entity,
+            boundaries=tuple(boundaries[f.name]) if f.kind == "bucketized" else (),
+            integer_id=tuple(e for e in config.entity_names if f.columns.get(e) in id_columns),
         )
-    return {
-        "format_version": 1,
-        "dataset": config.name,
-        "source_entity": config.source_entity,
-        "target_entity": config.target_entity,
-        "entities": list(config.entity_names),
-        "seq_len": config.seq_len,
-        "history_mode": config.history_mode,
-        "reserved_indices": {"padding": PAD, "missing": MISSING, "oov": OOV},
-        "item_feature": item.name,
-        "features": features,
-        "columns": {c: c for c in ("entity", "split", "line_no", "user_key", "label")},
-        "raw_input": {
-            "dir": input_dir,
-            "files": {e.name: e.file for e in config.entities},
-        },
-        "counts": {
+        for f in config.features
+    ] + [
+        SchemaFeature(
+            name=f"seq_{e}",
+            group="sequence",
+            kind="sequence",
+            vocab_size=vocab_size(item),
+            entity=e,
+            seq_len=config.seq_len,
+            item_feature=item.name,
+            length_column=f"seq_{e}_len",
+        )
+        for e in config.entity_names
+    ]
+    return FeatureSchema(
+        source_entity=config.source_entity,
+        target_entity=config.target_entity,
+        entities=tuple(config.entity_names),
+        seq_len=config.seq_len,
+        history_mode=config.history_mode,
+        item_feature=item.name,
+        features=tuple(features),
+        columns={c: c for c in ("entity", "split", "line_no", "user_key", "label")},
+        dataset=config.name,
+        raw_input={"dir": input_dir, "files": {e.name: e.file for e in config.entities}},
+        counts={
             e: {s: v["splits"][s]["rows"] for s in SPLITS} for e, v in summary["entities"].items()
         },
-        "likes": {
+        likes={
             e: {s: v["splits"][s]["likes"] for s in SPLITS} for e, v in summary["entities"].items()
         },
-    }
+    )
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

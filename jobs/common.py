@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from etl.build_samples import DRIVER_JAVA_OPTIONS
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
 # The floor gets its own recipe, chosen on validation like the deep models' (docs/training.md,
@@ -43,11 +45,14 @@ def run_echoed(command: list[str]) -> None:
 
 
 def build_samples_command(raw: Path, samples: Path) -> list[str]:
-    """The Spark job that turns the generated raw files into samples, on local[2]."""
+    """The Spark job that turns the generated raw files into samples, on local[2], its driver
+    JVM tuned for the job (etl.build_samples.DRIVER_JAVA_OPTIONS; docs/etl.md)."""
     return [
         spark_submit(),
         "--master",
         "local[2]",
+        "--driver-java-options",
+        DRIVER_JAVA_OPTIONS,
         "etl/build_samples.py",
         "--config",
         str(DATA_CONFIG),

@@ -54,6 +54,9 @@ class FeatureSchema:
     counts: dict[str, Any] = field(default_factory=dict)
     # Liked rows per entity and split (same layout as `counts`); absent from older schema files.
     likes: dict[str, Any] = field(default_factory=dict)
+    # The Delta version of each table the ETL committed with this file (the three commits are
+    # not one transaction: this names the versions that belong together).
+    table_versions: dict[str, int] = field(default_factory=dict)
 
     # -- lookups --------------------------------------------------------------------------
     def feature(self, name: str) -> Feature:
@@ -174,6 +177,7 @@ class FeatureSchema:
             raw_input=dict(raw.get("raw_input", {})),
             counts=dict(raw.get("counts", {})),
             likes=dict(raw.get("likes", {})),
+            table_versions=dict(raw.get("table_versions", {})),
         )
         for key in ("source_entity", "target_entity"):
             if getattr(schema, key) not in entities:
@@ -213,6 +217,8 @@ class FeatureSchema:
         return cls.from_dict(raw, origin=str(path))
 
     def to_dict(self) -> dict[str, Any]:
+        """The file's content: the one writer of feature_schema.json (the ETL, export and the
+        training checkpoints all write it through here)."""
         feats = []
         for f in self.features:
             d: dict[str, Any] = {
@@ -222,11 +228,11 @@ class FeatureSchema:
                 "kind": f.kind,
             }
             if f.kind == "sequence":
-                d.update(
-                    item_feature=f.item_feature, seq_len=f.seq_len, length_column=f.length_column
-                )
-            else:
+                d["item_feature"] = f.item_feature
+            if f.kind != "sequence" or f.vocab_size:
                 d["vocab_size"] = f.vocab_size
+            if f.kind == "sequence":
+                d.update(seq_len=f.seq_len, length_column=f.length_column)
             if f.boundaries:
                 d["boundaries"] = list(f.boundaries)
             if f.integer_id:
@@ -247,6 +253,7 @@ class FeatureSchema:
             "raw_input": self.raw_input,
             "counts": self.counts,
             "likes": self.likes,
+            **({"table_versions": self.table_versions} if self.table_versions else {}),
         }
 
 

@@ -1,4 +1,4 @@
-"""jobs/duckdb_samples.py (the benchmark's reference) gives the Spark job's tables, row for row.
+"""benchmarks/duckdb_samples.py (the benchmark's reference) gives the Spark job's tables, row for row.
 
 Small generated Tenrec-format data with planted bad, padded and odd lines goes through both;
 samples (every column, sequences included), vocab and quarantine must be equal. At this size
@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
+from benchmarks.duckdb_samples import build_samples_duckdb
 from etl.build_samples import build_samples
-from jobs.duckdb_samples import build_samples_duckdb
 from jobs.generate_tenrec import generate
 
 pytestmark = pytest.mark.slow

@@ -42,7 +42,7 @@ def _import_graph() -> dict[str, set[str]]:
 
     root = Path(__file__).resolve().parents[1]
     files = {}
-    for package in ("mkt", "etl", "train", "jobs"):
+    for package in ("mkt", "etl", "train", "jobs", "benchmarks"):
         for path in (root / package).rglob("*.py"):
             parts = path.relative_to(root).with_suffix("").parts
             files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
@@ -117,3 +117,17 @@ def test_every_script_runs_through_the_installed_package(tmp_path) -> None:
         [installed, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 0 and "usage: mkt-train" in run.stdout, run.stderr
+
+
+def test_no_file_edits_sys_path() -> None:
+    """Entry points import the project through the installed package, never by editing
+    sys.path (which would let two checkouts' modules mix)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [
+        p for d in ("mkt", "etl", "train", "jobs", "benchmarks") for p in (root / d).rglob("*.py")
+    ]
+    assert len(files) > 60
+    editing = [str(p.relative_to(root)) for p in files if "sys.path.insert" in p.read_text()]
+    assert editing == []

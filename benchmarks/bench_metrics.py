@@ -1,6 +1,6 @@
 """Times the offline metrics on random data (default: GAUC over 10M rows, 1M users).
 
-    python jobs/bench_metrics.py [--rows 10000000] [--users 1000000] [--dtype float32]
+    python benchmarks/bench_metrics.py [--rows 10000000] [--users 1000000] [--dtype float32]
 
 float32 scores (what the models output) take the no-argsort path of `mkt.metrics`; float64
 scores that float32 cannot hold exactly are ranked with one argsort first.

@@ -1,6 +1,6 @@
 """Seconds per training step of one embedding table, by its number of rows: dense against sparse.
 
-    python jobs/bench_embedding.py --rows 33588 7100000 [--device cpu|cuda] [--threads 1]
+    python benchmarks/bench_embedding.py --rows 33588 7100000 [--device cpu|cuda] [--threads 1]
                                    [--batch-size 1024] [--modes dense sparse]
 
 The models hold one `nn.Embedding` per feature with a dense gradient and Adam (mkt/layers,

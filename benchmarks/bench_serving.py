@@ -1,6 +1,6 @@
 """Serving speed on one CPU core: the artifact against the training model in eager mode.
 
-    python jobs/bench_serving.py --run RUN_DIR [--artifact DIR] [--requests 2000]
+    python benchmarks/bench_serving.py --run RUN_DIR [--artifact DIR] [--requests 2000]
                                  [--seconds 2] [--output runs/bench_serving.json]
 
 Rows: the target entity's test rows of the run's samples. The artifact gets them as raw
@@ -20,12 +20,6 @@ docs/serving.md records the figures.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import contextlib
 import json
@@ -33,6 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Bounded memory while streaming a samples table larger than a quarter of the machine's RAM.
 
-    python jobs/bench_streaming.py --source data/quickstart/samples --copies 28 \
+    python benchmarks/bench_streaming.py --source data/quickstart/samples --copies 28 \
         --work-dir /tmp/stream-bench [--layout single|per-copy] [--model mem] [--workers 2] \
         [--time-budget-s 1500] [--plot docs/results/streaming_memory.png] [key=value ...]
 
@@ -47,11 +47,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):
-    sys.path.insert(0, str(REPO))
+from benchmarks.common import process_tree, read_proc
 
-from jobs.bench_etl import process_tree, read_proc  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 GIB = 2**30
 # Chunk of rows handed to the Delta writer at a time: keeps this process small.
@@ -206,7 +204,7 @@ def streamed_arrow_bytes(table_dir: Path, model: str, info: dict[str, Any]) -> i
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
-    from jobs.bench_training import STAGES
+    from benchmarks.common import STAGES
     from mkt.schema import FeatureSchema
     from train.data import model_columns, stage_entities
 
@@ -233,7 +231,7 @@ def streamed_arrow_bytes(table_dir: Path, model: str, info: dict[str, Any]) -> i
 
 
 def child(table_dir: Path, run_dir: Path, model: str, workers: int, overrides: list[str]) -> None:
-    from jobs.bench_training import STAGES, bench_config
+    from benchmarks.common import STAGES, bench_config
     from mkt.schema import FeatureSchema
     from train.checkpoints import ModelLink
     from train.cluster import start_ray
@@ -553,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work_dir.mkdir(parents=True, exist_ok=True)
     table = make_table(args.source.resolve(), table_dir, args.copies, args.layout)
-    from jobs.bench_training import STAGES
+    from benchmarks.common import STAGES
     from mkt.schema import FeatureSchema
     from train.data import stage_entities
 

@@ -1,6 +1,6 @@
 """Training throughput: the full Ray path against one plain PyTorch process (the ceiling).
 
-    python jobs/bench_training.py --samples OUT_DIR [--epochs 2] [--workers 1 2]
+    python benchmarks/bench_training.py --samples OUT_DIR [--epochs 2] [--workers 1 2]
                                   [--output runs/bench_training.json] [key=value ...]
 
 For MEM (both entities' train rows) and TEM (target train rows, on a frozen MEM), it runs one
@@ -14,32 +14,21 @@ and their ratio, from one run. docs/BENCHMARKS.md records the figures.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import argparse
 import json
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from deltalake import DeltaTable
 
+from benchmarks.common import STAGES, bench_config
 from mkt.features import to_tensors
-from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, build_chain
 from train.cluster import ray_session
-from train.config import load_run_config
-
-STAGES = {
-    "mem": (Stage("mem", "mem", "both"), []),
-    "tem": (Stage("tem", "tem", "target", pretrained_from="mem"), [ModelLink("mem", {})]),
-}
 
 
 def in_memory_rows(samples_dir: Path, schema: FeatureSchema, entities: list[str]) -> dict:
@@ -77,13 +66,6 @@ def ceiling_rows_per_s(
             optimizer.step()
         rate = rows / (time.perf_counter() - started)
     return rate
-
-
-def bench_config(epochs: int, overrides: list[str]) -> dict[str, Any]:
-    """The run config, with every epoch run (no early stop) so each measures the same work."""
-    return load_run_config(
-        None, [f"train.epochs={epochs}", "train.early_stopping.patience=1000", *overrides]
-    )
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Rows/s of one worker's training step with dense against sparse embedding tables, by vocabulary.
 
-    python jobs/bench_model_step.py --schema SAMPLES_DIR [--model mem] [--users 24003 5000000]
+    python benchmarks/bench_model_step.py --schema SAMPLES_DIR [--model mem] [--users 24003 5000000]
                                     [--items 9579 2100000] [--batch-size 1024] [--steps 20]
 
 The step is the training loop's (forward, loss plus the embedding L2, backward, optimiser
@@ -14,12 +14,6 @@ the other features from their own vocabularies, sequences half full. docs/traini
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import dataclasses

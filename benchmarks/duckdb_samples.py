@@ -1,6 +1,6 @@
-"""The ETL's samples computed by DuckDB in one process: the reference for jobs/bench_etl.py.
+"""The ETL's samples computed by DuckDB in one process: the reference for benchmarks/bench_etl.py.
 
-    python jobs/duckdb_samples.py --config conf/data/tenrec.yaml --input RAW_DIR --output DIR \
+    python benchmarks/duckdb_samples.py --config conf/data/tenrec.yaml --input RAW_DIR --output DIR \
         [--threads 2] [--memory-limit 6GB] [--history-mode ...] [--seq-len N] [--duplicates ...]
 
 Same rules as etl/build_samples.py (docs/etl.md): line numbers, quarantine reasons, duplicates,
@@ -28,15 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import duckdb
 
 from etl.config import DataConfig, Feature, load_config
+from mkt.contract import FIRST_INDEX, MISSING, MISSING_TOKENS, OOV, PAD, SPLITS
 
-PAD, MISSING, OOV, FIRST_INDEX = 0, 1, 2, 3
-SPLITS = ("train", "valid", "test")
 # Spark's string -> long cast ignores leading and trailing characters <= ' '.
 _SPARK_BLANK = "[\\x00-\\x20]"
 
@@ -135,6 +131,7 @@ def _boundaries(con: duckdb.DuckDBPyConnection, config: DataConfig) -> dict[str,
 
 def _encoded_sql(config: DataConfig, boundaries: dict[str, list[float]]) -> str:
     joins, columns = [], []
+    missing = ", ".join(_sql_str(token) for token in sorted(MISSING_TOKENS))
     for i, f in enumerate(config.features):
         raw = f"r.{_raw(f)}"
         applies = ", ".join(_sql_str(e) for e in f.columns)
@@ -152,7 +149,7 @@ def _encoded_sql(config: DataConfig, boundaries: dict[str, list[float]]) -> str:
             known = f"CASE WHEN {value} IS NULL THEN {OOV} ELSE {bucket} END"
         columns.append(
             f"CASE WHEN r.entity NOT IN ({applies}) THEN {PAD} "
-            f"WHEN {raw} IS NULL OR {raw} IN ('\\N', '') THEN {MISSING} "
+            f"WHEN {raw} IS NULL OR {raw} IN ({missing}) THEN {MISSING} "
             f"ELSE {known} END::BIGINT AS {f.name}"
         )
     return f"""

@@ -1,12 +1,12 @@
 """Benchmark etl/build_samples.py (spark-submit) against the DuckDB reference on generated data.
 
-    python jobs/bench_etl.py --rows 1000000 5000000 20000000 --work-dir /tmp/etl-bench \
+    python benchmarks/bench_etl.py --rows 1000000 5000000 20000000 --work-dir /tmp/etl-bench \
         [--master local[2]] [--driver-memory 4g] [--java-options OPTS] [--duckdb-threads 2] \
         [--duckdb-max-rss-gb 14] [--no-duckdb] [--keep]
 
 Per size: generate Tenrec-format CSVs of about that many raw rows (jobs/generate_tenrec.py, seed
 0), run the Spark job as its own spark-submit process with the event log on, run
-jobs/duckdb_samples.py over the same files in one process, and compare the two outputs row by
+benchmarks/duckdb_samples.py over the same files in one process, and compare the two outputs row by
 row (every column, joined on entity and line_no). Reported: wall time (process start to exit,
 JVM start included), rows per second, CPU per raw row, executor CPU seconds and where they go
 (phases and staged tables, from the event log: the job tags each phase with a job
@@ -40,6 +40,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import process_tree, read_proc
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
@@ -148,31 +150,6 @@ def _thread_kind(name: str) -> str:
     if name.startswith("Executor task"):
         return "task_threads"
     return "other"
-
-
-def read_proc(path: str) -> str:
-    try:
-        with open(path) as fh:
-            return fh.read()
-    except OSError:  # the process ended between listing and reading
-        return ""
-
-
-def process_tree(root: int) -> list[int]:
-    """root and its descendants, from /proc (psutil is only importable through Ray here)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = read_proc(f"/proc/{entry}/stat")
-            if stat:
-                # The command name (field 2) may hold spaces; ppid follows the last ')'.
-                children[int(stat.rsplit(")", 1)[1].split()[1])].append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
 
 
 def _load() -> float:
@@ -556,6 +533,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if __package__ in (None, ""):
-        sys.path.insert(0, str(REPO))
     sys.exit(main())
