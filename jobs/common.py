@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from etl.build_samples import DRIVER_JAVA_OPTIONS
@@ -60,4 +61,21 @@ def build_samples_command(raw: Path, samples: Path) -> list[str]:
         str(raw),
         "--output",
         str(samples),
+    ]
+
+
+def train_command(
+    samples: Path, run_dir: Path, config: Path, overrides: Sequence[str] = ()
+) -> list[str]:
+    """train/run.py of this interpreter on `samples` into `run_dir`, as a user types it."""
+    return [
+        sys.executable,
+        str(REPO / "train" / "run.py"),
+        "--samples",
+        str(samples),
+        "--output",
+        str(run_dir),
+        "--config",
+        str(config),
+        *overrides,
     ]

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.common import LR_RECIPE, REPO, build_samples_command, spark_env
+from jobs.common import LR_RECIPE, REPO, build_samples_command, spark_env, train_command
 
 RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 # Three times the generator's default: about 0.55M video and 0.19M article rows, ~680
@@ -208,18 +208,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         run_dir = runs_dir / model
         step(
             f"train_{model}",
-            [
-                py,
-                "train/run.py",
-                "--samples",
-                str(samples),
-                "--output",
-                str(run_dir),
-                "--config",
-                str(RUN_CONFIG),
-                f"model={model}",
-                *OVERRIDES.get(model, ()),
-            ],
+            train_command(
+                samples, run_dir, RUN_CONFIG, [f"model={model}", *OVERRIDES.get(model, ())]
+            ),
             log_dir,
             env,
         )

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from jobs.common import REPO
+from jobs.common import REPO, train_command
 
 RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 VARIANTS = {
@@ -40,20 +39,17 @@ METRICS = (("valid_auc", "validation AUC"), ("valid_logloss", "validation log lo
 def train(samples: Path, run_dir: Path, epochs: int, overrides: list[str]) -> dict[str, Any]:
     metrics = run_dir / "metrics.json"
     if not metrics.is_file():
-        command = [
-            sys.executable,
-            str(REPO / "train" / "run.py"),
-            "--samples",
-            str(samples),
-            "--output",
-            str(run_dir),
-            "--config",
-            str(RUN_CONFIG),
-            "model=mkt",
-            f"train.epochs={epochs}",
-            f"train.early_stopping.patience={epochs}",
-            *overrides,
-        ]
+        command = train_command(
+            samples,
+            run_dir,
+            RUN_CONFIG,
+            [
+                "model=mkt",
+                f"train.epochs={epochs}",
+                f"train.early_stopping.patience={epochs}",
+                *overrides,
+            ],
+        )
         print("$ " + " ".join(command), flush=True)
         subprocess.run(command, check=True)
     return json.loads(metrics.read_text())
