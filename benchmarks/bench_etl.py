@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--java-options",
         default=None,
-        help="the driver JVM's options (default: etl.build_samples.DRIVER_JAVA_OPTIONS, "
+        help="the driver JVM's options (default: etl.config.DRIVER_JAVA_OPTIONS, "
         "as docs/etl.md's command passes them; '' for the JVM's defaults)",
     )
     parser.add_argument("--duckdb-threads", type=int, default=2)
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep raw data and outputs")
     args = parser.parse_args(argv)
     if args.java_options is None:
-        from etl.build_samples import DRIVER_JAVA_OPTIONS
+        from etl.config import DRIVER_JAVA_OPTIONS
 
         args.java_options = DRIVER_JAVA_OPTIONS
     args.work_dir = args.work_dir.resolve()

@@ -74,15 +74,6 @@ ROW_ORDER_SEED = 20240901
 # Vocabularies up to this many entries are broadcast to every task for the encoding joins
 # (about 64 bytes each); a larger one is joined by a shuffle, which Spark plans itself.
 MAX_BROADCAST_ENTRIES = 16_000_000
-# Options for the driver JVM (on a local master it also runs the executors). The job cannot set
-# them once its JVM runs, so its command passes them (docs/etl.md):
-#   spark-submit --driver-java-options "-XX:+UseSerialGC -XX:CompileThresholdScaling=10" ...
-# (a cluster's executors: spark.executor.extraJavaOptions). The serial collector: on 2 cores
-# G1's barriers and concurrent threads cost more CPU than its pauses save. A 10x higher JIT
-# compile threshold: C2 compiled every lukewarm method of Spark, Janino and the generated
-# classes, a quarter of all CPU. 5M rows on local[2]: JVM CPU 156.7 -> 128.3 s (JIT 42.0 ->
-# 21.9, tasks 93.2 -> 84.8; docs/BENCHMARKS.md).
-DRIVER_JAVA_OPTIONS = "-XX:+UseSerialGC -XX:CompileThresholdScaling=10"
 CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 ADAPTIVE = "spark.sql.adaptive.enabled"

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from etl.build_samples import DRIVER_JAVA_OPTIONS
+from etl.config import DRIVER_JAVA_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
@@ -47,7 +47,7 @@ def run_echoed(command: list[str]) -> None:
 
 def build_samples_command(raw: Path, samples: Path) -> list[str]:
     """The Spark job that turns the generated raw files into samples, on local[2], its driver
-    JVM tuned for the job (etl.build_samples.DRIVER_JAVA_OPTIONS; docs/etl.md)."""
+    JVM tuned for the job (etl.config.DRIVER_JAVA_OPTIONS; docs/etl.md)."""
     return [
         spark_submit(),
         "--master",
