@@ -18,11 +18,13 @@ from jobs.reproduce_tables import (
     TABLE4,
     best_single_domain,
     pct,
+    select_entries,
     stat,
     table2,
     table3,
     table4,
 )
+from mkt.contract import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 GROUPS = ["0-10", "10-30", ">30"]
@@ -126,3 +128,13 @@ def test_table4_changes_against_full_mkt() -> None:
     assert by["wo_pdl"]["gauc_change_pct"] == pytest.approx(0.0)
     assert by["wo_mem"]["gauc_change_pct"] == pytest.approx(pct(0.56, 0.66))
     assert math.isnan(by["mkt"]["auc_change_pct"])
+
+
+def test_select_entries_keeps_the_tables_order_and_needs_mkt() -> None:
+    assert select_entries(None) == ENTRIES
+    chosen = select_entries(["wo_mem", "mkt", "lr"])
+    assert [e.key for e in chosen] == ["lr", "mkt", "wo_mem"]
+    with pytest.raises(ConfigError, match="unknown \\['nope'\\]"):
+        select_entries(["mkt", "nope"])
+    with pytest.raises(ConfigError, match="mkt must be among them"):
+        select_entries(["lr", "ple"])
