@@ -1,5 +1,5 @@
-"""What the user-facing jobs share: launching the project's own commands as a user would, and
-the logistic-regression floor's training recipe."""
+"""What the user-facing jobs share: launching the project's own commands as a user would, the
+logistic-regression floor's training recipe, and comparing runs on the same test rows."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from etl.config import DRIVER_JAVA_OPTIONS
 
@@ -79,3 +80,71 @@ def train_command(
         str(config),
         *overrides,
     ]
+
+
+def paired_gains(
+    samples: Path,
+    runs: Mapping[str, Sequence[Path]],
+    reference: str,
+    resamples: int = 1000,
+) -> dict[str, dict[str, Any]]:
+    """The `reference` model against every other model of `runs` (model -> its RUN_DIRs, one
+    per training seed) on the same target test rows, with the spread the test set alone causes
+    (mkt.metrics.paired_bootstrap: users are drawn, so a user's rows move together; a model of
+    several runs is compared by its runs' mean metric)."""
+    from deltalake import DeltaTable
+
+    from mkt.metrics import paired_bootstrap
+    from mkt.schema import FeatureSchema
+
+    schema = FeatureSchema.load(samples)
+    # The predictions table's names (train.evaluate), from the samples' columns.
+    names = {schema.columns[c]: c for c in ("entity", "line_no", "user_key", "label")}
+    keys = ["entity", "line_no"]
+    # Only the partition the predictions cover: the target entity's test rows.
+    test_rows = [(schema.columns["entity"], "=", schema.target_entity), ("split", "=", "test")]
+    scored = (
+        DeltaTable(str(samples / "samples"))
+        .to_pyarrow_table(columns=list(names), filters=test_rows)
+        .to_pandas()
+        .rename(columns=names)
+    )
+    columns: dict[str, list[str]] = {}
+    for model, run_dirs in runs.items():
+        for k, run_dir in enumerate(run_dirs):
+            column = f"{model}#{k}"
+            predictions = DeltaTable(str(Path(run_dir) / "predictions")).to_pyarrow_table(
+                columns=[*keys, "label", "score"]
+            )
+            merged = scored.merge(
+                predictions.to_pandas().rename(columns={"score": column, "label": "scored"}),
+                on=keys,
+            )
+            # Every test row scored once, with the samples' label: otherwise the bootstrap
+            # would compare models on rows other than those their tables report.
+            if len(merged) != len(scored) or predictions.num_rows != len(scored):
+                raise RuntimeError(
+                    f"{run_dir}: {predictions.num_rows} predictions for {len(scored)} test "
+                    f"rows, {len(merged)} matched on (entity, line_no)"
+                )
+            if not (merged["scored"] == merged["label"]).all():
+                raise RuntimeError(f"{run_dir}: predictions' labels differ from the samples'")
+            scored = merged.drop(columns="scored")
+            columns.setdefault(model, []).append(column)
+    if scored.empty:
+        raise RuntimeError(f"{samples}: no target test rows")
+
+    def scores(model: str) -> Any:
+        return scored[columns[model]].to_numpy().T
+
+    return {
+        other: paired_bootstrap(
+            scored["label"].to_numpy(),
+            scores(reference),
+            scores(other),
+            scored["user_key"].to_numpy(),
+            resamples=resamples,
+        )
+        for other in runs
+        if other != reference
+    }

@@ -26,11 +26,17 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jobs.common import LR_RECIPE, REPO, build_samples_command, spark_env, train_command
+from jobs.common import (
+    LR_RECIPE,
+    REPO,
+    build_samples_command,
+    paired_gains,
+    spark_env,
+    train_command,
+)
 
 RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 # Three times the generator's default: about 0.55M video and 0.19M article rows, ~680
@@ -115,60 +121,6 @@ def results_table(runs: dict[str, dict[str, Any]], gains: dict[str, dict[str, An
     return "\n".join(lines)
 
 
-def transfer_gains(
-    samples: Path,
-    runs_dir: Path,
-    compared: Sequence[str] = COMPARED,
-    resamples: int = 1000,
-) -> dict[str, dict[str, Any]]:
-    """MKT (RUNS_DIR/mkt) against each run RUNS_DIR/<compared> on the same test rows, with the
-    spread the test set alone causes (mkt.metrics.paired_bootstrap): users are drawn, so a
-    user's rows move together."""
-    from deltalake import DeltaTable
-
-    from mkt.metrics import paired_bootstrap
-    from mkt.schema import FeatureSchema
-
-    keys = ["entity", "line_no"]
-    # Only the partition the predictions cover: the target entity's test rows.
-    test_rows = [("entity", "=", FeatureSchema.load(samples).target_entity), ("split", "=", "test")]
-    users = (
-        DeltaTable(str(samples / "samples"))
-        .to_pyarrow_table(columns=[*keys, "user_key"], filters=test_rows)
-        .to_pandas()
-    )
-    scored = users
-    models = ("mkt", *compared)
-    for model in models:
-        predictions = DeltaTable(str(runs_dir / model / "predictions")).to_pyarrow_table(
-            columns=[*keys, "label", "score"]
-        )
-        scored = scored.merge(
-            predictions.to_pandas().rename(columns={"score": model, "label": f"label_{model}"}),
-            on=keys,
-        )
-        # Every prediction must find its sample, or the bootstrap would use fewer rows than
-        # the table above it.
-        if len(scored) != predictions.num_rows:
-            raise RuntimeError(
-                f"{model}: {predictions.num_rows} predictions but {len(scored)} matched on "
-                "(entity, line_no) with the other run and the samples' test rows"
-            )
-    labels = scored["label_mkt"]
-    if scored.empty or any(not (labels == scored[f"label_{m}"]).all() for m in models):
-        raise RuntimeError("the runs' predictions do not cover the same labelled test rows")
-    return {
-        other: paired_bootstrap(
-            labels.to_numpy(),
-            scored["mkt"].to_numpy(),
-            scored[other].to_numpy(),
-            scored["user_key"].to_numpy(),
-            resamples=resamples,
-        )
-        for other in compared
-    }
-
-
 def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=DEFAULT_USERS)
@@ -218,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     audit_dir = runs_dir / "signal_audit"
     audit = [py, "jobs/signal_audit.py", "--samples", str(samples), "--output", str(audit_dir)]
     step("signal_audit", audit, log_dir, env)
-    print("\n" + results_table(runs, transfer_gains(samples, runs_dir)))
+    gains = paired_gains(samples, {m: [runs_dir / m] for m in ("mkt", *COMPARED)}, "mkt")
+    print("\n" + results_table(runs, gains))
     print(
         "\nHow much cross-entity signal these samples hold, without a deep model "
         '(docs/training.md, "What the data can show"):\n'

@@ -230,6 +230,10 @@ def paired_bootstrap(
     (users) with replacement: a user's rows move together, since they are not independent.
     Both models are scored on the same drawn rows (paired), so what they share cancels.
 
+    A model's scores are one row per test row, or a (runs, rows) array of several training
+    runs of it (seeds): its metric is then the mean of its runs' metrics, on the observed and
+    on every drawn test set, so the interval holds the test set's noise around a seed mean.
+
     With G distinct groups (in np.unique order), resample r draws `rng.integers(0, G, G)`, one
     resample after another from `rng = default_rng(seed)`; a group drawn k times counts its
     rows k times. Returns, per metric, the observed difference, the per-resample differences,
@@ -238,9 +242,18 @@ def paired_bootstrap(
     classes (AUC) or without a user who has both (GAUC) has no difference (NaN); the
     statistics leave it out and `undefined` counts it.
     """
-    labels, scores_a, scores_b = np.asarray(labels), np.asarray(scores_a), np.asarray(scores_b)
-    _check(labels, scores_a, "scores_a")
-    _check(labels, scores_b, "scores_b")
+    labels = np.asarray(labels)
+
+    def runs_of(scores: np.ndarray, what: str) -> np.ndarray:
+        runs = np.asarray(scores)
+        runs = runs.reshape(1, -1) if runs.ndim == 1 else runs
+        if runs.ndim != 2 or not len(runs):
+            raise ValueError(f"{what}: one score a row, or (runs, rows); got {runs.shape}")
+        for row in runs:
+            _check(labels, row, what)
+        return runs
+
+    runs_a, runs_b = runs_of(scores_a, "scores_a"), runs_of(scores_b, "scores_b")
     groups = np.asarray(groups)
     if groups.shape != labels.shape or not len(labels):
         raise ValueError(f"groups {groups.shape} and labels {labels.shape}: equal and non-empty")
@@ -260,36 +273,39 @@ def paired_bootstrap(
         below = np.cumsum(neg) - neg
         return float((pos * (below + 0.5 * neg)).sum() / pairs)
 
-    per_model = []
-    for scores in (scores_a, scores_b):
+    def prepared(scores: np.ndarray) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         _, rank = np.unique(scores, return_inverse=True)
         rank = rank.reshape(-1)
         # Every group is present in `codes`, so index g of the result is group g.
         per_group, rows = _auc_by_group(labels, scores, codes, n_groups)
-        per_model.append((rank, int(rank.max()) + 1, per_group, rows))
-    covered = ~np.isnan(per_model[0][2])  # labels decide it, the same for both models
+        return rank, int(rank.max()) + 1, per_group, rows
+
+    per_model = [[prepared(row) for row in runs] for runs in (runs_a, runs_b)]
+    covered = ~np.isnan(per_model[0][0][2])  # labels decide it, the same for every run
     differences = {"auc": np.empty(resamples), "gauc": np.empty(resamples)}
     for r in range(resamples):
         # Drawn per resample: a (resamples, G) matrix would not fit for millions of users.
         drawn = rng.integers(0, n_groups, n_groups)
         times = np.bincount(drawn, minlength=n_groups).astype(np.float64)
         w = times[codes]
-        values = []
-        for rank, n_ranks, per_group, rows in per_model:
-            weight = (times * rows)[covered]
-            total = weight.sum()
-            values.append(
-                (
-                    weighted_auc(rank, n_ranks, w),
-                    float((weight * per_group[covered]).sum() / total) if total else float("nan"),
-                )
-            )
-        differences["auc"][r] = values[0][0] - values[1][0]
-        differences["gauc"][r] = values[0][1] - values[1][1]
-    observed = {
-        "auc": auc(labels, scores_a) - auc(labels, scores_b),
-        "gauc": gauc(labels, scores_a, groups)[0] - gauc(labels, scores_b, groups)[0],
-    }
+        means = []
+        for model_runs in per_model:
+            values = []
+            for rank, n_ranks, per_group, rows in model_runs:
+                weight = (times * rows)[covered]
+                total = weight.sum()
+                group_mean = (weight * per_group[covered]).sum() / total if total else np.nan
+                values.append((weighted_auc(rank, n_ranks, w), float(group_mean)))
+            means.append(np.mean(values, axis=0))
+        differences["auc"][r] = means[0][0] - means[1][0]
+        differences["gauc"][r] = means[0][1] - means[1][1]
+
+    def observed_mean(runs: np.ndarray, metric: str) -> float:
+        if metric == "auc":
+            return float(np.mean([auc(labels, row) for row in runs]))
+        return float(np.mean([gauc(labels, row, groups)[0] for row in runs]))
+
+    observed = {m: observed_mean(runs_a, m) - observed_mean(runs_b, m) for m in ("auc", "gauc")}
 
     def spread(d: np.ndarray) -> dict[str, Any]:
         defined = d[~np.isnan(d)]

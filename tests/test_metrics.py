@@ -156,6 +156,36 @@ def test_paired_bootstrap_equals_rescoring_physically_resampled_users() -> None:
     assert result["groups"] == users and result["auc"]["undefined"] == 0
 
 
+def test_paired_bootstrap_of_several_runs_compares_their_mean_metrics() -> None:
+    """With (runs, rows) scores each resample compares the runs' mean AUC and GAUC: equal to
+    the mean of the one-run comparisons drawn on the same users (same seed), and a model's
+    one run given as a (1, rows) array is the one-run call itself."""
+    rng = np.random.default_rng(4)
+    n = 800
+    groups = rng.integers(0, 60, n)
+    labels = (rng.random(n) < 0.3).astype(np.int64)
+    a = np.stack([np.round(labels * 0.3 + rng.random(n), 2) for _ in range(3)])
+    b = np.stack([np.round(rng.random(n), 2) for _ in range(2)])
+    both = paired_bootstrap(labels, a, b, groups, resamples=20, seed=2)
+    for metric in ("auc", "gauc"):
+        # a's mean minus b's mean = mean over a's runs against one b run, minus the same for b.
+        a_vs_b0 = [paired_bootstrap(labels, r, b[0], groups, 20, 2)[metric] for r in a]
+        b_vs_b0 = [paired_bootstrap(labels, r, b[0], groups, 20, 2)[metric] for r in b]
+        want = np.mean([d["resampled"] for d in a_vs_b0], axis=0) - np.mean(
+            [d["resampled"] for d in b_vs_b0], axis=0
+        )
+        assert both[metric]["resampled"] == pytest.approx(want, abs=1e-12)
+        observed = np.mean([d["difference"] for d in a_vs_b0]) - np.mean(
+            [d["difference"] for d in b_vs_b0]
+        )
+        assert both[metric]["difference"] == pytest.approx(observed, abs=1e-12)
+    one = paired_bootstrap(labels, a[:1], b[0], groups, resamples=20, seed=2)
+    plain = paired_bootstrap(labels, a[0], b[0], groups, resamples=20, seed=2)
+    assert one["auc"]["resampled"] == pytest.approx(plain["auc"]["resampled"], abs=1e-12)
+    with pytest.raises(ValueError, match="scores_b"):
+        paired_bootstrap(labels, a, b[:, :10], groups)
+
+
 def test_paired_bootstrap_leaves_out_resamples_without_a_difference() -> None:
     """Two users, one holding the only positive: every resample that misses that user has no
     AUC; those are counted as undefined and left out of the statistics, not NaN-poisoned."""

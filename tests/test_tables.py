@@ -1,6 +1,7 @@
-"""jobs/reproduce_tables.py: the table arithmetic on fabricated metrics. The job itself runs
-every model through the real runner with `--quick` (docs/RESULTS.md); that run is not part of
-the suite: 15 Ray Train stage start-ups take 5-15 minutes on 2 cores."""
+"""jobs/paper_tables.py and jobs/reproduce_tables.py: the table arithmetic on fabricated
+metrics. The job itself runs every model through the real runner with `--quick`
+(docs/RESULTS.md); that run is not part of the suite: 15 Ray Train stage start-ups take 5-15
+minutes on 2 cores."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jobs.reproduce_tables import (
+from jobs.paper_tables import (
     ENTRIES,
     FLOOR,
     SINGLE,
@@ -18,12 +19,12 @@ from jobs.reproduce_tables import (
     TABLE4,
     best_single_domain,
     pct,
-    select_entries,
     stat,
     table2,
     table3,
     table4,
 )
+from jobs.reproduce_tables import select_entries
 from mkt.contract import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

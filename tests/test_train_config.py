@@ -54,6 +54,7 @@ def test_override_values_are_yaml() -> None:
         (["scaling.use_gpu=maybe"], "scaling.use_gpu"),
         (["fault.kill_worker_at.epoch=0", "fault.kill_worker_at.batch=1"], "kill_worker_at.epoch"),
         (["train=3"], "'train' must be a mapping"),
+        (["eval.driver_scoring_rows=-1"], "eval.driver_scoring_rows"),
     ],
 )
 def test_bad_overrides_name_the_key(

@@ -104,21 +104,27 @@ def _auc_standard_error(auc: float, positives: int, negatives: int) -> float:
 
 
 def test_worker_killed_mid_epoch_resumes_and_matches_an_undisturbed_run(
-    toy_samples: Path, tmp_path: Path
+    toy_samples: Path, tmp_path: Path, submitted_run: dict
 ) -> None:
     """The last worker's process is SIGKILLed after batch 2 of epoch 2 (of 2); the restarted
     group resumes from epoch 1's checkpoint and its test AUC is that of an undisturbed run of the
-    same config and seed, within noise (docs/RELIABILITY.md, "A worker killed mid-epoch")."""
-    killed_dir, calm_dir = tmp_path / "killed", tmp_path / "calm"
-    calm_run = run_cli(["--samples", str(toy_samples), "--output", str(calm_dir), *QUICK])
+    same config and seed (the `ray job submit` run of this module), within noise
+    (docs/RELIABILITY.md, "A worker killed mid-epoch")."""
+    killed_dir, calm_dir = tmp_path / "killed", submitted_run["dir"]
+    assert submitted_run["job"].returncode == 0, submitted_run["job"].stderr[-3000:]
     # The counting pass of the embedding L2 (on by default) prints the line docs/training.md
     # documents (test_console.py's run has no L2).
     assert re.search(
         r"\[tem\] embedding rows counted for the L2 in \d+ s \(\d+ tables\)",
-        calm_run.stdout + calm_run.stderr,
+        submitted_run["job"].stdout + submitted_run["job"].stderr,
     )
     kill = ["fault.kill_worker_at.epoch=2", "fault.kill_worker_at.batch=2"]
-    killed = run_cli(["--samples", str(toy_samples), "--output", str(killed_dir), *QUICK, *kill])
+    # Scored by the Ray Data actor pool (every other run of the suite has a test set small
+    # enough for the driver): both paths must give every test row one score.
+    pool = "eval.driver_scoring_rows=0"
+    killed = run_cli(
+        ["--samples", str(toy_samples), "--output", str(killed_dir), *QUICK, *kill, pool]
+    )
     marker = killed_dir / ".fault-drill-tem"
     assert marker.read_text() == "worker 1 killed in epoch 2 after batch 2\n"
     assert "SIGKILL" in killed.stdout + killed.stderr
@@ -297,25 +303,31 @@ def _stop_session(leader: subprocess.Popen, grace_s: float = 3) -> None:
     leader.wait()
 
 
-def test_ray_job_submit_to_a_token_protected_head(
-    toy_samples: Path, tmp_path: Path, token_protected_head: dict
-) -> None:
-    """`ray job submit` of the unchanged train/run.py command; a wrong token is refused."""
-    submit, env = token_protected_head["submit"], token_protected_head["env"]
-    run_dir = tmp_path / "job_run"
+@pytest.fixture(scope="module")
+def submitted_run(
+    toy_samples: Path, token_protected_head: dict, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """`ray job submit` of the unchanged train/run.py command (the QUICK config: 2 workers,
+    2 epochs) to the token-protected head; also the undisturbed run that the worker-kill drill
+    compares with."""
+    run_dir = tmp_path_factory.mktemp("job") / "run"
     command = [
         sys.executable,  # the job runs with the head's PATH; name this interpreter
         "train/run.py",
-        "--samples",
-        str(toy_samples),
-        "--output",
-        str(run_dir),
-        *QUICK,
-        "train.epochs=1",
-        "scaling.num_workers=1",
+        *["--samples", str(toy_samples), "--output", str(run_dir), *QUICK],
     ]
+    submit, env = token_protected_head["submit"], token_protected_head["env"]
+    job = _submit_when_agent_is_up([*submit, "--", *command], env)
+    return {"dir": run_dir, "job": job, "command": command}
+
+
+def test_ray_job_submit_to_a_token_protected_head(
+    submitted_run: dict, token_protected_head: dict
+) -> None:
+    """`ray job submit` of the unchanged train/run.py command; a wrong token is refused."""
+    submit, env = token_protected_head["submit"], token_protected_head["env"]
     unauthenticated = subprocess.run(
-        [*submit, "--", *command],
+        [*submit, "--", *submitted_run["command"]],
         env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token"},
         capture_output=True,
         text=True,
@@ -323,11 +335,12 @@ def test_ray_job_submit_to_a_token_protected_head(
     )
     assert unauthenticated.returncode != 0, "the head accepted a job with a wrong token"
     assert "token" in unauthenticated.stderr.lower()
-    job = _submit_when_agent_is_up([*submit, "--", *command], env)
+    job, run_dir = submitted_run["job"], submitted_run["dir"]
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["ray_nodes"] == ["127.0.0.1"]
-    assert metrics["stages"][0]["epochs_run"] == 1
+    assert metrics["num_workers"] == 2
+    assert metrics["stages"][0]["epochs_run"] == 2
     assert (run_dir / "predictions" / "_delta_log").is_dir()
 
 

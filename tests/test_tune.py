@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ from train.stage1_cache import stage1_key, stage1_material
 from train.sweep import CONCURRENCY_FILE, STAGE1_DIR, _plain, sweep_concurrency, trial_concurrency
 from train.sweep_config import load_sweep_config, max_reports, trial_run_config
 from train.sweep_report import BEST_CONFIG_FILE, TABLE_FILE, TRIALS_DIR
-from train.tracking import PARENT_TAG
+from train.tracking import IDS_FILE, PARENT_TAG
 from train.tune import INTERRUPTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,8 +330,13 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
     assert yaml.safe_load(trial_config)["invocation"] == invocation
     best_config_run = load_run_config(sweep_dir / BEST_CONFIG_FILE)
     assert run_config_text(best_config_run, invocation) == trial_config
-    # ... and train/run.py trains it, both stages, into a new RUN_DIR.
+    # ... and train/run.py takes it as that trial's run: given a copy of the trial's RUN_DIR, it
+    # accepts the config, trains neither stage again and scores the test rows as the trial did.
     run_dir = sweep["dir"].parent / "best_run"
+    shutil.copytree(best_dir, run_dir, symlinks=True)
+    # A new RUN_DIR: no results yet, and an MLflow run of its own (not the trial's).
+    (run_dir / "metrics.json").unlink()
+    (run_dir / IDS_FILE).unlink()
     done_run = run_tune(
         [
             str(REPO / "train" / "run.py"),
@@ -343,12 +349,16 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
         ]
     )
     assert done_run.returncode == 0, done_run.stdout[-4000:] + done_run.stderr[-4000:]
-    assert "already trained" not in done_run.stdout
+    for stage in ("mem", "tem"):
+        assert f"[{stage}] already trained in {run_dir}" in done_run.stdout
     assert (run_dir / "config.yaml").read_text() == trial_config
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trial_metrics = json.loads((best_dir / "metrics.json").read_text())
     assert [(s["name"], s["epochs_run"]) for s in metrics["stages"]] == [("mem", 1), ("tem", 1)]
-    assert metrics["test"]["model"]["rows"] == trial_metrics["test"]["model"]["rows"]
+    scored, trial_scored = metrics["test"]["model"], trial_metrics["test"]["model"]
+    assert scored["rows"] == trial_scored["rows"]
+    for key in ("auc", "gauc", "logloss"):
+        assert scored[key] == pytest.approx(trial_scored[key], abs=1e-6), key
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
 MANIFEST_FILE = "manifest.json"
+CHECKPOINT_FILES = (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)
 
 
 class CheckpointError(ValueError):
@@ -74,7 +75,7 @@ def save_checkpoint(
     state.save(directory)
     # Last: a save cut short leaves no manifest, and so a checkpoint no load accepts.
     files = {}
-    for name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE):
+    for name in CHECKPOINT_FILES:
         size, digest = _digest(directory / name)
         files[name] = {"bytes": size, "sha256": digest}
     (directory / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
@@ -115,6 +116,13 @@ def verified(directory: str | Path, name: str) -> Path:
     if sha != expected_sha:
         raise CheckpointError(f"{path}: sha256 differs from the manifest's (corrupt or changed)")
     return path
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Every file of the checkpoint against its manifest (CheckpointError naming the first
+    that differs)."""
+    for name in CHECKPOINT_FILES:
+        verified(directory, name)
 
 
 def load_weights(model: CTRModel, directory: str | Path) -> None:

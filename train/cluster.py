@@ -50,8 +50,13 @@ def quiet_worker() -> None:
     # Deprecated calls inside Ray's own code (e.g. Train's DatasetManager) are Ray's to fix;
     # ours, attributed to our modules, still show.
     warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
-    # mkt.features.to_tensors reads Ray's read-only Arrow-backed batches without copying and
-    # never writes into them, which is all that torch's warning is about.
+    ignore_read_only_batches()
+
+
+def ignore_read_only_batches() -> None:
+    """mkt.features.to_tensors reads Ray's read-only Arrow-backed batches without copying and
+    never writes into them, which is all that torch's warning is about. Workers and the driver
+    (which scores small test sets itself) both read such batches."""
     warnings.filterwarnings(
         "ignore",
         message="The given NumPy array is not writable",
@@ -77,11 +82,15 @@ def start_ray(config: dict[str, Any]) -> bool:
     address = cluster_address(config)
     if address is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Train's preemption watcher (one more actor process a stage) waits for a node to be
+        # drained; the embedded Ray's one node never is.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     env = {name: os.environ.setdefault(name, value) for name, value in QUIET_ENV.items()}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the driver's only: Tune runs there
     import ray
 
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)
+    ignore_read_only_batches()
     if address is not None:
         ray.init(
             address=address,

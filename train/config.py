@@ -98,6 +98,7 @@ class Ray:
 @dataclass(frozen=True)
 class Eval:
     activity_boundaries: list[float]
+    driver_scoring_rows: int
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,8 @@ def check(config: Mapping[str, Any]) -> None:
     bounds = config["eval"]["activity_boundaries"]
     if not bounds or any(not isinstance(b, int | float) for b in bounds):
         raise ConfigError("eval.activity_boundaries: a non-empty list of numbers")
+    if config["eval"]["driver_scoring_rows"] < 0:
+        raise ConfigError("eval.driver_scoring_rows: must be >= 0")
     for stage, params in config["params"].items():
         if not isinstance(params, Mapping):
             raise ConfigError(f"params.{stage}: must be a mapping of model parameters")

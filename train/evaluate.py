@@ -1,8 +1,9 @@
 """Evaluation on the target test rows: predictions table, metrics, oracle.
 
-Scoring streams the test rows through a pool of Ray Data actors holding the final model and
-writes `RUN_DIR/predictions` (Delta: entity, line_no, user_key, label, score), so every score
-traces back to its raw line. The metrics then read only those five columns (plus one count per
+Scoring streams the test rows through a pool of Ray Data actors holding the final model (or,
+for a test set of at most `eval.driver_scoring_rows`, through the same `Scorer` in the driver)
+and writes `RUN_DIR/predictions` (Delta: entity, line_no, user_key, label, score), so every
+score traces back to its raw line. The metrics then read only those five columns (plus one count per
 user for the activity groups) into the driver: scores, never features.
 """
 
@@ -14,10 +15,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
-from deltalake import DeltaTable
+from deltalake import DeltaTable, write_deltalake
 from ray.data import ActorPoolStrategy, SaveMode
 
 from mkt.features import to_tensors
@@ -62,24 +64,31 @@ def write_predictions(
     cols = schema.columns
     extra = [cols["line_no"], cols["user_key"]]
     target = schema.target_entity
-    if entity_rows(samples_dir, schema, target, "test") == 0:
+    test_rows = entity_rows(samples_dir, schema, target, "test")
+    if test_rows == 0:
         raise ValueError(f"{samples_dir}: no test rows of the target entity {target!r}")
     rows = read_samples(samples_dir, schema, [target], "test", [*model_columns(schema), *extra])
-    scaling = config["scaling"]
-    scored = rows.map_batches(
+    scaling, batch_size = config["scaling"], config["train"]["eval_batch_size"]
+    scorer = {
+        "schema": schema.to_dict(),
+        "chain": [link.to_dict() for link in chain],
+        "torch_threads": scaling["torch_threads"],
+    }
+    path = run_dir / PREDICTIONS_DIR
+    if test_rows <= config["eval"]["driver_scoring_rows"]:
+        score = Scorer(**scorer)
+        batches = rows.iter_batches(batch_size=batch_size, batch_format="numpy")
+        scored = pa.concat_tables(pa.table(score(batch)) for batch in batches)
+        write_deltalake(str(path), scored, mode="overwrite", schema_mode="overwrite")
+        return path
+    rows.map_batches(
         Scorer,
-        fn_constructor_kwargs={
-            "schema": schema.to_dict(),
-            "chain": [link.to_dict() for link in chain],
-            "torch_threads": scaling["torch_threads"],
-        },
-        batch_size=config["train"]["eval_batch_size"],
+        fn_constructor_kwargs=scorer,
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ActorPoolStrategy(size=scaling["num_workers"]),
         num_cpus=scaling["cpus_per_worker"],
-    )
-    path = run_dir / PREDICTIONS_DIR
-    scored.write_delta(str(path), mode=SaveMode.OVERWRITE)
+    ).write_delta(str(path), mode=SaveMode.OVERWRITE)
     return path
 
 

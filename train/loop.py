@@ -130,6 +130,7 @@ def _train_stage(config: dict[str, Any]) -> None:
     if opts["embedding_l2"] > 0:
         _count_embedding_rows(model, train_batches(0), config["stage"], rank, world)
 
+    board = _tensorboard(config["tensorboard_dir"], rank)
     while state.epochs_done < opts["epochs"] and not state.stopped_early:
         epoch = state.epochs_done + 1
         model.train()
@@ -163,7 +164,24 @@ def _train_stage(config: dict[str, Any]) -> None:
         state.history.append(metrics)
         if rank == 0:
             log.info(_epoch_line(config["stage"], opts["epochs"], metrics, state))
+        if board is not None:
+            for name, value in metrics.items():
+                board.add_scalar(name, value, epoch)
+            board.flush()
         _report(metrics, model, optimizer, state, rank)
+    if board is not None:
+        board.close()
+
+
+def _tensorboard(directory: str | None, rank: int) -> Any:
+    """The first worker's TensorBoard writer; None on the others and inside a sweep's trial
+    (Tune records those). A resumed attempt writes a file of its own beside the earlier
+    attempt's, and TensorBoard merges them by epoch."""
+    if rank != 0 or directory is None:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(directory)
 
 
 def _count_embedding_rows(model: CTRModel, batches: Any, stage: str, rank: int, world: int) -> None:

@@ -1,10 +1,10 @@
 """Run one pipeline stage: a Ray Train `TorchTrainer` over the streamed samples.
 
-The trainer runs inside a one-trial Ray Tune experiment for one reason: Train V2 has no
-TensorBoard integration of its own, and Tune's logger callbacks are Ray's. Train's
-`TuneReportCallback` hands every epoch's report to the trial, and Tune's `TBXLoggerCallback`
-records it (MLflow is logged by train.tracking). Checkpoints, restarts and early stopping are
-Train's and the loop's; Tune adds no retries of its own.
+The driver fits the trainer itself. Train V2 has no TensorBoard integration, so the first
+worker writes each epoch's metrics to `RUN_DIR/tensorboard/<stage>` (train.loop); inside a
+sweep's trial (train/tune.py) Train's `TuneReportCallback` hands the epochs to the trial
+instead, whose scheduler and logger callbacks need them. MLflow is logged by train.tracking.
+Checkpoints, restarts and early stopping are Train's and the loop's.
 """
 
 from __future__ import annotations
@@ -16,17 +16,14 @@ from typing import Any
 
 import ray
 import ray.train
-from ray import tune
 from ray.train import Result
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.logger import TBXLoggerCallback
 from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
 from mkt.pipelines import Stage
 from mkt.schema import FeatureSchema
-from train.checkpoints import ModelLink, TrainState
-from train.config import flatten
+from train.checkpoints import ModelLink, TrainState, verify_checkpoint
 from train.data import (
     entity_rows,
     model_columns,
@@ -40,9 +37,6 @@ from train.loop import SCORE, STAGE_ERRORS, stage_worker
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
-# The Tune trial only waits on the trainer; a sliver of a CPU keeps it from taking a core from
-# the workers or the data path (Tune refuses an empty resource request).
-TRIAL_RESOURCES = {"CPU": 0.01}
 
 
 @dataclass(frozen=True)
@@ -67,6 +61,7 @@ def worker_config(
     chain: list[ModelLink],
     run_dir: Path,
     rows: dict[str, int],
+    in_sweep: bool,
 ) -> dict[str, Any]:
     """Everything `stage_worker` needs, as plain data (it crosses process boundaries)."""
     return {
@@ -83,6 +78,8 @@ def worker_config(
             "storage": str(run_dir / CHECKPOINTS_DIR / stage.name),
         },
         "error_file": str(error_file(run_dir, stage)),
+        # A sweep's trials are recorded by Tune's logger callbacks (train/sweep.py).
+        "tensorboard_dir": None if in_sweep else str(run_dir / TENSORBOARD_DIR / stage.name),
     }
 
 
@@ -139,8 +136,8 @@ def stage_datasets(
     return datasets
 
 
-def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult | None:
-    """The result of a stage an earlier invocation with this RUN_DIR already completed."""
+def earlier_attempt(stage: Stage, run_dir: Path) -> Result | None:
+    """What an earlier invocation with this RUN_DIR left of the stage, if it checkpointed."""
     path = run_dir / CHECKPOINTS_DIR / stage.name
     if not path.is_dir():
         return None
@@ -148,7 +145,13 @@ def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult
         result = Result.from_path(str(path))
     except RuntimeError:
         return None
-    if result.checkpoint is None:
+    return result if result.checkpoint is not None else None
+
+
+def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult | None:
+    """The result of a stage an earlier invocation with this RUN_DIR already completed."""
+    result = earlier_attempt(stage, run_dir)
+    if result is None:
         return None
     state = TrainState.load(Path(result.checkpoint.path))
     if not (state.stopped_early or state.epochs_done >= config["train"]["epochs"]):
@@ -176,74 +179,64 @@ def run_stage(
         )
         for entity in stage_entities(schema, stage.entities)
     }
-    train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows)
+    # A trial of a sweep (train/tune.py): TuneReportCallback hands every epoch to the trial
+    # and its scheduler.
+    in_sweep = _in_tune_session()
+    train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows, in_sweep)
     print(
         f"[{stage.name}] start: {stage.model}, {', '.join(f'{n} {e}' for e, n in rows.items())} "
         f"train rows, {scaling['num_workers']} worker(s) x {scaling['cpus_per_worker']} CPU"
         f"{' + 1 GPU' if gpu else ''}, up to {config['train']['epochs']} epochs",
         flush=True,
     )
+    resumed = earlier_attempt(stage, run_dir)
+    if resumed is not None:
+        # The workers resume from this checkpoint and check it again; checked here first, a
+        # damaged one fails at once, naming its file, before a worker group starts for nothing.
+        verify_checkpoint(resumed.checkpoint.path)
     storage = str(run_dir / CHECKPOINTS_DIR)
     errors = error_file(run_dir, stage)
     errors.unlink(missing_ok=True)  # an earlier invocation's; this one starts afresh
 
-    def fit(_: dict[str, Any]) -> None:
-        trainer = TorchTrainer(
-            stage_worker,
-            train_loop_config=train_loop_config,
-            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=scaling["num_workers"],
-                use_gpu=gpu,
-                resources_per_worker=resources,
+    trainer = TorchTrainer(
+        stage_worker,
+        train_loop_config=train_loop_config,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling["num_workers"],
+            use_gpu=gpu,
+            resources_per_worker=resources,
+        ),
+        datasets=stage_datasets(
+            stage,
+            schema,
+            samples_dir,
+            rows,
+            config["seed"],
+            config["train"]["read_tasks_per_stream"],
+            config["train"]["tem_holdout"],
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=config["ray"]["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(
+                # The best checkpoint is kept, and Train always keeps the latest as well.
+                num_to_keep=1,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
             ),
-            datasets=stage_datasets(
-                stage,
-                schema,
-                samples_dir,
-                rows,
-                config["seed"],
-                config["train"]["read_tasks_per_stream"],
-                config["train"]["tem_holdout"],
-            ),
-            run_config=ray.train.RunConfig(
-                name=stage.name,
-                storage_path=storage,
-                failure_config=ray.train.FailureConfig(max_failures=config["ray"]["max_failures"]),
-                checkpoint_config=ray.train.CheckpointConfig(
-                    # The best checkpoint is kept, and Train always keeps the latest as well.
-                    num_to_keep=1,
-                    checkpoint_score_attribute=SCORE,
-                    checkpoint_score_order="max",
-                ),
-                callbacks=[TuneReportCallback()],
-                # Train's own steps (worker group started, each report, each checkpoint) go
-                # to its log files under Ray's session logs, not to the console.
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-        )
+            callbacks=[TuneReportCallback()] if in_sweep else [],
+            # Train's own steps (worker group started, each report, each checkpoint) go
+            # to its log files under Ray's session logs, not to the console.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    try:
         trainer.fit()
-        raise_stage_error(errors)
-
-    if _in_tune_session():
-        # Already a trial of a sweep (train/tune.py): fit here, so that TuneReportCallback hands
-        # every epoch to that trial and its scheduler; a Tuner of our own would keep them.
-        fit({})
-    else:
-        tuner = tune.Tuner(
-            tune.with_resources(fit, TRIAL_RESOURCES),
-            param_space=flatten(config),
-            run_config=tune.RunConfig(
-                name=stage.name,
-                storage_path=str(run_dir / TENSORBOARD_DIR),
-                callbacks=[TBXLoggerCallback()],
-                verbose=0,
-            ),
-        )
-        grid = tuner.fit()
-        raise_stage_error(errors)  # the worker's own error, not Tune's wrapping of it
-        if grid.errors:
-            raise RuntimeError(f"stage {stage.name!r} failed: {grid.errors[0]}")
+    except ray.train.TrainingFailedError as e:
+        raise RuntimeError(f"stage {stage.name!r} failed: {e}") from e
+    raise_stage_error(errors)  # the worker's own error, ending the stage without retries
     result = Result.from_path(str(run_dir / CHECKPOINTS_DIR / stage.name))
     if result.checkpoint is None:
         raise RuntimeError(f"stage {stage.name!r} reported no checkpoint")

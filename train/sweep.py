@@ -36,7 +36,7 @@ from train.cluster import cluster_address
 from train.loop import SCORE
 from train.pipeline import open_tracker, run_pipeline
 from train.report import METRICS_FILE
-from train.stage import CHECKPOINTS_DIR, TRIAL_RESOURCES, use_gpu
+from train.stage import CHECKPOINTS_DIR, use_gpu
 from train.stage1_cache import cached_first_stage, recorded_history, samples_fingerprint
 from train.sweep_config import expected_trials, max_reports, trial_run_config
 from train.sweep_report import TRIALS_DIR, TrialRow, write_sweep_outputs
@@ -49,6 +49,9 @@ CONCURRENCY_FILE = "concurrency.json"
 # Key of a trial's last report, present once its whole pipeline finished and was evaluated.
 DONE = "pipeline_done"
 INTERRUPT_MARKER = ".interrupt-drill"
+# A trial only waits on its stages' trainers; a sliver of a CPU keeps it from taking a core
+# from the workers or the data path (Tune refuses an empty resource request).
+TRIAL_RESOURCES = {"CPU": 0.01}
 
 
 # ---------------------------------------------------------------------------------------------
