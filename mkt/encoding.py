@@ -1,6 +1,6 @@
 """Raw feature values -> indices: the data contract's encoding rules, stated once in Python.
 
-`etl/build_samples.py` applies these rules with Spark expressions when it builds `samples`;
+The ETL applies these rules with Spark expressions when it builds `samples` (`etl/encode.py`);
 serving (`mkt.serving`) applies them with this module to raw request values. The two are
 held identical by `tests/test_serving.py`, which encodes every raw line of a generated data
 set (planted with missing, unseen and oddly written values) with this module and compares

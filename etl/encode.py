@@ -1,0 +1,200 @@
+"""Phase 5 of the ETL (etl/build_samples.py): every feature as its index, the liked-item
+sequences, and each samples file's row order.
+
+Apart because these are the data contract's encoding rules in Spark: mkt/encoding.py states
+the same rules for serving, and tests/test_serving.py holds the two identical, so a change
+here is a change there.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from etl.config import DataConfig, Feature
+from etl.raw_lines import _integer_id, _raw
+from etl.split import USER
+from mkt.contract import FIRST_INDEX, MISSING, OOV, PAD, SPLITS
+
+# Fixes the pseudo-random order of the rows inside each samples file.
+ROW_ORDER_SEED = 20240901
+# Vocabularies up to this many entries are broadcast to every task for the encoding joins
+# (about 64 bytes each); a larger one is joined by a shuffle, which Spark plans itself.
+MAX_BROADCAST_ENTRIES = 16_000_000
+
+
+def _encode(
+    rows: DataFrame,
+    vocab: DataFrame,
+    sizes: dict[str, int],
+    boundaries: dict[str, list[float]],
+    config: DataConfig,
+) -> DataFrame:
+    """Replace every raw feature value by its index (contract: 0 pad / n.a., 1 missing, 2 OOV).
+
+    The vocabularies are broadcast (up to MAX_BROADCAST_ENTRIES), so the rows keep their
+    grouping and order by user for the sequence windows.
+    """
+    for f in config.features:
+        if f.kind == "categorical":
+            keys = ["entity", _raw(f)] if f.per_entity_ids else [_raw(f)]
+            key = F.col("raw_value").cast("long" if _integer_id(f, config) else "string")
+            lookup = vocab.where(F.col("feature") == f.name).select(
+                *(["entity"] if f.per_entity_ids else []),
+                key.alias(_raw(f)),
+                F.col("index").alias(f"index__{f.name}"),
+            )
+            if sizes.get(f.name, FIRST_INDEX) - FIRST_INDEX <= MAX_BROADCAST_ENTRIES:
+                lookup = F.broadcast(lookup)
+            rows = rows.join(lookup, keys, "left")
+            known = F.coalesce(F.col(f"index__{f.name}"), F.lit(OOV))
+            rows = rows.withColumn(f.name, _index(f, known).cast("long"))
+        else:
+            rows = _with_numbers(rows, [f])
+            code = _bucket_code(f, boundaries[f.name], F.col(_number(f)))
+            rows = rows.withColumn(f.name, code.cast("long"))
+    return rows.select(
+        *USER,
+        "split",
+        "line_no",
+        "label",
+        "likes_before",
+        "train_end",
+        "fit_end",
+        *[f.name for f in config.features],
+    )
+
+
+def _index(feature: Feature, known: Column) -> Column:
+    """PAD for another entity's feature, MISSING for a missing value, else `known`."""
+    return (
+        F.when(~F.col("entity").isin(*feature.columns), F.lit(PAD))
+        .when(F.col(_raw(feature)).isNull(), F.lit(MISSING))
+        .otherwise(known)
+    )
+
+
+def _number(feature: Feature) -> str:
+    return f"number__{feature.name}"
+
+
+def _with_numbers(rows: DataFrame, features: list[Feature]) -> DataFrame:
+    """Bucketized raw values parsed as numbers, each in its own projection: a cast repeated
+    inside CASE WHEN is not shared, so it would be parsed once per use."""
+    return rows.select(
+        "*", *[F.col(_raw(f)).try_cast("double").alias(_number(f)) for f in features]
+    )
+
+
+def _bucket_code(feature: Feature, boundaries: list[float], value: Column) -> Column:
+    """A bucketized feature's index from its parsed value: OOV when the raw value is not a
+    number, else 3 + the number of boundaries <= value, as one higher-order function.
+
+    Unrolled into one comparison per boundary, the encoding stage's generated method grew
+    past 8000 bytes of bytecode, which the JVM does not JIT-compile: the stage then ran
+    interpreted, at three times its CPU (docs/BENCHMARKS.md).
+    """
+    bucket = F.aggregate(
+        F.array(*[F.lit(b) for b in boundaries]).cast("array<double>"),
+        F.lit(FIRST_INDEX).cast("long"),
+        lambda count, b: count + (value >= b).cast("long"),
+    )
+    return _index(feature, F.when(value.isNull(), F.lit(OOV)).otherwise(bucket))
+
+
+def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
+    """The samples table: every encoded row with seq_<entity> / seq_<entity>_len for every
+    entity, per the data contract, in the order its file stores rows.
+
+    Two windows over each user's rows as the shuffle left them (user, entity, likes before,
+    line): nothing collects a user's history, and no array exceeds seq_len.
+    - `before`: the items of the user's last seq_len likes in this entity on earlier lines
+      (a frame counted in likes: the likes whose own likes_before lies in [k - seq_len, k - 1]
+      for a row with k). It changes only after a like, so Spark computes it once per (user,
+      like count). That is the history of a train row, and of every row in online mode.
+    - `through`: `before` plus the row's own like: the history after the row. At the last row
+      of the train block it is what a frozen valid row and every train or valid row of the
+      other entities see; at the last train + valid row, what a frozen test row and every
+      test row of the other entities see (one window per user).
+    Each file's rows are then put in a pseudo-random order (_file_order), before the sequences
+    are padded (so the sort moves the short arrays).
+    """
+    seq_len, item, entities = config.seq_len, config.item_feature, config.entity_names
+    liked_items = F.when(F.col("label") == 1, F.col(item))
+    in_likes = Window.partitionBy(*USER).orderBy("likes_before").rangeBetween(-seq_len, -1)
+    rows = encoded.withColumn("before", F.collect_list(liked_items).over(in_likes))
+    history = F.coalesce(F.col("before"), F.array().cast("array<bigint>"))
+    with_own = F.concat(history, F.array(F.col(item)))
+    through = F.when(
+        F.col("label") == 1,
+        F.slice(with_own, F.greatest(F.size(with_own) - (seq_len - 1), F.lit(1)), seq_len),
+    ).otherwise(history)
+    whole_user = Window.partitionBy("user_hash", "user_key")
+
+    def at(end: str, entity: str) -> Column:
+        """`through` at the user's row of `entity` that ends a block (null if none)."""
+        return F.first(F.when((F.col("entity") == entity) & F.col(end), through), True).over(
+            whole_user
+        )
+
+    rows = rows.select(
+        "*",
+        *[at("train_end", e).alias(f"train_items__{e}") for e in entities],
+        *[at("fit_end", e).alias(f"fit_items__{e}") for e in entities],
+    )
+    if config.history_mode == "online":
+        own = F.col("before")
+    else:
+        own = reduce(
+            lambda chosen, e: chosen.when(
+                F.col("entity") == e,
+                F.when(F.col("split") == "valid", F.col(f"train_items__{e}")).otherwise(
+                    F.col(f"fit_items__{e}")
+                ),
+            ),
+            entities,
+            F.when(F.col("split") == "train", F.col("before")),
+        )
+    rows = rows.withColumn("own_items", own).sortWithinPartitions(_file_order(config))
+    sequences = []
+    for entity in entities:
+        # Another entity's likes up to the end of the blocks the row may look at: a test row
+        # sees train + valid, a valid or train row the train block, so a valid row sees as old
+        # a history as a test row does (docs/etl.md, "Sequences and history modes").
+        items = (
+            F.when(F.col("entity") == entity, F.col("own_items"))
+            .when(F.col("split") == "test", F.col(f"fit_items__{entity}"))
+            .otherwise(F.col(f"train_items__{entity}"))
+        )
+        newest_first = F.reverse(F.coalesce(items, F.array().cast("array<bigint>")))
+        padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))
+        sequences += [
+            F.concat(newest_first, padding).alias(f"seq_{entity}"),
+            F.size(newest_first).cast("long").alias(f"seq_{entity}_len"),
+        ]
+    return rows.select(
+        "entity",
+        "split",
+        "line_no",
+        "user_key",
+        "label",
+        *[f.name for f in config.features],
+        *sequences,
+    )
+
+
+def _file_order(config: DataConfig) -> Column:
+    """One sort key, so that Spark radix-sorts it: the row's (entity, split) partition in the
+    top bits, a hash of (ROW_ORDER_SEED, user_key, line_no) below. Sorting by the three
+    columns cost twice as much as the radix sort and the file writing together."""
+    partitions = [(e, s) for e in config.entity_names for s in SPLITS]
+    ordinal = F.when(F.lit(False), 0)
+    for i, (entity, split) in enumerate(partitions):
+        ordinal = ordinal.when((F.col("entity") == entity) & (F.col("split") == split), i)
+    shift = 63 - len(partitions).bit_length()
+    row_hash = F.xxhash64(F.lit(ROW_ORDER_SEED), "user_key", "line_no")
+    return F.shiftleft(ordinal.cast("long"), shift).bitwiseOR(
+        F.shiftrightunsigned(row_hash, 64 - shift)
+    )

@@ -1,0 +1,175 @@
+"""Phase 3 of the ETL (etl/build_samples.py): the one shuffle by user; each user's rows of an
+entity split in line order (train / valid / test), like counts; the summary's counts, checked
+to reconcile.
+
+Apart because every later phase relies on what this shuffle leaves: the groups of users that
+become the samples files, and the order (`USER`, likes before, line) that the sequence
+windows read without another shuffle or sort.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from etl.config import DataConfig
+from etl.raw_lines import _raw
+from mkt.contract import SPLITS
+
+# The columns of every row between the shuffle by user and the encoding.
+USER = ["user_hash", "user_key", "entity"]
+
+
+def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
+    """Every good line, shuffled into `files` groups of users, with its split and like count.
+
+    The groups are the samples table's files (rows of one user stay in one file); every later
+    step runs per user inside them. Per (entity, user), rows in line order; n rows, n_test =
+    floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
+    floor(valid_fraction * n_fit + 0.5) are valid. `likes_before` counts the user's likes on
+    earlier lines; `train_end` marks the last row of the train block, `fit_end` that of the
+    train + valid block. An exact duplicate is `kept` = false when they are dropped (it stays
+    here only to be counted).
+
+    Output ordered by (user, entity, likes_before, line_no): line order, but also what the
+    sequence window, whose frame is counted in likes, needs.
+    """
+    user = Window.partitionBy(*USER)
+    running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    rows = (
+        parsed.where(F.col("reason").isNull())
+        .drop("reason", "raw_line")
+        .withColumn("user_hash", F.xxhash64("user_key"))
+        .repartition(files, "user_hash")
+    )
+    if config.duplicates == "drop":
+        copies = Window.partitionBy(*USER, "line_hash").orderBy("line_no")
+        rows = rows.withColumn("kept", F.row_number().over(copies) == 1)
+    else:
+        rows = rows.withColumn("kept", F.lit(True))
+    counted = F.col("kept").cast("long")
+    rows = rows.select(
+        "*",
+        F.sum(counted).over(running).alias("rank"),
+        F.sum(counted).over(user).alias("n"),
+        (F.sum(counted * F.col("label")).over(running) - counted * F.col("label")).alias(
+            "likes_before"
+        ),
+    )
+    n_test = F.floor(F.col("n") * config.test_fraction + 0.5)
+    n_fit = F.col("n") - n_test
+    n_train = n_fit - F.floor(n_fit * config.valid_fraction + 0.5)
+    split = (
+        F.when(F.col("rank") <= n_train, "train")
+        .when(F.col("rank") <= n_fit, "valid")
+        .otherwise("test")
+    )
+    return rows.select(
+        *USER,
+        "line_no",
+        "label",
+        "kept",
+        "line_hash",
+        split.alias("split"),
+        "likes_before",
+        (F.col("kept") & (F.col("rank") == n_train)).alias("train_end"),
+        (F.col("kept") & (F.col("rank") == n_fit)).alias("fit_end"),
+        *[_raw(f) for f in config.features],
+    ).sortWithinPartitions(*USER, "likes_before", "line_no")
+
+
+def _summarize(
+    rows: DataFrame,
+    kept: DataFrame,
+    input_lines: dict[str, int],
+    reasons: dict[str, dict[str, int]],
+    config: DataConfig,
+) -> dict[str, Any]:
+    """Counts per entity and split; raises if input lines != samples + quarantined + removed.
+
+    Two jobs, each aggregating per user first, inside the shuffled groups (no further
+    shuffle): one gives the users per set of entities (the overlap) with their rows, likes
+    and users per (entity, split); the other the exact duplicates.
+    """
+    parts = [(e, s) for e in config.entity_names for s in SPLITS]
+
+    def part(e: str, s: str) -> Column:
+        return (F.col("entity") == e) & (F.col("split") == s)
+
+    per_user = kept.groupBy("user_hash", "user_key").agg(
+        *[F.max(F.col("entity") == e).alias(f"in__{e}") for e in config.entity_names],
+        *[F.count(F.when(part(e, s), 1)).alias(f"rows__{e}__{s}") for e, s in parts],
+        *[F.sum(F.when(part(e, s), F.col("label"))).alias(f"likes__{e}__{s}") for e, s in parts],
+    )
+    by_entities = (
+        per_user.groupBy(*[f"in__{e}" for e in config.entity_names])
+        .agg(
+            F.count(F.lit(1)).alias("users"),
+            *[
+                F.sum(f"{k}__{e}__{s}").alias(f"{k}__{e}__{s}")
+                for k in ("rows", "likes")
+                for e, s in parts
+            ],
+            *[
+                F.count(F.when(F.col(f"rows__{e}__{s}") > 0, 1)).alias(f"users__{e}__{s}")
+                for e, s in parts
+            ],
+        )
+        .collect()
+    )
+    overlap = {
+        "+".join(sorted(e for e in config.entity_names if r[f"in__{e}"])): r.users
+        for r in by_entities
+    }
+
+    def total(key: str) -> int:
+        return sum(r[key] or 0 for r in by_entities)
+
+    copies = rows.groupBy(*USER, "line_hash").agg(F.count(F.lit(1)).alias("copies"))
+    duplicates = {
+        r.entity: r.duplicates
+        for r in copies.groupBy("entity")
+        .agg(F.sum(F.col("copies") - 1).alias("duplicates"))
+        .collect()
+    }
+
+    entities = {}
+    for e in config.entity_names:
+        quarantined = sum(reasons[e].values())
+        found = duplicates.get(e) or 0
+        removed = found if config.duplicates == "drop" else 0
+        splits = {}
+        for s in SPLITS:
+            n_rows, likes = total(f"rows__{e}__{s}"), total(f"likes__{e}__{s}")
+            splits[s] = {
+                "rows": n_rows,
+                "likes": likes,
+                "like_rate": likes / n_rows if n_rows else None,
+                "users": total(f"users__{e}__{s}"),
+            }
+        samples = sum(s["rows"] for s in splits.values())
+        if input_lines[e] != samples + quarantined + removed:
+            raise RuntimeError(
+                f"{e}: {input_lines[e]} input lines != {samples} samples + {quarantined} "
+                f"quarantined + {removed} removed duplicates"
+            )
+        entities[e] = {
+            "input_lines": input_lines[e],
+            "samples": samples,
+            "quarantined": quarantined,
+            "quarantine_reasons": reasons[e],
+            "duplicates_found": found,
+            "duplicates_removed": removed,
+            "users": sum(n for key, n in overlap.items() if e in key.split("+")),
+            "splits": splits,
+        }
+    return {
+        "dataset": config.name,
+        "history_mode": config.history_mode,
+        "duplicates": config.duplicates,
+        "seq_len": config.seq_len,
+        "entities": entities,
+        "user_overlap": dict(sorted(overlap.items())),
+    }

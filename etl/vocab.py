@@ -1,0 +1,140 @@
+"""Phase 4 of the ETL (etl/build_samples.py): vocabularies and bucket boundaries, from the
+train split only.
+
+Apart because only train rows may shape the indices: nothing of the valid and test rows leaks
+into them. Buckets are counted with the encoding's own bucket code (etl/encode.py), so a
+bucket's vocab count is exactly the train rows encoded with its index.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from etl.config import DataConfig, Feature
+from etl.encode import _bucket_code, _number, _with_numbers
+from etl.raw_lines import _raw
+from mkt.contract import FIRST_INDEX
+
+
+def _train_counts(
+    train: DataFrame, boundaries: dict[str, list[float]], config: DataConfig
+) -> DataFrame:
+    """(feature, entity, value, count) over the train split, in one pass: every categorical
+    raw value (`entity` null except for per-entity id spaces) and every bucketized feature's
+    index (as text)."""
+    entries = {}
+    for entity in config.entity_names:
+        items = []
+        for f in config.features_of(entity):
+            if f.kind == "categorical":
+                value = F.col(_raw(f)).cast("string")
+            else:
+                value = _bucket_code(f, boundaries[f.name], F.col(_number(f))).cast("string")
+            scope = F.lit(entity) if f.per_entity_ids else F.lit(None).cast("string")
+            items.append(
+                F.struct(
+                    F.lit(f.name).alias("feature"), scope.alias("entity"), value.alias("value")
+                )
+            )
+        entries[entity] = F.array(*items)
+    per_row = reduce(
+        lambda chosen, e: chosen.when(F.col("entity") == e, entries[e]),
+        config.entity_names[1:],
+        F.when(F.col("entity") == config.entity_names[0], entries[config.entity_names[0]]),
+    )
+    return (
+        _with_numbers(train, _bucketized(config))
+        .select(F.explode(per_row).alias("e"))
+        .select("e.*")
+        .where(F.col("value").isNotNull())
+        .groupBy("feature", "entity", "value")
+        .agg(F.count(F.lit(1)).alias("count"))
+    )
+
+
+def _categorical_vocab(counts: DataFrame, config: DataConfig) -> DataFrame:
+    """(feature, entity, raw_value, index, count) from the train counts.
+
+    Index 3.. by descending train count, then entity, then raw value. `entity` is null except
+    for per-entity id spaces (Tenrec's item_id), where one vocabulary holds (entity, value).
+    """
+    features = [f.name for f in config.features if f.kind == "categorical"]
+    order = Window.partitionBy("feature").orderBy(
+        F.desc("count"), F.asc_nulls_first("entity"), "value"
+    )
+    return (
+        counts.where(F.col("feature").isin(*features))
+        # One task per feature at most: the numbering sorts each feature's values in one task.
+        .repartition(max(1, len(features)), "feature")
+        .select(
+            "feature",
+            "entity",
+            F.col("value").alias("raw_value"),
+            (F.row_number().over(order) + (FIRST_INDEX - 1)).cast("long").alias("index"),
+            "count",
+        )
+    )
+
+
+def _bucketized(config: DataConfig) -> list[Feature]:
+    return [f for f in config.features if f.kind == "bucketized"]
+
+
+def _bucket_boundaries(train: DataFrame, config: DataConfig) -> dict[str, list[float]]:
+    """Distinct train quantiles at 1/B, ..., (B-1)/B of every bucketized feature (one job).
+
+    Bucket i (0-based) holds boundaries[i-1] <= value < boundaries[i]; index = 3 + i. A
+    quantile equal to the train minimum is dropped: it would open an always-empty first bucket.
+    """
+    features = _bucketized(config)
+    if not features:
+        return {}
+    aggregates = []
+    for f in features:
+        value = F.col(_raw(f)).try_cast("double")
+        probabilities = [i / f.buckets for i in range(1, f.buckets)]
+        aggregates += [
+            F.percentile_approx(value, probabilities, config.quantile_accuracy).alias(f.name),
+            F.min(value).alias(f"min__{f.name}"),
+        ]
+    row = train.agg(*aggregates).first()
+    return {
+        f.name: sorted({float(q) for q in row[f.name] or [] if q > row[f"min__{f.name}"]})
+        for f in features
+    }
+
+
+def _bucket_vocab(
+    spark: SparkSession,
+    counts: DataFrame,
+    boundaries: dict[str, list[float]],
+    config: DataConfig,
+) -> DataFrame:
+    """One vocab row per bucket: raw_value = the bucket's lower bound, count = train rows."""
+    features = _bucketized(config)
+    per_bucket = {}
+    if features:
+        names = [f.name for f in features]
+        per_bucket = {
+            (r.feature, int(r.value)): r["count"]
+            for r in counts.where(F.col("feature").isin(*names)).collect()
+        }
+    rows = []
+    for f in features:
+        for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
+            index = FIRST_INDEX + i
+            rows.append((f.name, None, repr(lower), index, per_bucket.get((f.name, index), 0)))
+    return spark.createDataFrame(
+        rows, "feature string, entity string, raw_value string, index long, count long"
+    )
+
+
+def _vocab_sizes(vocab: DataFrame) -> dict[str, int]:
+    """Embedding rows per feature (its largest index + 1): the encoding and the schema use it."""
+    return {
+        r.feature: r.size
+        for r in vocab.groupBy("feature").agg((F.max("index") + 1).alias("size")).collect()
+    }
