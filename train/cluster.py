@@ -66,9 +66,16 @@ def ignore_read_only_batches() -> None:
 
 
 def quiet_embedded_worker() -> None:
-    """`quiet_worker`, and no State API warnings: the embedded Ray has no dashboard."""
+    """`quiet_worker`, and no State API warnings: the embedded Ray has no dashboard. Ray's
+    State API, which Train's placement-group cleaner calls without an address, finds the
+    cluster by looking for running Ray instances; with another one on the machine (a second
+    job, a test's head node) it fails and its thread dies printing a traceback. Naming this
+    worker's own cluster in RAY_ADDRESS makes every such lookup find it."""
+    import ray
+
     quiet_worker()
     logging.getLogger(PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def cluster_address(config: dict[str, Any]) -> str | None:
