@@ -92,6 +92,9 @@ def start_ray(config: dict[str, Any]) -> bool:
         # Train's preemption watcher (one more actor process a stage) waits for a node to be
         # drained; the embedded Ray's one node never is.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray reports usage statistics to its project's server unless told not to; a run sends
+        # traffic nowhere but 127.0.0.1.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {name: os.environ.setdefault(name, value) for name, value in QUIET_ENV.items()}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the driver's only: Tune runs there
     import ray
