@@ -127,7 +127,8 @@ def _train_stage(config: dict[str, Any]) -> None:
             for entity, shard in train_shards.items()
         )
 
-    if opts["embedding_l2"] > 0:
+    # A TEM on the MEM's frozen tables has none to regularise: no pass over the data for it.
+    if opts["embedding_l2"] > 0 and model.embedding_tables():
         _count_embedding_rows(model, train_batches(0), config["stage"], rank, world)
 
     board = _tensorboard(config["tensorboard_dir"], rank)
