@@ -191,6 +191,7 @@ def test_nonfinite_loss_stops_the_run_then_a_corrupt_checkpoint_stops_its_resume
     assert resumed.returncode != 0, out[-4000:]
     assert f"CheckpointError: {weights}: sha256 differs" in out, out[-4000:]
     assert "non-finite" not in out  # it stopped before training
+    assert "[run] " not in out  # and before Ray and the pipeline started
 
 
 def _free_port() -> int:

@@ -83,11 +83,10 @@ def cluster_address(config: dict[str, Any]) -> str | None:
     return config["ray"]["address"] or os.environ.get("RAY_ADDRESS") or None
 
 
-def start_ray(config: dict[str, Any]) -> bool:
-    """Connect to the configured cluster, or start a local Ray bound to 127.0.0.1.
-    Returns True when this process started Ray (and so should shut it down)."""
-    address = cluster_address(config)
-    if address is None:
+def ray_environment(config: dict[str, Any]) -> dict[str, str]:
+    """Set the environment Ray must find when it is first imported (a value already set wins);
+    returns the quiet settings every worker of the run gets. Call before importing Ray."""
+    if cluster_address(config) is None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         # Train's preemption watcher (one more actor process a stage) waits for a node to be
         # drained; the embedded Ray's one node never is.
@@ -102,6 +101,14 @@ def start_ray(config: dict[str, Any]) -> bool:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {name: os.environ.setdefault(name, value) for name, value in QUIET_ENV.items()}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the driver's only: Tune runs there
+    return env
+
+
+def start_ray(config: dict[str, Any]) -> bool:
+    """Connect to the configured cluster, or start a local Ray bound to 127.0.0.1.
+    Returns True when this process started Ray (and so should shut it down)."""
+    address = cluster_address(config)
+    env = ray_environment(config)
     import ray
 
     logging.getLogger(PROGRESS_LOGGER).setLevel(logging.ERROR)

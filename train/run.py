@@ -14,15 +14,17 @@ tensorboard/. Rerunning the same command resumes an interrupted run. See docs/tr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from mkt.contract import ConfigError
+from mkt.pipelines import pipeline
 from mkt.schema import SchemaError, load_samples_dir
 from train.checkpoints import CheckpointError
 from train.checks import check_stage_params, prepare_run_dir, resolved_config, run_config_text
-from train.cluster import ray_session
+from train.cluster import ray_environment, ray_session
 from train.config import load_run_config
 from train.errors import NonFiniteLossError
 
@@ -48,10 +50,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     oracle = str(Path(args.oracle).resolve()) if args.oracle else None
     invocation = {"samples": str(samples_dir), "oracle": oracle}
     prepare_run_dir(run_dir, run_config_text(config, invocation))
-    with ray_session(config):
-        # Imported only now: Ray's environment is set before Ray is first imported.
-        from train.pipeline import run_pipeline
+    # Ray's environment is set before anything imports Ray.
+    ray_environment(config)
+    from train.pipeline import run_pipeline
+    from train.stage import verify_resume_checkpoints
 
+    logging.getLogger("ray").setLevel(logging.WARNING)  # as the ray.init below will set it
+    # A resume from a damaged checkpoint fails here, naming the file, before Ray starts.
+    verify_resume_checkpoints(pipeline(config["model"]), run_dir)
+    with ray_session(config):
         return run_pipeline(config, samples_dir, run_dir, oracle)
 
 

@@ -10,6 +10,7 @@ Checkpoints, restarts and early stopping are Train's and the loop's.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,16 @@ def earlier_attempt(stage: Stage, run_dir: Path) -> Result | None:
     return result if result.checkpoint is not None else None
 
 
+def verify_resume_checkpoints(stages: Sequence[Stage], run_dir: Path) -> None:
+    """Check the checkpoint each stage would resume from (CheckpointError names a damaged
+    file). The workers check it again as they load it; checked first, a damaged one fails in
+    seconds, before Ray or a worker group starts for nothing. Needs no running Ray."""
+    for stage in stages:
+        resumed = earlier_attempt(stage, run_dir)
+        if resumed is not None:
+            verify_checkpoint(resumed.checkpoint.path)
+
+
 def finished(stage: Stage, config: dict[str, Any], run_dir: Path) -> StageResult | None:
     """The result of a stage an earlier invocation with this RUN_DIR already completed."""
     result = earlier_attempt(stage, run_dir)
@@ -189,11 +200,7 @@ def run_stage(
         f"{' + 1 GPU' if gpu else ''}, up to {config['train']['epochs']} epochs",
         flush=True,
     )
-    resumed = earlier_attempt(stage, run_dir)
-    if resumed is not None:
-        # The workers resume from this checkpoint and check it again; checked here first, a
-        # damaged one fails at once, naming its file, before a worker group starts for nothing.
-        verify_checkpoint(resumed.checkpoint.path)
+    verify_resume_checkpoints([stage], run_dir)
     storage = str(run_dir / CHECKPOINTS_DIR)
     errors = error_file(run_dir, stage)
     errors.unlink(missing_ok=True)  # an earlier invocation's; this one starts afresh
