@@ -238,6 +238,9 @@ def token_protected_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(16),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        # A cluster keeps Ray's 2 s Train poll unless its environment says otherwise; this
+        # one-node head polls as the embedded Ray does (docs/training.md, "Both ways of running").
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     }
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
