@@ -249,6 +249,12 @@ def build_samples_duckdb(
                 f"{_raw(f)} AS raw_value FROM ranked WHERE split = 'train' "
                 f"AND entity = {_sql_str(entity)}"
             )
+    # A value on fewer train rows than its feature's min_count has no index: OOV.
+    min_counts = " ".join(
+        f"WHEN {_sql_str(f.name)} THEN {f.min_count}"
+        for f in config.features
+        if f.kind == "categorical"
+    )
     con.execute(f"""
         CREATE TEMP TABLE vocab AS
         SELECT feature, entity, raw_value,
@@ -260,6 +266,7 @@ def build_samples_duckdb(
               FROM ({" UNION ALL ".join(counts)})
               WHERE raw_value IS NOT NULL AND raw_value NOT IN ('\\N', '')
               GROUP BY ALL)
+        WHERE count >= CASE feature {min_counts} END
     """)
     boundaries = _boundaries(con, config)
     con.execute(f"CREATE TEMP TABLE encoded AS {_encoded_sql(config, boundaries)}")

@@ -47,7 +47,7 @@ from etl.raw_lines import (
     _read_header,
     _union,
 )
-from etl.split import _split_rows, _summarize
+from etl.split import _log_summary, _split_rows, _summarize
 from etl.storage import (
     HadoopFs,
     Writer,
@@ -60,6 +60,7 @@ from etl.vocab import (
     _bucket_boundaries,
     _bucket_vocab,
     _categorical_vocab,
+    _rare_ids,
     _train_counts,
     _vocab_sizes,
 )
@@ -190,6 +191,7 @@ def build_samples(
             )
         )
         sizes = _vocab_sizes(vocab)
+        summary["rare_ids"] = _rare_ids(counts, config)
 
         phase(5, f"encoding; liked-item sequences (seq_len {config.seq_len}); writing samples")
         encoded = _encode(kept, vocab, sizes, boundaries, config)
@@ -246,7 +248,7 @@ def _discard_run(fs: HadoopFs, output_dir: str, run_id: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Phase 6: schema and summary log.
+# Phase 6: the feature schema (the summary log: etl/split.py).
 # --------------------------------------------------------------------------------------------
 
 
@@ -274,6 +276,7 @@ def _feature_schema(
             entity=f.entity,
             boundaries=tuple(boundaries[f.name]) if f.kind == "bucketized" else (),
             integer_id=tuple(e for e in config.entity_names if f.columns.get(e) in id_columns),
+            min_count=f.min_count,
         )
         for f in config.features
     ] + [
@@ -306,34 +309,6 @@ def _feature_schema(
         likes={
             e: {s: v["splits"][s]["likes"] for s in SPLITS} for e, v in summary["entities"].items()
         },
-    )
-
-
-def _log_summary(summary: dict[str, Any]) -> None:
-    for entity, s in summary["entities"].items():
-        log.info(
-            "%s: %d input lines = %d samples + %d quarantined + %d removed duplicates "
-            "(%d duplicates found); %d users",
-            entity,
-            s["input_lines"],
-            s["samples"],
-            s["quarantined"],
-            s["duplicates_removed"],
-            s["duplicates_found"],
-            s["users"],
-        )
-        for split, v in s["splits"].items():
-            rate = "n/a" if v["like_rate"] is None else f"{v['like_rate']:.4f}"
-            log.info("  %-5s %9d rows, like rate %s, %d users", split, v["rows"], rate, v["users"])
-        if s["quarantine_reasons"]:
-            log.info("  quarantine reasons: %s", s["quarantine_reasons"])
-    log.info("user overlap (users by the entities they appear in): %s", summary["user_overlap"])
-    log.info(
-        "history mode %s, duplicates %s, %.1fs, written to %s",
-        summary["history_mode"],
-        summary["duplicates"],
-        summary["wall_s"],
-        summary["output_dir"],
     )
 
 

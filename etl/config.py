@@ -63,6 +63,8 @@ class Feature:
     entity: str | None = None  # the owning entity of a specific feature
     per_entity_ids: bool = False  # raw values are separate id spaces per entity (Tenrec item_id)
     buckets: int | None = None  # bucketized only
+    # Categorical only: a raw value seen on fewer train rows than this is out-of-vocabulary.
+    min_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -151,14 +153,18 @@ def parse_config(raw: Any) -> DataConfig:
             "leaky_columns",
             "duplicates",
             "buckets",
+            "min_count",
             "quantile_accuracy",
             "files_per_partition",
         ),
     )
     entities = _parse_entities(top["entities"])
     names = tuple(e.name for e in entities)
-    default_buckets = _int(top.get("buckets", 10), "buckets", minimum=2)
-    features = _parse_features(top["features"], names, default_buckets)
+    defaults = {
+        "buckets": _int(top.get("buckets", 10), "buckets", minimum=2),
+        "min_count": _int(top.get("min_count", 1), "min_count", minimum=1),
+    }
+    features = _parse_features(top["features"], names, defaults)
 
     sequence = _mapping(top["sequence"], "sequence")
     _only_keys(
@@ -220,7 +226,7 @@ def _parse_entities(raw: Any) -> tuple[Entity, ...]:
 
 
 def _parse_features(
-    raw: Any, entities: tuple[str, ...], default_buckets: int
+    raw: Any, entities: tuple[str, ...], defaults: dict[str, int]
 ) -> tuple[Feature, ...]:
     block = _mapping(raw, "features")
     _only_keys(block, "features", required=("user", "shared", "specific"))
@@ -232,7 +238,7 @@ def _parse_features(
         if name in seen:
             raise ConfigError(f"{key}: feature {name!r} already defined at {seen[name]}")
         seen[name] = key
-        features.append(_parse_feature(name, spec, key, group, applies_to, default_buckets))
+        features.append(_parse_feature(name, spec, key, group, applies_to, defaults))
 
     for group in ("user", "shared"):
         for name, spec in _mapping(block[group], f"features.{group}").items():
@@ -254,16 +260,18 @@ def _parse_feature(
     key: str,
     group: str,
     applies_to: tuple[str, ...],
-    default_buckets: int,
+    defaults: dict[str, int],
 ) -> Feature:
     # `name:` with nothing after it means "categorical, raw column named like the feature".
     spec = {} if spec is None else _mapping(spec, key)
-    _only_keys(spec, key, optional=("kind", "source", "buckets", "per_entity_ids"))
+    _only_keys(spec, key, optional=("kind", "source", "buckets", "min_count", "per_entity_ids"))
     kind = _str(spec.get("kind", "categorical"), f"{key}.kind")
     if kind not in KINDS:
         raise ConfigError(f"{key}.kind: must be one of {list(KINDS)}, got {kind!r}")
     if "buckets" in spec and kind != "bucketized":
         raise ConfigError(f"{key}.buckets: only a bucketized feature has buckets")
+    if "min_count" in spec and kind != "categorical":
+        raise ConfigError(f"{key}.min_count: only a categorical feature has a vocabulary to trim")
     per_entity_ids = spec.get("per_entity_ids", False)
     if not isinstance(per_entity_ids, bool):
         raise ConfigError(f"{key}.per_entity_ids: must be true or false")
@@ -279,11 +287,15 @@ def _parse_feature(
             if entity not in applies_to:
                 raise ConfigError(f"{key}.source.{entity}: feature does not apply to {entity!r}")
         columns = {e: _str(by_entity.get(e, name), f"{key}.source.{e}") for e in applies_to}
-    buckets = None
+    buckets, min_count = None, 1
     if kind == "bucketized":
-        buckets = _int(spec.get("buckets", default_buckets), f"{key}.buckets", minimum=2)
+        buckets = _int(spec.get("buckets", defaults["buckets"]), f"{key}.buckets", minimum=2)
+    else:
+        min_count = _int(
+            spec.get("min_count", defaults["min_count"]), f"{key}.min_count", minimum=1
+        )
     entity = applies_to[0] if group == "specific" else None
-    return Feature(name, group, kind, columns, key, entity, per_entity_ids, buckets)
+    return Feature(name, group, kind, columns, key, entity, per_entity_ids, buckets, min_count)
 
 
 def _check_run_options(config: DataConfig) -> None:

@@ -1,6 +1,6 @@
 """Phase 3 of the ETL (etl/build_samples.py): the one shuffle by user; each user's rows of an
 entity split in line order (train / valid / test), like counts; the summary's counts, checked
-to reconcile.
+to reconcile, and the summary's log at the job's end.
 
 Apart because every later phase relies on what this shuffle leaves: the groups of users that
 become the samples files, and the order (`USER`, likes before, line) that the sequence
@@ -9,6 +9,7 @@ windows read without another shuffle or sort.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window
@@ -17,6 +18,9 @@ from pyspark.sql import functions as F
 from etl.config import DataConfig
 from etl.raw_lines import _raw
 from mkt.contract import SPLITS
+
+# The job's logger (etl/build_samples.py sets its handler).
+log = logging.getLogger("etl.build_samples")
 
 # The columns of every row between the shuffle by user and the encoding.
 USER = ["user_hash", "user_key", "entity"]
@@ -173,3 +177,39 @@ def _summarize(
         "entities": entities,
         "user_overlap": dict(sorted(overlap.items())),
     }
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    for entity, s in summary["entities"].items():
+        log.info(
+            "%s: %d input lines = %d samples + %d quarantined + %d removed duplicates "
+            "(%d duplicates found); %d users",
+            entity,
+            s["input_lines"],
+            s["samples"],
+            s["quarantined"],
+            s["duplicates_removed"],
+            s["duplicates_found"],
+            s["users"],
+        )
+        for split, v in s["splits"].items():
+            rate = "n/a" if v["like_rate"] is None else f"{v['like_rate']:.4f}"
+            log.info("  %-5s %9d rows, like rate %s, %d users", split, v["rows"], rate, v["users"])
+        if s["quarantine_reasons"]:
+            log.info("  quarantine reasons: %s", s["quarantine_reasons"])
+    log.info("user overlap (users by the entities they appear in): %s", summary["user_overlap"])
+    for name, rare in summary["rare_ids"].items():
+        log.info(
+            "%s: %d values on fewer than %d train rows are OOV (%d train rows)",
+            name,
+            rare["oov_values"],
+            rare["min_count"],
+            rare["oov_train_rows"],
+        )
+    log.info(
+        "history mode %s, duplicates %s, %.1fs, written to %s",
+        summary["history_mode"],
+        summary["duplicates"],
+        summary["wall_s"],
+        summary["output_dir"],
+    )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from functools import reduce
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from etl.config import DataConfig, Feature
@@ -55,18 +55,29 @@ def _train_counts(
     )
 
 
+def _min_count(config: DataConfig) -> Column:
+    """Each categorical feature's `min_count`, by the `feature` column of the counts."""
+    pairs = [
+        (F.lit(f.name), F.lit(f.min_count)) for f in config.features if f.kind == "categorical"
+    ]
+    return F.create_map(*(c for pair in pairs for c in pair))[F.col("feature")]
+
+
 def _categorical_vocab(counts: DataFrame, config: DataConfig) -> DataFrame:
     """(feature, entity, raw_value, index, count) from the train counts.
 
     Index 3.. by descending train count, then entity, then raw value. `entity` is null except
     for per-entity id spaces (Tenrec's item_id), where one vocabulary holds (entity, value).
+    A value on fewer train rows than its feature's `min_count` gets no index: it is OOV, in
+    train rows as in valid, test and serving, so the OOV row learns what an id seen too rarely
+    to have an embedding of its own looks like (docs/etl.md, "Rare ids").
     """
     features = [f.name for f in config.features if f.kind == "categorical"]
     order = Window.partitionBy("feature").orderBy(
         F.desc("count"), F.asc_nulls_first("entity"), "value"
     )
     return (
-        counts.where(F.col("feature").isin(*features))
+        counts.where(F.col("feature").isin(*features) & (F.col("count") >= _min_count(config)))
         # One task per feature at most: the numbering sorts each feature's values in one task.
         .repartition(max(1, len(features)), "feature")
         .select(
@@ -77,6 +88,32 @@ def _categorical_vocab(counts: DataFrame, config: DataConfig) -> DataFrame:
             "count",
         )
     )
+
+
+def _rare_ids(counts: DataFrame, config: DataConfig) -> dict[str, dict[str, int]]:
+    """Per categorical feature with `min_count` > 1: its threshold, and the distinct train
+    values and train rows below it (folded into OOV), for the job's summary."""
+    trimmed = [f for f in config.features if f.kind == "categorical" and f.min_count > 1]
+    if not trimmed:
+        return {}
+    below = {
+        r.feature: (r.values, r.rows)
+        for r in counts.where(
+            F.col("feature").isin(*(f.name for f in trimmed))
+            & (F.col("count") < _min_count(config))
+        )
+        .groupBy("feature")
+        .agg(F.count(F.lit(1)).alias("values"), F.sum("count").alias("rows"))
+        .collect()
+    }
+    return {
+        f.name: {
+            "min_count": f.min_count,
+            "oov_values": int(below.get(f.name, (0, 0))[0]),
+            "oov_train_rows": int(below.get(f.name, (0, 0))[1]),
+        }
+        for f in trimmed
+    }
 
 
 def _bucketized(config: DataConfig) -> list[Feature]:

@@ -37,6 +37,10 @@ class Feature:
     # data config): the ETL rejects a line whose id is not an integer and looks up the id's
     # canonical text ("+007" -> "7"), so serving must do both too.
     integer_id: tuple[str, ...] = ()
+    # Categorical: the fewest train rows a raw value needs for an index of its own (fewer: OOV).
+    # Recorded, not applied here: the ETL left such values out of the `vocab` table, so the
+    # serving encoder (mkt.encoding), which looks values up there, maps them to OOV too.
+    min_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class FeatureSchema:
                     length_column=f.get("length_column"),
                     boundaries=tuple(f.get("boundaries", ())),
                     integer_id=tuple(f.get("integer_id", ())),
+                    min_count=int(f.get("min_count", 1)),
                 )
             )
         schema = cls(
@@ -237,6 +242,8 @@ class FeatureSchema:
                 d["boundaries"] = list(f.boundaries)
             if f.integer_id:
                 d["integer_id"] = list(f.integer_id)
+            if f.kind == "categorical":
+                d["min_count"] = f.min_count
             feats.append(d)
         return {
             "format_version": SUPPORTED_FORMAT,
