@@ -28,8 +28,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from etl.build_samples import InputError, _discard_run, _file_order, _log_summary, build_samples
+from etl.build_samples import InputError, _discard_run, _file_order, build_samples
 from etl.config import DataConfig, load_config
+from etl.split import _log_summary
 from etl.storage import HadoopFs, WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
 
@@ -151,8 +152,11 @@ def _reference_splits_and_sequences(
                 row.seqs[other] = list(reversed(likes[-config.seq_len :]))
 
 
-def reference_vocab_counts(ref: Reference, config: DataConfig) -> dict[str, Counter]:
-    """feature -> Counter of (entity or None, raw value) over the train split."""
+def reference_vocab_counts(
+    ref: Reference, config: DataConfig, trimmed: bool = True
+) -> dict[str, Counter]:
+    """feature -> Counter of (entity or None, raw value) over the train split; `trimmed`:
+    only the values on at least `min_count` train rows (those with an index)."""
     counts: dict[str, Counter] = {}
     for f in config.features:
         if f.kind != "categorical":
@@ -163,6 +167,8 @@ def reference_vocab_counts(ref: Reference, config: DataConfig) -> dict[str, Coun
                 value = row.values[f.columns[row.entity]]
                 if value not in MISSING:
                     counter[(row.entity if f.per_entity_ids else None, value)] += 1
+        if trimmed:
+            counter = Counter({k: n for k, n in counter.items() if n >= f.min_count})
         counts[f.name] = counter
     return counts
 
@@ -499,13 +505,32 @@ def test_frozen_history_is_fixed_across_the_test_block(built: Built) -> None:
         assert heavy[f"seq_{entity}_len"].max() > 0
 
 
+# The online build also trims rare ids: every categorical value on fewer than 2 train rows is
+# OOV (the default config keeps every value).
+RARE_MIN_COUNT = 2
+
+
+def online_config_file(directory: Path) -> Path:
+    text = TENREC_CONFIG.read_text().replace(
+        "\nbuckets:", f"\nmin_count: {RARE_MIN_COUNT}\nbuckets:"
+    )
+    assert f"min_count: {RARE_MIN_COUNT}" in text
+    (directory / "tenrec_rare.yaml").write_text(text)
+    return directory / "tenrec_rare.yaml"
+
+
 @pytest.fixture(scope="module")
 def built_online(spark, tenrec_raw: RawFixture, tmp_path_factory: pytest.TempPathFactory) -> Built:
     out = tmp_path_factory.mktemp("out") / "tenrec_online"
-    summary = build_samples(
-        spark, TENREC_CONFIG, tenrec_raw.dir, out, history_mode="online", seq_len=5
-    )
+    config = online_config_file(out.parent)
+    summary = build_samples(spark, config, tenrec_raw.dir, out, history_mode="online", seq_len=5)
     return load_built(out, summary)
+
+
+def online_config(built_online: Built) -> DataConfig:
+    return load_config(online_config_file(built_online.out.parent)).with_overrides(
+        history_mode="online", seq_len=5, duplicates=None
+    )
 
 
 def test_online_history_matches_independent_recomputation(
@@ -513,9 +538,7 @@ def test_online_history_matches_independent_recomputation(
 ) -> None:
     """The `online` mode (and the command-line overrides) on generated data: every sequence
     recomputed in plain Python, and a test row after a like in the test block carries it."""
-    config = load_config(TENREC_CONFIG).with_overrides(
-        history_mode="online", seq_len=5, duplicates=None
-    )
+    config = online_config(built_online)
     assert (built_online.schema["history_mode"], built_online.schema["seq_len"]) == ("online", 5)
     assert_matches_reference(built_online, reference(tenrec_raw.dir, config), config)
     heavy = built_online.samples[built_online.samples.user_key == HEAVY_USER]
@@ -528,6 +551,40 @@ def test_online_history_matches_independent_recomputation(
         # The next test row's newest liked item is that like; the frozen mode never shows it.
         assert test_rows[f"seq_{entity}"][first_like + 1][0] == liked_item
         assert test_rows[f"seq_{entity}"].map(tuple).nunique() > 1
+
+
+def test_rare_ids_are_oov_in_every_split_and_counted(
+    built_online: Built, tenrec_raw: RawFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`min_count` 2: a value on one train row gets no index; its rows, in every split and in
+    the liked-item sequences (test above), hold OOV; the summary counts what was folded."""
+    config = online_config(built_online)
+    ref = reference(tenrec_raw.dir, config)
+    assert_vocab_and_encoding(built_online, ref, config)  # vocab = values on >= 2 train rows
+    full = reference_vocab_counts(ref, config, trimmed=False)
+    expected = {
+        f.name: {
+            "min_count": RARE_MIN_COUNT,
+            "oov_values": sum(1 for n in full[f.name].values() if n < RARE_MIN_COUNT),
+            "oov_train_rows": sum(n for n in full[f.name].values() if n < RARE_MIN_COUNT),
+        }
+        for f in config.features
+        if f.kind == "categorical"
+    }
+    assert built_online.summary["rare_ids"] == expected
+    # The data holds rare users and items, or this test would prove nothing.
+    assert expected["user_id"]["oov_values"] > 0 and expected["item_id"]["oov_values"] > 0
+    rare_users = {int(v) for (_, v), n in full["user_id"].items() if n < RARE_MIN_COUNT}
+    samples = built_online.samples
+    of_rare = samples[samples.user_key.isin(rare_users)]
+    assert (of_rare.user_id == 2).all() and set(of_rare.split) >= {"train", "test"}
+    schema_min = {f["name"]: f.get("min_count") for f in built_online.schema["features"]}
+    assert schema_min["user_id"] == schema_min["item_id"] == RARE_MIN_COUNT
+    assert schema_min["item_score1"] is None  # bucketized: no vocabulary to trim
+    with caplog.at_level("INFO", logger="etl"):
+        _log_summary(built_online.summary)
+    line = f"user_id: {expected['user_id']['oov_values']} values on fewer than 2 train rows"
+    assert line in caplog.text
 
 
 def test_quarantine_and_count_reconciliation(

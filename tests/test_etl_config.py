@@ -125,6 +125,17 @@ def test_column_absent_from_header_names_the_key() -> None:
             lambda r: r["features"]["user"].update(seq_video=None),
             r"^features\.user\.seq_video: 'seq_video' is a reserved sample column name",
         ),
+        (lambda r: r.update(min_count=0), r"^min_count: must be an integer >= 1, got 0"),
+        (
+            lambda r: r["features"]["user"].update(user_id={"min_count": 1.5}),
+            r"^features\.user\.user_id\.min_count: must be an integer >= 1, got 1\.5",
+        ),
+        (
+            lambda r: r["features"]["specific"]["article"].update(
+                like_count={"kind": "bucketized", "min_count": 2}
+            ),
+            r"^features\.specific\.article\.like_count\.min_count: only a categorical feature",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(edit, message: str) -> None:
@@ -171,3 +182,16 @@ def test_files_per_partition_is_validated(value: object, message: str) -> None:
         parse_config(raw)
     del raw["files_per_partition"]
     assert parse_config(raw).files_per_partition == 8  # the default
+
+
+def test_min_count_default_and_per_feature_override() -> None:
+    """The top-level `min_count` is every categorical feature's unless it sets its own;
+    bucketized features keep 1 (they have no vocabulary of raw values)."""
+    raw = tenrec_raw()
+    assert {f.min_count for f in parse_config(raw).features} == {1}
+    raw["min_count"] = 3
+    raw["features"]["shared"]["item_id"] = {"per_entity_ids": True, "min_count": 5}
+    config = parse_config(raw)
+    assert config.feature("item_id").min_count == 5
+    assert config.feature("user_id").min_count == config.feature("video_category").min_count == 3
+    assert config.feature("item_score1").min_count == 1
