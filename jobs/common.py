@@ -46,7 +46,7 @@ def run_echoed(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, env=spark_env(), check=True)
 
 
-def build_samples_command(raw: Path, samples: Path) -> list[str]:
+def build_samples_command(raw: Path, samples: Path, data_config: Path = DATA_CONFIG) -> list[str]:
     """The Spark job that turns the generated raw files into samples, on local[2], its driver
     JVM tuned for the job (etl.config.DRIVER_JAVA_OPTIONS; docs/etl.md)."""
     return [
@@ -57,7 +57,7 @@ def build_samples_command(raw: Path, samples: Path) -> list[str]:
         DRIVER_JAVA_OPTIONS,
         "etl/build_samples.py",
         "--config",
-        str(DATA_CONFIG),
+        str(data_config),
         "--input",
         str(raw),
         "--output",

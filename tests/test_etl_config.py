@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,16 @@ def test_min_count_default_and_per_feature_override() -> None:
     assert config.feature("item_id").min_count == 5
     assert config.feature("user_id").min_count == config.feature("video_category").min_count == 3
     assert config.feature("item_score1").min_count == 1
+
+
+def test_min_count_sweep_writes_a_loadable_config_per_threshold(tmp_path: Path) -> None:
+    """jobs/min_count_sweep.py's data configs: the base config with only `min_count` set, and
+    set once, however often it is rewritten."""
+    from jobs.min_count_sweep import data_config
+
+    first = data_config(TENREC_CONFIG, 3, tmp_path / "m3.yaml")
+    again = data_config(first, 5, tmp_path / "m5.yaml")
+    assert again.read_text().count("min_count:") == 1
+    base, m5 = load_config(TENREC_CONFIG), load_config(again)
+    assert m5.feature("user_id").min_count == 5 and m5.feature("item_score1").min_count == 1
+    assert dataclasses.replace(m5, features=base.features) == base
