@@ -198,7 +198,10 @@ def _log_summary(summary: dict[str, Any]) -> None:
         if s["quarantine_reasons"]:
             log.info("  quarantine reasons: %s", s["quarantine_reasons"])
     log.info("user overlap (users by the entities they appear in): %s", summary["user_overlap"])
+    # Features with `min_count` > 1 that folded something (the etl_summary.json lists all).
     for name, rare in summary["rare_ids"].items():
+        if not rare["oov_values"]:
+            continue
         log.info(
             "%s: %d values on fewer than %d train rows are OOV (%d train rows)",
             name,
