@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import process_tree, read_proc
+from etl.storage import ROW_GROUP_ROWS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,14 +67,26 @@ EPOCH_DONE = re.compile(r"\[(\w+)\] epoch (\d+)/\d+: (\d+) rows, ([\d,]+) rows/s
 
 
 def make_table(
-    source: Path, out: Path, copies: int, layout: str = "single", seed: int = 0
+    source: Path,
+    out: Path,
+    copies: int,
+    layout: str = "single",
+    seed: int = 0,
+    row_group_rows: int = ROW_GROUP_ROWS,
 ) -> dict[str, Any]:
     """Writes OUT/samples (train rows x copies) and OUT/feature_schema.json; returns its sizes.
 
-    Reuses OUT when its marker says it was made from the same source and copies.
+    Row groups of at most `row_group_rows`, as the ETL writes them (etl.storage.ROW_GROUP_ROWS).
+    Reuses OUT when its marker says it was made from the same source, copies and layout.
     """
     marker = out / "bench_table.json"
-    wanted = {"source": str(source.resolve()), "copies": copies, "layout": layout, "seed": seed}
+    wanted = {
+        "source": str(source.resolve()),
+        "copies": copies,
+        "layout": layout,
+        "seed": seed,
+        "row_group_rows": row_group_rows,
+    }
     if marker.exists():
         info = json.loads(marker.read_text())
         if {k: info.get(k) for k in wanted} == wanted:
@@ -82,7 +95,9 @@ def make_table(
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import DeltaTable, WriterProperties, write_deltalake
+
+    row_groups = WriterProperties(max_row_group_size=row_group_rows)
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -163,6 +178,7 @@ def make_table(
             pa.RecordBatchReader.from_batches(arrow_schema, all_copies()),
             mode="overwrite",
             partition_by=partitions,
+            writer_properties=row_groups,
         )
     else:
         # One commit per copy: one file per copy in every train partition, as a many-task
@@ -173,6 +189,7 @@ def make_table(
                 pa.RecordBatchReader.from_batches(arrow_schema, batches(copy)),
                 mode="overwrite" if copy == 0 else "append",
                 partition_by=partitions,
+                writer_properties=row_groups,
             )
             print(f"table: copy {copy + 1}/{copies} written", flush=True)
     schema["counts"], schema["likes"] = counts, likes
@@ -300,12 +317,20 @@ def _start_time(pid: int) -> str:
     return stat[1].split()[19] if len(stat) == 2 else ""
 
 
+def _name(pid: int) -> str:
+    """What a process is: Ray's `ray::Task` title of a worker, else its program's name."""
+    command = read_proc(f"/proc/{pid}/cmdline").split("\0")[0]
+    return command.split()[0] if command.startswith("ray::") else Path(command).name
+
+
 def sample_memory(root: int, seen: dict[int, str]) -> dict[str, Any]:
-    """Summed RSS and PSS (kernel's smaps_rollup) of the tree, RSS by component; processes
-    that end mid-read are skipped. Adds every member to `seen` (pid -> start time)."""
+    """Summed RSS and PSS (kernel's smaps_rollup) of the tree, RSS by component, and each
+    process's PSS; processes that end mid-read are skipped. Adds every member to `seen`
+    (pid -> start time)."""
     rss: dict[str, int] = {}
     pss = 0
     processes = 0
+    by_process: dict[int, int] = {}
     for pid in process_tree(root):
         seen.setdefault(pid, _start_time(pid))
         fields = {}
@@ -317,8 +342,15 @@ def sample_memory(root: int, seen: dict[int, str]) -> dict[str, Any]:
         kind = _component(pid, root)
         rss[kind] = rss.get(kind, 0) + fields["Rss"]
         pss += fields["Pss"]
+        by_process[pid] = fields["Pss"]
         processes += 1
-    return {"rss": sum(rss.values()), "pss": pss, "rss_by": rss, "processes": processes}
+    return {
+        "rss": sum(rss.values()),
+        "pss": pss,
+        "rss_by": rss,
+        "processes": processes,
+        "pss_by_process": by_process,
+    }
 
 
 def _object_store_bytes(text: str) -> dict[str, float]:
@@ -382,10 +414,16 @@ def stream(
     stopped = None
     next_print = 0.0
     seen: dict[int, str] = {}
+    # pid -> (name, peak PSS): the per-process bound (a process's name read at its peak, as
+    # Ray names a worker by the task it runs).
+    peaks: dict[int, tuple[str, int]] = {}
     try:
         while process.poll() is None:
             now = time.time() - started
             sample = sample_memory(process.pid, seen)
+            for pid, value in sample.pop("pss_by_process").items():
+                if value > peaks.get(pid, ("", -1))[1]:
+                    peaks[pid] = (_name(pid), value)
             samples.append({"t": now, "load": os.getloadavg()[0], **sample})
             if now >= next_print:
                 print(
@@ -419,6 +457,10 @@ def stream(
         "samples": samples,
         "progress": progress,
         "object_store": store,
+        "process_peaks": sorted(
+            ({"pid": pid, "name": name, "peak_pss": value} for pid, (name, value) in peaks.items()),
+            key=lambda p: -p["peak_pss"],
+        ),
     }
 
 
@@ -469,6 +511,11 @@ def summarise(table: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
         / GIB,
         "spilled_gib": max((s.get("object_store_spilled", 0) for s in store), default=0) / GIB,
         "peak_pss_over_table": max(s["pss"] for s in samples) / table["arrow_bytes"],
+        # The largest processes at their own peaks (not at the same moment).
+        "largest_processes": [
+            {"name": p["name"], "pid": p["pid"], "peak_pss_gib": p["peak_pss"] / GIB}
+            for p in run["process_peaks"][:6]
+        ],
         # The epoch's own figure; for a stopped run, the rate between the progress lines.
         "rows_per_s": run["epoch"].get("rows_per_s")
         or (
@@ -534,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
         default="single",
         help="files of the table: as the ETL's rs writer cuts them, or one per copy",
     )
+    parser.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=ROW_GROUP_ROWS,
+        help="rows per Parquet row group of the table (default: the ETL's)",
+    )
     parser.add_argument("--model", choices=("mem", "tem"), default="mem")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--interval-s", type=float, default=0.5)
@@ -550,7 +603,13 @@ def main(argv: list[str] | None = None) -> int:
         child(table_dir, work_dir / "run", args.model, args.workers, args.overrides)
         return 0
     work_dir.mkdir(parents=True, exist_ok=True)
-    table = make_table(args.source.resolve(), table_dir, args.copies, args.layout)
+    table = make_table(
+        args.source.resolve(),
+        table_dir,
+        args.copies,
+        args.layout,
+        row_group_rows=args.row_group_rows,
+    )
     from benchmarks.common import STAGES
     from mkt.schema import FeatureSchema
     from train.data import stage_entities
@@ -580,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
         f"PSS peak over the first / second half of the rows: {s['peak_pss_first_half_gib']:.2f} / "
         f"{s['peak_pss_second_half_gib']:.2f} GiB; object store peak "
         f"{s['peak_object_store_gib']:.2f} GiB, spilled {s['spilled_gib']:.2f} GiB\n"
-        f"results: {work_dir / 'streaming.json'}, plot: {args.plot}"
+        "largest processes (PSS at their own peaks): "
+        + ", ".join(f"{p['name']} {p['peak_pss_gib']:.2f} GiB" for p in s["largest_processes"])
+        + f"\nresults: {work_dir / 'streaming.json'}, plot: {args.plot}"
     )
     return 0
 

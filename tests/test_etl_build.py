@@ -33,6 +33,7 @@ from etl.config import DataConfig, load_config
 from etl.split import _log_summary
 from etl.storage import HadoopFs, WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
+from jobs.min_count_sweep import data_config
 
 pytestmark = pytest.mark.slow
 
@@ -505,18 +506,12 @@ def test_frozen_history_is_fixed_across_the_test_block(built: Built) -> None:
         assert heavy[f"seq_{entity}_len"].max() > 0
 
 
-# The online build also trims rare ids: every categorical value on fewer than 2 train rows is
-# OOV (the default config keeps every value).
+# The online build trims rare ids at another threshold than the default config's.
 RARE_MIN_COUNT = 2
 
 
 def online_config_file(directory: Path) -> Path:
-    text = TENREC_CONFIG.read_text().replace(
-        "\nbuckets:", f"\nmin_count: {RARE_MIN_COUNT}\nbuckets:"
-    )
-    assert f"min_count: {RARE_MIN_COUNT}" in text
-    (directory / "tenrec_rare.yaml").write_text(text)
-    return directory / "tenrec_rare.yaml"
+    return data_config(TENREC_CONFIG, RARE_MIN_COUNT, directory / "tenrec_rare.yaml")
 
 
 @pytest.fixture(scope="module")
