@@ -262,7 +262,9 @@ def _feature_schema(
     def vocab_size(f: Feature) -> int:
         if f.kind == "bucketized":
             return FIRST_INDEX + len(boundaries[f.name]) + 1
-        return sizes.get(f.name, FIRST_INDEX)
+        # A vocabulary left empty (no train rows, or none reaching min_count) still gets one
+        # row past the reserved ones: an embedding table of the reserved rows alone is refused.
+        return max(sizes.get(f.name, FIRST_INDEX), FIRST_INDEX + 1)
 
     # As `_parse_lines` (etl/raw_lines.py) checks and canonicalises them.
     id_columns = {config.user_key, *config.id_columns}

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from etl.build_samples import InputError, build_samples
 from etl.config import ConfigError
 from jobs.generate_tenrec import COLUMNS, generate
+from mkt.schema import FeatureSchema
 
 pytestmark = pytest.mark.slow
 
@@ -300,6 +301,8 @@ def test_header_only_file_gives_an_entity_without_rows(
     )
     assert (samples.seq_video_len == 0).all() and (samples.seq_article_len > 0).any()
     assert summary["entities"]["video"]["input_lines"] == 0
+    # The video-only feature's vocabulary is empty, and the schema still loads.
+    assert FeatureSchema.load(out).feature("video_category").vocab_size == 4
 
 
 def test_reordered_header_and_unused_columns_dropped_give_the_same_samples(
