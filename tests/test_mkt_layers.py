@@ -107,6 +107,28 @@ def test_target_attention_masks_slots():
     assert torch.allclose(att(q, changed, mask), out)
 
 
+def test_target_attention_real_slots_equal_every_slot_masked():
+    """Training scores only the real slots; a traced graph scores every slot and masks the
+    weights. Both give the same pooled vectors and the same gradients."""
+    torch.manual_seed(0)
+    att = TargetAttention(8)
+    q, keys = torch.randn(6, 8, requires_grad=True), torch.randn(6, 7, 8, requires_grad=True)
+    mask = torch.rand(6, 7) < 0.4
+    mask[2] = False  # an empty sequence
+    dense_weights = att.weigh(q.unsqueeze(1).expand_as(keys), keys) * mask.float()
+    dense = torch.bmm(dense_weights.unsqueeze(1), keys).squeeze(1)
+    packed = att(q, keys, mask)
+    assert torch.allclose(packed, dense, atol=1e-6)
+    assert torch.all(packed[2] == 0)
+    grads = torch.autograd.grad(packed.sum(), [q, keys, *att.parameters()])
+    expected = torch.autograd.grad(dense.sum(), [q, keys, *att.parameters()])
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+    traced = torch.jit.trace(att, (q.detach(), keys.detach(), mask))
+    other = torch.rand(6, 7) < 0.7  # a different number of real slots than at tracing
+    assert torch.allclose(traced(q, keys, other), att(q, keys, other), atol=1e-6)
+
+
 def test_mmoe_mixes_each_row_by_its_gate():
     torch.manual_seed(0)
     mmoe = MMoE(6, num_experts=3, expert_hidden=[8, 4], num_gates=2)

@@ -48,7 +48,9 @@ def test_mem_shapes_for_both_entities(schema, batch, device):
     assert out["logit"].shape == (64,) and out["logit"].device.type == device
     assert out["g_com"].shape == out["g_ind"].shape == (64, 64)
     for entity in schema.entities:
-        assert out[f"importance_{entity}"].shape == (64, len(schema.specific_features(entity)))
+        # HFA runs on the rows of its own entity only.
+        rows = int((b["entity_index"] == schema.entity_index(entity)).sum())
+        assert out[f"importance_{entity}"].shape == (rows, len(schema.specific_features(entity)))
     losses = mem.loss(b, out)
     assert set(losses) == {"loss", "bce_source", "bce_target", "pdl"}
     expected = losses["bce_source"] + losses["bce_target"] + 0.01 * losses["pdl"]

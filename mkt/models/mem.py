@@ -16,7 +16,7 @@ leaves open.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -84,10 +84,17 @@ def unaligned_q(common: Tensor, specific: dict[str, Tensor], widths: dict[str, i
     return torch.cat(parts, dim=1)
 
 
-def pick(per_entity: Tensor, entity_index: Tensor) -> Tensor:
-    """Row i of `per_entity[:, entity_index[i]]`: route a mixed batch by entity."""
-    rows = torch.arange(per_entity.shape[0], device=per_entity.device)
-    return per_entity[rows, entity_index]
+def by_entity(
+    entity_index: Tensor, entities: list[str], compute: Callable[[str, Tensor], Tensor]
+) -> Tensor:
+    """Route a mixed batch: `compute(entity, rows)` runs that entity's modules on its own rows
+    only (their indices in the batch), and the results come back in batch order."""
+    parts, order = [], []
+    for e, entity in enumerate(entities):
+        rows = (entity_index == e).nonzero().squeeze(1)
+        parts.append(compute(entity, rows))
+        order.append(rows)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
 
 
 @register("mem")
@@ -177,31 +184,31 @@ class MEM(CTRModel):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         parts = self.inputs(batch)
-        common = self.common(parts)
+        common, specific = self.common(parts), parts["specific"]
         entity_index = batch["entity_index"]
         out: dict[str, Tensor] = {}
+
+        def align(entity: str, rows: Tensor) -> Tensor:
+            q_e, out[f"importance_{entity}"] = self.hfa[entity](
+                common[rows], specific[entity][rows]
+            )
+            return q_e
+
         if self.params["hfa"]:
-            q_all = []
-            for e in self.entities:
-                q_e, out[f"importance_{e}"] = self.hfa[e](common, parts["specific"][e])
-                q_all.append(q_e)
-            q = pick(torch.stack(q_all, dim=1), entity_index)
+            q = by_entity(entity_index, self.entities, align)  # eqs. 3-6
         else:
-            q = unaligned_q(common, parts["specific"], self.spec_widths)
+            q = unaligned_q(common, specific, self.spec_widths)
         g_com = self.cke(q, entity_index)  # eq. 7
-        g_ind = pick(
-            torch.stack(
-                [
-                    self.extractors[e](torch.cat([common, parts["specific"][e]], dim=1))
-                    for e in self.entities
-                ],
-                dim=1,
-            ),
+        g_ind = by_entity(
             entity_index,
+            self.entities,
+            lambda e, rows: self.extractors[e](torch.cat([common[rows], specific[e][rows]], dim=1)),
         )  # eq. 8
         tower_in = torch.cat([g_com, g_ind], dim=1)
-        logits = torch.cat([self.towers[e](tower_in) for e in self.entities], dim=1)
-        out.update(logit=pick(logits, entity_index), g_com=g_com, g_ind=g_ind)
+        logit = by_entity(
+            entity_index, self.entities, lambda e, rows: self.towers[e](tower_in[rows]).squeeze(-1)
+        )
+        out.update(logit=logit, g_com=g_com, g_ind=g_ind)
         return out
 
     def loss(self, batch: Batch, out: dict[str, Tensor]) -> dict[str, Tensor]:
