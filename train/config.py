@@ -75,6 +75,7 @@ class Train:
     early_stopping: EarlyStopping
     shuffle_buffer_rows: int
     read_tasks_per_stream: int
+    cache_max_rows: int
     eval_batch_size: int
     progress_every_batches: int
     find_unused_parameters: bool
@@ -213,8 +214,9 @@ def check(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")
     if not 0.0 <= train["tem_holdout"] < 1.0:
         raise ConfigError(f"train.tem_holdout: must be in [0, 1), got {train['tem_holdout']}")
-    if train["shuffle_buffer_rows"] < 0:
-        raise ConfigError("train.shuffle_buffer_rows: must be >= 0 (0 turns it off)")
+    for key in ("shuffle_buffer_rows", "cache_max_rows"):
+        if train[key] < 0:
+            raise ConfigError(f"train.{key}: must be >= 0 (0 turns it off), got {train[key]}")
     stopping = train["early_stopping"]
     if stopping["metric"] not in EARLY_STOPPING_METRICS:
         raise ConfigError(

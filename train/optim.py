@@ -9,6 +9,10 @@ those (on gloo; NCCL has no sparse all-reduce, so a multi-GPU run must stay dens
 SparseAdam is Adam restricted to the rows that have a gradient ("lazy" Adam): a row's moments
 decay only when it is read, which dense Adam does at every step. docs/training.md compares
 the two on the quick start.
+
+Adam is the fused kernel (`fused=True`): the same update in one kernel over all parameters
+instead of a loop over them, which was 14% of a MEM step on a CPU core (docs/BENCHMARKS.md,
+"Training throughput").
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> Optimizer:
     if opts["sparse_embeddings"] and table_params:
         parts = {"tables": torch.optim.SparseAdam(table_params, lr=table_lr)}
         if dense["params"]:
-            parts["dense"] = torch.optim.Adam([dense], lr=opts["lr"])
+            parts["dense"] = torch.optim.Adam([dense], lr=opts["lr"], fused=True)
         return SplitOptimizer(parts)
     groups = [dense, {"params": table_params, "lr": table_lr, "weight_decay": 0.0}]
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=opts["lr"])
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=opts["lr"], fused=True)

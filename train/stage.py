@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 import ray.train
+from ray.data import RandomSeedConfig
 from ray.train import Result
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -105,6 +106,7 @@ def stage_datasets(
     seed: int,
     read_tasks: int,
     holdout: float,
+    cache_max_rows: int,
 ) -> dict[str, ray.data.Dataset]:
     """A train stream per entity with rows (see train.data on mixing them; the target's
     limited to the stage's `target_rows`), and the validation rows of the entity the stage
@@ -134,6 +136,14 @@ def stage_datasets(
         [*columns, schema.columns["user_key"]],
         read_tasks=read_tasks,
     )
+    valid_rows = entity_rows(samples_dir, schema, valid_entity, "valid")
+    if 0 < sum(rows.values()) + valid_rows <= cache_max_rows:
+        # Read once; each epoch replays the blocks in a new order (reproducible from the seed).
+        order = RandomSeedConfig(seed=seed, reseed_after_execution=True)
+        datasets = {
+            name: ds.materialize().randomize_block_order(seed=order)
+            for name, ds in datasets.items()
+        }
     return datasets
 
 
@@ -222,6 +232,7 @@ def run_stage(
             config["seed"],
             config["train"]["read_tasks_per_stream"],
             config["train"]["tem_holdout"],
+            config["train"]["cache_max_rows"],
         ),
         run_config=ray.train.RunConfig(
             name=stage.name,
