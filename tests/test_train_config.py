@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mkt.contract import ConfigError
-from mkt.synthetic import toy_batch, toy_schema
+from mkt.synthetic import toy_batch, toy_columns, toy_schema
 from train.checks import check_stage_params, prepare_run_dir
 from train.config import load_run_config, parse_overrides
 from train.data import entity_batch_sizes, mixed_batches
@@ -157,3 +157,36 @@ def test_batches_mix_entities_in_proportion() -> None:
     mixed = list(mixed_batches([iter(batches), iter(other)]))
     assert [len(b["label"]) for b in mixed] == [100, 100, 55, 5]
     assert torch.equal(mixed[0]["label"], torch.cat([batches[0]["label"], other[0]["label"]]))
+
+
+def test_arrow_collate_equals_the_numpy_encoding() -> None:
+    """Workers collate Ray's Arrow batches; the model batch must be what `to_tensors` makes of
+    the same rows as numpy columns (serving and evaluation go that way), every column."""
+    import numpy as np
+    import pyarrow as pa
+
+    from mkt.features import to_tensors
+    from train.data import ModelBatches
+
+    schema = toy_schema()
+    columns = toy_columns(schema, 300, seed=3)
+    columns["user_key"] = np.arange(300) * 7
+    arrays = {
+        name: pa.array(list(values)) if values.ndim == 2 else pa.array(values)
+        for name, values in columns.items()
+    }
+    # A batch as Ray hands it over: a table of two chunks.
+    table = pa.Table.from_pydict(arrays)
+    table = pa.concat_tables([table.slice(0, 120), table.slice(120)])
+    got = ModelBatches(schema, keep=["user_key"])(table)
+    expected = to_tensors(schema, columns)
+    assert set(got) == {*expected, "user_key"}
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert torch.equal(got["user_key"], torch.as_tensor(columns["user_key"]))
+    got["seq_post"][0, 0] = -1  # the batch owns its memory (Arrow's is read-only)
+    unknown = table.set_column(
+        table.schema.get_field_index("entity"), "entity", pa.array(["video"] * 300)
+    )
+    with pytest.raises(ValueError, match="unknown entity 'video'"):
+        ModelBatches(schema)(unknown)

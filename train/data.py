@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 import torch
 from ray.data import FileShuffleConfig
-from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.expressions import Expr, col
 
 from mkt.features import Batch, to_tensors
@@ -144,16 +146,38 @@ def mixed_batches(streams: Iterable[Iterable[Batch]]) -> Iterator[Batch]:
             yield {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
 
 
-class ModelBatches(NumpyBatchCollateFn):
-    """Collate for `iter_torch_batches`: a Ray numpy batch -> `mkt.features.to_tensors`, plus
-    the untouched `keep` columns (e.g. `user_key` for GAUC) as tensors."""
+class ModelBatches(ArrowBatchCollateFn):
+    """Collate for `iter_torch_batches`: a Ray batch as an Arrow table -> `mkt.features.to_tensors`,
+    plus the untouched `keep` columns (e.g. `user_key` for GAUC) as tensors. Arrow, not numpy:
+    Ray hands a list column to numpy as one array per row, and stacking them was the largest
+    cost of a batch; the flat values of a padded list column are already the matrix."""
 
     def __init__(self, schema: FeatureSchema, keep: Iterable[str] = ()) -> None:
         self.schema = schema
         self.keep = tuple(keep)
+        self.entities = pa.array(schema.entities)
 
-    def __call__(self, batch: Mapping[str, Any]) -> Batch:
-        out = to_tensors(self.schema, batch)
+    def __call__(self, batch: pa.Table) -> Batch:
+        columns: dict[str, Any] = {}
+        for name in batch.column_names:
+            values = batch[name].combine_chunks()
+            if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+                # Padded to seq_len by the ETL; to_tensors checks the width.
+                flat = values.flatten().to_numpy(zero_copy_only=False)
+                columns[name] = flat.reshape(len(values), -1) if len(values) else flat
+            elif name == self.schema.columns["entity"] and pa.types.is_string(values.type):
+                index = pc.index_in(values, value_set=self.entities)
+                if index.null_count:
+                    unknown = pc.filter(values, pc.is_null(index))[0].as_py()
+                    raise ValueError(
+                        f"unknown entity {unknown!r}; schema has {self.schema.entities}"
+                    )
+                columns[name] = index.to_numpy()
+            else:
+                columns[name] = values.to_numpy(zero_copy_only=False)
+        # Arrow's buffers are read-only; a tensor must own memory the step may write.
+        columns = {k: v if v.flags.writeable else v.copy() for k, v in columns.items()}
+        out = to_tensors(self.schema, columns)
         for name in self.keep:
-            out[name] = torch.as_tensor(np.asarray(batch[name]))
+            out[name] = torch.as_tensor(np.asarray(columns[name]))
         return out
