@@ -128,6 +128,14 @@ class GeneratorConfig:
         for name in ("users_per_chunk", "calibration_users", "max_rows_per_user", "min_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GeneratorConfig.{name} must be >= 1")
+        for name in (
+            "video_rows_median",
+            "article_rows_median",
+            "video_items_per_user",
+            "article_items_per_user",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GeneratorConfig.{name} must be > 0")
 
 
 def _rng(seed: int, *key: int) -> np.random.Generator:
@@ -641,7 +649,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_false",
         help="the two entities share nothing about a user but gender and age (docs/generator.md)",
     )
-    for name in ("users_per_chunk", "duplicate_rate", "missing_category_rate", "max_rows_per_user"):
+    # The size knobs besides --users: rows per user and items per user, e.g. Tenrec's
+    # vocabularies at 20M rows (docs/BENCHMARKS.md, "A Tenrec-size run").
+    for name in (
+        "users_per_chunk",
+        "duplicate_rate",
+        "missing_category_rate",
+        "max_rows_per_user",
+        "video_rows_median",
+        "article_rows_median",
+        "video_items_per_user",
+        "article_items_per_user",
+    ):
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=type(getattr(defaults, name)),

@@ -335,3 +335,26 @@ def test_cli_writes_files_and_prints_summary(tmp_path: Path) -> None:
         text=True,
     )
     assert bad.returncode == 2 and "num_users" in bad.stderr
+    small = tmp_path / "small"
+    args = ["--users", "300", "--seed", "1", "--video-rows-median", "2"]
+    args += ["--video-items-per-user", "2.0", "--article-items-per-user", "0"]
+    sized = subprocess.run(
+        [sys.executable, "jobs/generate_tenrec.py", "--output", str(small), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert sized.returncode == 2 and "article_items_per_user must be > 0" in sized.stderr
+    args[-1] = "0.5"
+    subprocess.run(
+        [sys.executable, "jobs/generate_tenrec.py", "--output", str(small), *args],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    )
+    # Fewer rows per user, more items per user than the default run above (same users).
+    default_rows = sum(1 for _ in (out / "QK-video.csv").open()) - 1
+    small_rows = sum(1 for _ in (small / "QK-video.csv").open()) - 1
+    assert small_rows < default_rows / 2
+    items = {line.split(",")[1] for line in list((small / "QK-video.csv").open())[1:]}
+    assert len(items) > 300  # at least min_items (100) at the default's 0.35 a user

@@ -235,6 +235,9 @@ def _ddp_rank(rank: int, init_file: str, out_dir: str) -> None:
         if p.grad is not None
     }
     torch.save({"grads": grads, "sparse": sparse}, f"{out_dir}/rank{rank}.pt")
+    # Both ranks done with gloo before either tears it down: a rank leaving while the other
+    # still talked aborted once in the suite ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""train/optim.py: the stage optimiser, dense or with SparseAdam on sparse table gradients."""
+"""train/optim.py: the stage optimiser, dense or with RowAdam on sparse table gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from mkt.contract import ConfigError
 from mkt.models import build_model
 from mkt.synthetic import toy_batch, toy_schema
-from train.optim import SplitOptimizer, build_optimizer, use_sparse_embeddings
+from train.optim import RowAdam, SplitOptimizer, build_optimizer, use_sparse_embeddings
 
 OPTS = {"lr": 0.01, "embedding_lr": None, "weight_decay": 0.0}
 
@@ -54,6 +54,28 @@ def test_sparse_optimizer_steps_only_the_rows_a_batch_read_and_resumes() -> None
         assert torch.equal(restored[key]["exp_avg"], original[key]["exp_avg"])
     with pytest.raises(ValueError, match="sparse_embeddings"):
         again.load_state_dict({"dense": optimizer.parts["dense"].state_dict()})
+
+
+def test_row_adam_is_sparse_adams_update() -> None:
+    """RowAdam is torch.optim.SparseAdam's update with index operations: the same tables
+    after steps that read overlapping, repeated and disjoint rows."""
+    torch.manual_seed(0)
+    tables = [torch.nn.Embedding(50, 4, sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    ours = RowAdam(tables[0].parameters(), lr=0.05)
+    torch_own = torch.optim.SparseAdam(tables[1].parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(6):
+        rows = torch.randint(0, 50 if step % 2 else 10, (32, 3), generator=generator)
+        for table, optimizer in zip(tables, (ours, torch_own), strict=True):
+            optimizer.zero_grad()
+            ((table(rows) - 1.0) ** 2).sum().backward()
+            optimizer.step()
+        assert torch.allclose(tables[0].weight, tables[1].weight, atol=1e-6), step
+    dense = torch.nn.Embedding(5, 2)
+    dense(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        RowAdam(dense.parameters()).step()
 
 
 def test_dense_optimizer_is_one_adam_with_two_groups() -> None:

@@ -10,7 +10,9 @@ Shuffling (docs/training.md, "Shuffling"), without materialising the table:
   the whole table. One stream of both entities would instead hand out long single-entity
   runs, because files hold one entity each and are read one after another.
 A global `random_shuffle()` would move the whole table through the object store every epoch,
-which SGD on click logs does not need.
+which SGD on click logs does not need. A stage small enough to cache (train.stage,
+`train.cache_max_rows`) replays its streams' blocks from the object store, in a new block order
+every epoch.
 """
 
 from __future__ import annotations
