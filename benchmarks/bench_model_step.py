@@ -25,6 +25,7 @@ from mkt.contract import FIRST_INDEX
 from mkt.features import Batch
 from mkt.models import build_model
 from mkt.schema import FeatureSchema
+from train.config import load_run_config
 from train.optim import build_optimizer, use_sparse_embeddings
 
 
@@ -60,7 +61,12 @@ def random_batch(schema: FeatureSchema, rows: int, generator: torch.Generator) -
 
 
 def rows_per_second(
-    schema: FeatureSchema, model_name: str, sparse: bool, batch_size: int, steps: int
+    schema: FeatureSchema,
+    model_name: str,
+    sparse: bool,
+    batch_size: int,
+    steps: int,
+    sparse_min_rows: int,
 ) -> float:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
@@ -68,8 +74,8 @@ def rows_per_second(
     batches = [random_batch(schema, batch_size, generator) for _ in range(steps + 2)]
     model.count_embedding_rows(batches)
     if sparse:
-        use_sparse_embeddings(model, torch.device("cpu"), world=1)
-    opts = {"lr": 1e-3, "embedding_lr": None, "weight_decay": 0.0, "sparse_embeddings": sparse}
+        use_sparse_embeddings(model, torch.device("cpu"), world=1, min_rows=sparse_min_rows)
+    opts = {"lr": 1e-3, "embedding_lr": None, "weight_decay": 0.0}
     optimizer = build_optimizer(model, opts)
     times = []
     for batch in batches:
@@ -91,6 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, nargs="+", default=[9579, 2_100_000])
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--sparse-min-rows",
+        type=int,
+        default=load_run_config(None, [])["train"]["sparse_min_rows"],
+        help="with sparse gradients, only tables of at least this many rows (train config's)",
+    )
     args = parser.parse_args(argv)
     if len(args.users) != len(args.items):
         parser.error("--users and --items: one item count per user count")
@@ -102,7 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     for users, items in zip(args.users, args.items, strict=True):
         schema = resized(base, users, items)
         dense, sparse = (
-            rows_per_second(schema, args.model, s, args.batch_size, args.steps)
+            rows_per_second(
+                schema, args.model, s, args.batch_size, args.steps, args.sparse_min_rows
+            )
             for s in (False, True)
         )
         print(

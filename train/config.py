@@ -71,6 +71,7 @@ class Train:
     weight_decay: float
     embedding_l2: float
     sparse_embeddings: bool
+    sparse_min_rows: int
     tem_holdout: float
     early_stopping: EarlyStopping
     shuffle_buffer_rows: int
@@ -214,7 +215,7 @@ def check(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")
     if not 0.0 <= train["tem_holdout"] < 1.0:
         raise ConfigError(f"train.tem_holdout: must be in [0, 1), got {train['tem_holdout']}")
-    for key in ("shuffle_buffer_rows", "cache_max_rows"):
+    for key in ("shuffle_buffer_rows", "cache_max_rows", "sparse_min_rows"):
         if train[key] < 0:
             raise ConfigError(f"train.{key}: must be >= 0 (0 turns it off), got {train[key]}")
     stopping = train["early_stopping"]

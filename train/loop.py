@@ -98,7 +98,7 @@ def _train_stage(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("[%s] resuming after epoch %d", config["stage"], state.epochs_done)
     if opts["sparse_embeddings"]:
-        use_sparse_embeddings(model, ray.train.torch.get_device(), world)
+        use_sparse_embeddings(model, ray.train.torch.get_device(), world, opts["sparse_min_rows"])
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": opts["find_unused_parameters"]}
     )

@@ -67,11 +67,12 @@ class EmbeddingBank(nn.Module):
     def sparse_gradients(self) -> bool:
         return any(table.sparse for table in self.tables.values())
 
-    @sparse_gradients.setter
-    def sparse_gradients(self, sparse: bool) -> None:
+    def use_sparse_gradients(self, sparse: bool = True, min_rows: int = 0) -> None:
+        """Sparse gradients for the tables of at least `min_rows` rows (dense for the others,
+        whose whole-table step costs less than a sparse step's bookkeeping)."""
         # nn.Embedding reads `sparse` at each forward, so a built model can switch.
         for table in self.tables.values():
-            table.sparse = sparse
+            table.sparse = sparse and table.num_embeddings >= min_rows
 
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
         if name not in self.tables:

@@ -78,10 +78,11 @@ class CTRModel(nn.Module):
         tables = {id(t.weight): t.weight for b in self.embedding_banks() for t in b.tables.values()}
         return list(tables.values())
 
-    def use_sparse_gradients(self, sparse: bool = True) -> None:
-        """Switch every trainable embedding table to sparse (or dense) gradients."""
+    def use_sparse_gradients(self, sparse: bool = True, min_rows: int = 0) -> None:
+        """Switch the trainable embedding tables of at least `min_rows` rows to sparse
+        gradients (or every table back to dense)."""
         for bank in self.embedding_banks():
-            bank.sparse_gradients = sparse
+            bank.use_sparse_gradients(sparse, min_rows)
 
     def count_embedding_rows(self, batches: Iterable[Batch]) -> list[torch.Tensor]:
         """The counting pass of `embedding_l2` over an epoch's batches; returns the count
