@@ -56,6 +56,32 @@ def test_sparse_optimizer_steps_only_the_rows_a_batch_read_and_resumes() -> None
         again.load_state_dict({"dense": optimizer.parts["dense"].state_dict()})
 
 
+def test_only_tables_of_sparse_min_rows_take_sparse_gradients() -> None:
+    """Small tables stay dense, in the dense Adam's table group; the large ones go to RowAdam.
+    With no table large enough, the optimiser is the dense one."""
+    schema = toy_schema()
+    torch.manual_seed(0)
+    model = build_model("mem", schema, {})
+    sizes = {n: t.num_embeddings for n, t in model.inputs.embeddings.tables.items()}
+    cut = sorted(set(sizes.values()))[-1]  # the largest tables only
+    use_sparse_embeddings(model, torch.device("cpu"), world=1, min_rows=cut)
+    optimizer = build_optimizer(model, OPTS)
+    assert isinstance(optimizer, SplitOptimizer)
+    big = {id(t.weight) for t in model.inputs.embeddings.tables.values() if t.num_embeddings >= cut}
+    assert {id(p) for p in optimizer.parts["tables"].param_groups[0]["params"]} == big
+    dense_tables = optimizer.parts["dense"].param_groups[1]["params"]
+    assert dense_tables and not any(p.grad is not None and p.grad.is_sparse for p in dense_tables)
+    assert {id(p) for p in dense_tables}.isdisjoint(big)
+    batch = toy_batch(schema, 64, seed=1)
+    model.loss(batch, model(batch))["loss"].backward()
+    for name, table in model.inputs.embeddings.tables.items():
+        assert table.weight.grad.is_sparse == (sizes[name] >= cut), name
+    optimizer.step()
+    model.use_sparse_gradients(False)
+    use_sparse_embeddings(model, torch.device("cpu"), world=1, min_rows=cut + 1)
+    assert isinstance(build_optimizer(model, OPTS), torch.optim.Adam)
+
+
 def test_row_adam_is_sparse_adams_update() -> None:
     """RowAdam is torch.optim.SparseAdam's update with index operations: the same tables
     after steps that read overlapping, repeated and disjoint rows."""

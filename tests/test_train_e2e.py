@@ -100,7 +100,7 @@ def test_generated_data_through_spark_and_both_stages(
         path = Path(stage["best_checkpoint"]) / "optimizer.pt"
         return torch.load(path, weights_only=True)
 
-    assert set(optimizer_state(mem)) == {"dense", "tables"}  # Adam beside SparseAdam
+    assert set(optimizer_state(mem)) == {"dense", "tables"}  # Adam beside RowAdam
     # TEM reads the frozen MEM's tables: none of its own to train, so one Adam.
     assert "param_groups" in optimizer_state(tem)
     mem_weights = load_file(str(Path(mem["best_checkpoint"]) / "model.safetensors"))
