@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_streaming import _name, sample_memory
-from jobs.common import DATA_CONFIG, build_samples_command, train_command
+from jobs.common import DATA_CONFIG, build_samples_command, spark_env, train_command
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -48,7 +47,7 @@ def run_phase(name: str, command: list[str], log_path: Path, interval_s: float) 
     """Run `command`, sampling its process tree's memory until it ends."""
     print(f"== {name}: {' '.join(command)}", flush=True)
     started = time.time()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**spark_env(), "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     with log_path.open("w") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
