@@ -88,13 +88,21 @@ _HOLDOUT_HASH = 2654435761
 _HOLDOUT_BUCKETS = 10000
 
 
+def holdout_bucket(line_no: Any) -> Any:
+    """`(line_no * _HOLDOUT_HASH) % _HOLDOUT_BUCKETS`, for a column expression or an integer,
+    computed as `((line_no % B) * (_HOLDOUT_HASH % B)) % B` (the same value): Ray evaluates
+    the expression through float64 somewhere, and the product itself passes 2^53 from line
+    3.4M on (it failed a 22M-row run)."""
+    return ((line_no % _HOLDOUT_BUCKETS) * (_HOLDOUT_HASH % _HOLDOUT_BUCKETS)) % _HOLDOUT_BUCKETS
+
+
 def target_rows_filter(schema: FeatureSchema, part: str, share: float) -> Expr | None:
     """The filter of a stage's target train rows (mkt.pipelines.Stage.target_rows): a row is
     held out when a hash of its line number falls in the first `share` of the buckets, so the
     two parts are the same whatever reads them, and interleave users and time."""
     if part == "all" or share <= 0:
         return None
-    bucket = (col(schema.columns["line_no"]) * _HOLDOUT_HASH) % _HOLDOUT_BUCKETS
+    bucket = holdout_bucket(col(schema.columns["line_no"]))
     held_out = bucket < round(share * _HOLDOUT_BUCKETS)
     if part == "holdout":
         return held_out
