@@ -218,3 +218,23 @@ def test_holdout_buckets_hold_at_tenrec_line_numbers() -> None:
     assert holdout_bucket(123_456_789_012) == (123_456_789_012 * _HOLDOUT_HASH) % _HOLDOUT_BUCKETS
     held = (got["bucket"] < 0.3 * _HOLDOUT_BUCKETS).mean()
     assert 0.25 < held < 0.35
+
+
+def test_read_block_size_applies_to_the_reads_made_inside_only() -> None:
+    import ray.data
+
+    from train.stage import read_block_size
+
+    context = ray.data.DataContext.get_current()
+    default = context.target_max_block_size
+    with read_block_size(32 << 20):
+        assert context.target_max_block_size == 32 << 20
+    assert context.target_max_block_size == default
+    with read_block_size(None):
+        assert context.target_max_block_size == default
+    with pytest.raises(ConfigError, match=r"train\.read_block_bytes"):
+        load_run_config(None, ["train.read_block_bytes=1000"])
+    assert (
+        load_run_config(None, ["train.read_block_bytes=33554432"])["train"]["read_block_bytes"]
+        == 32 << 20
+    )

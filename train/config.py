@@ -77,6 +77,7 @@ class Train:
     shuffle_buffer_rows: int
     read_tasks_per_stream: int
     cache_max_rows: int
+    read_block_bytes: int | None
     eval_batch_size: int
     progress_every_batches: int
     find_unused_parameters: bool
@@ -215,6 +216,9 @@ def check(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")
     if not 0.0 <= train["tem_holdout"] < 1.0:
         raise ConfigError(f"train.tem_holdout: must be in [0, 1), got {train['tem_holdout']}")
+    block = train["read_block_bytes"]
+    if block is not None and block < 1 << 20:
+        raise ConfigError(f"train.read_block_bytes: null or at least 1 MiB, got {block}")
     for key in ("shuffle_buffer_rows", "cache_max_rows", "sparse_min_rows"):
         if train[key] < 0:
             raise ConfigError(f"train.{key}: must be >= 0 (0 turns it off), got {train[key]}")

@@ -9,8 +9,9 @@ Checkpoints, restarts and early stopping are Train's and the loop's.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,20 @@ def stage_datasets(
     return datasets
 
 
+@contextlib.contextmanager
+def read_block_size(read_block_bytes: int | None) -> Iterator[None]:
+    """Reads created inside take `read_block_bytes` as their largest block (a read copies the
+    current DataContext when it is created); the context is restored after."""
+    context = ray.data.DataContext.get_current()
+    default = context.target_max_block_size
+    if read_block_bytes is not None:
+        context.target_max_block_size = read_block_bytes
+    try:
+        yield
+    finally:
+        context.target_max_block_size = default
+
+
 def earlier_attempt(stage: Stage, run_dir: Path) -> Result | None:
     """What an earlier invocation with this RUN_DIR left of the stage, if it checkpointed."""
     path = run_dir / CHECKPOINTS_DIR / stage.name
@@ -215,6 +230,17 @@ def run_stage(
     errors = error_file(run_dir, stage)
     errors.unlink(missing_ok=True)  # an earlier invocation's; this one starts afresh
 
+    with read_block_size(config["train"]["read_block_bytes"]):
+        datasets = stage_datasets(
+            stage,
+            schema,
+            samples_dir,
+            rows,
+            config["seed"],
+            config["train"]["read_tasks_per_stream"],
+            config["train"]["tem_holdout"],
+            config["train"]["cache_max_rows"],
+        )
     trainer = TorchTrainer(
         stage_worker,
         train_loop_config=train_loop_config,
@@ -224,16 +250,7 @@ def run_stage(
             use_gpu=gpu,
             resources_per_worker=resources,
         ),
-        datasets=stage_datasets(
-            stage,
-            schema,
-            samples_dir,
-            rows,
-            config["seed"],
-            config["train"]["read_tasks_per_stream"],
-            config["train"]["tem_holdout"],
-            config["train"]["cache_max_rows"],
-        ),
+        datasets=datasets,
         run_config=ray.train.RunConfig(
             name=stage.name,
             storage_path=storage,
