@@ -99,6 +99,10 @@ def ray_environment(config: dict[str, Any]) -> dict[str, str]:
         # Ray reports usage statistics to its project's server unless told not to; a run sends
         # traffic nowhere but 127.0.0.1.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Pyarrow decodes 8 batches ahead of a Parquet read task by default, which a local disk
+        # does not need: one keeps a read task's memory lower while streaming a large table
+        # (docs/BENCHMARKS.md, "Streaming memory"). A cluster reading object storage keeps 8.
+        os.environ.setdefault("RAY_DATA_PARQUET_READER_BATCH_READAHEAD", "1")
     env = {name: os.environ.setdefault(name, value) for name, value in QUIET_ENV.items()}
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the driver's only: Tune runs there
     return env
