@@ -292,3 +292,97 @@ def test_sparse_embedding_gradients_under_two_worker_ddp_gloo(tmp_path):
         assert got["grads"].keys() == expected.keys()
         for name, grad in got["grads"].items():
             torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def _per_feature_parts(inputs: EntityInputs, batch) -> dict:
+    """The four parts from one lookup per feature and per sequence (what a traced graph runs)."""
+    return {
+        "user": inputs.user(batch),
+        "seq": inputs.seq(batch),
+        "shared": inputs.shared(batch),
+        "specific": {e: inputs.specific(batch, e) for e in inputs.entities},
+    }
+
+
+def _flat(parts: dict) -> torch.Tensor:
+    specific = [parts["specific"][e] for e in sorted(parts["specific"])]
+    return torch.cat([parts["user"], parts["seq"], parts["shared"], *specific], dim=1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("pooler", ["attention", "mean"])
+def test_fused_lookup_equals_per_feature_lookups(schema, pooler, sparse):
+    """`EntityInputs.forward` looks each table up once (`EmbeddingBank.gather`): the same parts
+    and the same gradients as one lookup per feature and per sequence, and a sparse table's
+    gradient has one entry per distinct row read instead of one per cell."""
+    from mkt.layers.pooling import MeanPooling
+
+    batch = toy_batch(schema, 48, seed=5)
+    torch.manual_seed(0)
+    attention = TargetAttention(8) if pooler == "attention" else MeanPooling()
+    inputs = EntityInputs(schema, dim=8, attention=attention)
+    inputs.embeddings.use_sparse_gradients(sparse)
+    projection = torch.randn(_flat(inputs(batch)).shape[1])
+
+    def gradients(parts_of) -> tuple[torch.Tensor, dict]:
+        inputs.zero_grad(set_to_none=True)
+        out = _flat(parts_of(batch))
+        (out @ projection).pow(2).sum().backward()
+        return out.detach(), {n: p.grad for n, p in inputs.named_parameters() if p.grad is not None}
+
+    fused_out, fused = gradients(inputs)
+    plain_out, plain = gradients(lambda b: _per_feature_parts(inputs, b))
+    torch.testing.assert_close(fused_out, plain_out, rtol=1e-6, atol=1e-7)
+    assert fused.keys() == plain.keys()
+    for name in fused:
+        assert fused[name].is_sparse == plain[name].is_sparse == (sparse and ".tables." in name)
+        torch.testing.assert_close(
+            fused[name].to_dense(), plain[name].to_dense(), rtol=1e-5, atol=1e-7
+        )
+    if sparse:
+        item = f"embeddings.tables.{schema.item_feature}.weight"
+        read = torch.cat([c for _, c in inputs.embeddings.cells(batch)[schema.item_feature]])
+        entries = fused[item]._indices()[0]
+        assert len(entries) == len(entries.unique()) == len(read.unique()) - (0 in read)
+        assert plain[item]._indices().shape[1] > len(entries)  # one per cell, padding too
+
+
+def test_l2_penalty_reuses_the_forward_lookup_once(schema):
+    """After a training forward, `l2_penalty` of the same batch reads the forward's vectors
+    (same value and gradient as its own lookup) and releases them: a second call, a call
+    after a backward, another batch or a no-grad forward look the rows up again."""
+    batches = [toy_batch(schema, 48, seed=s) for s in (6, 7)]
+    torch.manual_seed(0)
+    inputs = EntityInputs(schema, dim=8)
+    bank = inputs.embeddings
+    bank.reset_touch_counts()
+    for b in batches:
+        bank.count_rows(b)
+
+    def penalty_and_grads(forward_first: bool) -> tuple[torch.Tensor, dict]:
+        inputs.zero_grad(set_to_none=True)
+        out = _flat(inputs(batches[0])).sum() if forward_first else torch.zeros(())
+        penalty = bank.l2_penalty(batches[0])
+        (out + penalty).backward()
+        return penalty.detach(), {n: p.grad.clone() for n, p in bank.named_parameters()}
+
+    reused, reused_grads = penalty_and_grads(forward_first=True)
+    assert bank.last_gathered is None  # read once, then released
+    inputs.zero_grad(set_to_none=True)
+    _flat(inputs(batches[0])).sum().backward()
+    forward_only = {n: p.grad.clone() for n, p in bank.named_parameters()}
+    assert bank.last_gathered is None  # the backward freed the lookup's graph
+    own = bank.l2_penalty(batches[0])  # its own lookup
+    torch.testing.assert_close(reused, own.detach())
+    inputs.zero_grad(set_to_none=True)
+    own.backward()
+    for name, grad in reused_grads.items():
+        torch.testing.assert_close(
+            grad, forward_only[name] + dict(bank.named_parameters())[name].grad
+        )
+    inputs(batches[1])
+    assert bank.last_gathered is not None and bank.last_gathered[0] is batches[1]
+    torch.testing.assert_close(bank.l2_penalty(batches[0]), own.detach())  # not batch 1's rows
+    with torch.no_grad():
+        inputs(batches[0])
+    assert bank.last_gathered is None

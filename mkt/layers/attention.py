@@ -39,6 +39,10 @@ class TargetAttention(nn.Module):
             weights = weights * mask.to(keys.dtype)
             return torch.bmm(weights.unsqueeze(1), keys).squeeze(1)
         rows, slots = mask.nonzero(as_tuple=True)  # the real slots, [n] each
-        real = keys[rows, slots]  # [n, d]
+        return self.pool(query, keys[rows, slots], rows)
+
+    def pool(self, query: Tensor, real: Tensor, rows: Tensor) -> Tensor:
+        """The real slots only: `real` `[n, d]` their keys, `rows` `[n]` the row each belongs
+        to -> `[B, d]` (what `EmbeddingBank.gather` gives a sequence)."""
         weighted = self.weigh(query[rows], real).unsqueeze(-1) * real
         return query.new_zeros(query.shape).index_add(0, rows, weighted)

@@ -15,6 +15,15 @@ With `sparse_gradients` on, every lookup (and the L2) gives its table a sparse g
 rows a batch touches, not a dense tensor of the table's size, so a row-wise optimiser
 (`torch.optim.SparseAdam`) updates only those rows. At Tenrec's vocabularies the dense
 table step alone bounds a CPU worker (docs/BENCHMARKS.md, "Embedding tables").
+
+`gather` is the fused lookup a model's forward uses: per table, one lookup of the distinct
+rows the batch reads (its own column, and for the item table every real slot of every
+sequence), shared by the features, the sequences and the L2. A table's gradient is then one
+entry per distinct row, not one per cell: the item table's sparse gradient shrinks from
+`B * (1 + 2 * seq_len)` padded cells to the few thousand rows a batch really reads, which is
+what DDP all-reduces (docs/BENCHMARKS.md, "Training throughput"). It equals the per-feature
+lookups (`lookup`, `sequence`, tested with gradients), which traced graphs keep: a lookup
+of distinct rows has data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -28,6 +37,28 @@ from mkt.features import Batch
 from mkt.schema import FeatureSchema
 
 INIT_STD = 0.05
+
+
+class BatchEmbeddings:
+    """A batch's embeddings from one lookup per table (`EmbeddingBank.gather`)."""
+
+    def __init__(
+        self,
+        empty: torch.Tensor,
+        columns: dict[str, torch.Tensor],
+        sequences: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        tables: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        self.empty = empty  # [B, 0, dim]: what no features embed to
+        self.columns = columns  # feature -> [B, dim]
+        self.sequences = sequences  # sequence -> (its real slots' keys [n, dim], their rows [n])
+        self.tables = tables  # table -> (distinct rows read [m], their vectors [m, dim])
+
+    def features(self, names: list[str]) -> torch.Tensor:
+        """`[B, len(names), dim]`, as `EmbeddingBank.forward`."""
+        if not names:
+            return self.empty
+        return torch.stack([self.columns[n] for n in names], dim=1)
 
 
 class EmbeddingBank(nn.Module):
@@ -62,6 +93,8 @@ class EmbeddingBank(nn.Module):
         # weights, so not a buffer: checkpoints and exported models do not carry it.
         self.touch_counts: dict[str, torch.Tensor] = {}
         self.range_guard = True
+        # The training forward's `gather`, which `l2_penalty` of the same batch reads once.
+        self.last_gathered: tuple[Batch, BatchEmbeddings] | None = None
 
     @property
     def sparse_gradients(self) -> bool:
@@ -88,9 +121,52 @@ class EmbeddingBank(nn.Module):
     def forward(self, batch: Batch, names: list[str]) -> torch.Tensor:
         """`[B, len(names), dim]`: the embeddings of the named features, in that order."""
         if not names:
-            rows = batch["entity_index"].shape[0]
-            return batch["entity_index"].new_zeros((rows, 0, self.dim), dtype=torch.float32)
+            return self.no_features(batch)
         return torch.stack([self.lookup(n, batch[n]) for n in names], dim=1)
+
+    def no_features(self, batch: Batch) -> torch.Tensor:
+        rows = batch["entity_index"].shape[0]
+        return batch["entity_index"].new_zeros((rows, 0, self.dim), dtype=torch.float32)
+
+    def cells(self, batch: Batch) -> dict[str, list[tuple[str, torch.Tensor]]]:
+        """Per table, the columns of `batch` it serves with their cells (flat): its feature
+        column, and for the item table every real slot of every sequence."""
+        cells: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        for name in self.tables:
+            parts = [(name, batch[name].reshape(-1))] if name in batch else []
+            if name == self.item_feature:
+                parts += [(s, batch[s][self.sequence_mask(batch, s)]) for s in self.length_columns]
+            if parts:
+                cells[name] = parts
+        return cells
+
+    def gather(self, batch: Batch) -> BatchEmbeddings:
+        """Every column of `batch` this bank's tables serve, one lookup of distinct rows per
+        table (module docstring). Kept for `l2_penalty` of the same batch when the L2 is on."""
+        columns, sequences, tables = {}, {}, {}
+        for name, parts in self.cells(batch).items():
+            index = self.clamp(name, torch.cat([c for _, c in parts]))
+            rows, inverse = torch.unique(index, return_inverse=True)
+            vectors = self.tables[name](rows)  # [m, dim]: the table's only lookup this step
+            tables[name] = (rows, vectors)
+            for (column, _), where in zip(
+                parts, inverse.split([len(c) for _, c in parts]), strict=True
+            ):
+                if column == name:
+                    columns[name] = vectors[where]
+                else:
+                    real_rows = self.sequence_mask(batch, column).nonzero(as_tuple=True)[0]
+                    sequences[column] = (vectors[where], real_rows)
+        looked_up = BatchEmbeddings(self.no_features(batch), columns, sequences, tables)
+        trainable = [v for _, v in tables.values() if v.requires_grad]
+        self.last_gathered = (batch, looked_up) if self.touch_counts and trainable else None
+        if self.last_gathered is not None:
+            # A backward frees the lookup's graph: an L2 after it must look the rows up again.
+            trainable[0].register_hook(self.release_gathered)
+        return looked_up
+
+    def release_gathered(self, grad: torch.Tensor) -> None:
+        self.last_gathered = None
 
     def sequence(self, batch: Batch, seq_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A behaviour sequence through the shared item table: `[B, L, dim]` and the mask of
@@ -107,16 +183,12 @@ class EmbeddingBank(nn.Module):
         return positions.unsqueeze(0) < length.unsqueeze(1)
 
     def touched_rows(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """Per table, the distinct rows this batch reads (its feature column, and for the item
-        table every real slot of every sequence), padding left out: it has no gradient."""
+        """Per table, the distinct rows this batch reads (`cells`), padding left out: it has
+        no gradient."""
         touched: dict[str, torch.Tensor] = {}
-        for name in self.tables:
-            parts = [batch[name].reshape(-1)] if name in batch else []
-            if name == self.item_feature:
-                parts += [batch[s][self.sequence_mask(batch, s)] for s in self.length_columns]
-            if parts:
-                rows = torch.unique(self.clamp(name, torch.cat(parts)))
-                touched[name] = rows[rows != PAD]
+        for name, parts in self.cells(batch).items():
+            rows = torch.unique(self.clamp(name, torch.cat([c for _, c in parts])))
+            touched[name] = rows[rows != PAD]
         return touched
 
     def reset_touch_counts(self, device: torch.device | str = "cpu") -> None:
@@ -136,11 +208,25 @@ class EmbeddingBank(nn.Module):
         an epoch's batches that touch w (`count_rows`). Summed over an epoch's batches, every
         row then counts ||w||^2 once, rare and frequent rows alike, as in an L2 term on the
         whole table: DIN's mini-batch aware regularisation (Zhou et al. 2018, section 4.3),
-        without reading the rows a batch does not touch. Frozen tables are left out."""
+        without reading the rows a batch does not touch. Frozen tables are left out.
+
+        After a training forward's `gather` of this same batch, its vectors are reused (and
+        released): each table then has one lookup, and one gradient entry per row, a step."""
+        gathered, self.last_gathered = self.last_gathered, None
+        if gathered is not None and gathered[0] is batch:
+            read = {}
+            for name, (rows, vectors) in gathered[1].tables.items():
+                real = rows != PAD
+                read[name] = (rows[real], vectors[real])
+        else:
+            # Looked up like a feature, not indexed: a sparse table keeps a sparse gradient.
+            read = {}
+            for name, rows in self.touched_rows(batch).items():
+                table = self.tables[name]
+                read[name] = (rows, F.embedding(rows, table.weight, sparse=table.sparse))
         total = torch.zeros((), device=next(self.parameters()).device)
-        for name, rows in self.touched_rows(batch).items():
-            table = self.tables[name]
-            if not table.weight.requires_grad:
+        for name, (rows, weights) in read.items():
+            if not self.tables[name].weight.requires_grad:
                 continue
             if name not in self.touch_counts:
                 raise RuntimeError(
@@ -148,8 +234,6 @@ class EmbeddingBank(nn.Module):
                     "over the training batches first"
                 )
             touches = self.touch_counts[name][rows].clamp(min=1.0)
-            # Looked up like a feature, not indexed: a sparse table keeps a sparse gradient.
-            weights = F.embedding(rows, table.weight, sparse=table.sparse)
             total = total + (weights.pow(2).sum(1) / touches).sum()
         return total
 
@@ -167,4 +251,5 @@ class EmbeddingBank(nn.Module):
         bank.tables = nn.ModuleDict({n: self.tables[n] for n in names})
         bank.touch_counts = self.touch_counts
         bank.range_guard = self.range_guard
+        bank.last_gathered = None
         return bank

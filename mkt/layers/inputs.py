@@ -71,9 +71,23 @@ class EntityInputs(nn.Module):
         return self.embeddings(batch, self.specific_names[entity]).flatten(1)
 
     def forward(self, batch: Batch) -> dict:
+        """All four parts; one lookup per table (`EmbeddingBank.gather`) where the shapes may
+        depend on the data, the per-feature lookups of the methods above in a traced graph."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return {
+                "user": self.user(batch),
+                "seq": self.seq(batch),
+                "shared": self.shared(batch),
+                "specific": {e: self.specific(batch, e) for e in self.entities},
+            }
+        looked_up = self.embeddings.gather(batch)
+        query = looked_up.columns[self.item_feature]
+        pooled = [self.attention.pool(query, *looked_up.sequences[s]) for s in self.seq_names]
         return {
-            "user": self.user(batch),
-            "seq": self.seq(batch),
-            "shared": self.shared(batch),
-            "specific": {e: self.specific(batch, e) for e in self.entities},
+            "user": looked_up.features(self.user_names).flatten(1),
+            "seq": torch.cat(pooled, dim=1) if pooled else query.new_zeros((query.shape[0], 0)),
+            "shared": looked_up.features(self.shared_names).flatten(1),
+            "specific": {
+                e: looked_up.features(self.specific_names[e]).flatten(1) for e in self.entities
+            },
         }

@@ -270,13 +270,10 @@ class MEMTargetPath(nn.Module):
         }
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        user, seq, shared = (
-            self.inputs.user(batch),
-            self.inputs.seq(batch),
-            self.inputs.shared(batch),
-        )
+        parts = self.inputs(batch)
+        user, seq, shared = parts["user"], parts["seq"], parts["shared"]
         common = torch.cat([user, seq, shared], dim=1)
-        specific = self.inputs.specific(batch, self.target)
+        specific = parts["specific"][self.target]
         if self.hfa is not None:
             q, _ = self.hfa(common, specific)
         else:

@@ -131,10 +131,9 @@ class TEM(CTRModel):
         return self
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        user = self.inputs.user(batch)
-        seq = self.inputs.seq(batch)
-        shared = self.inputs.shared(batch)
-        specific = self.inputs.specific(batch, self.target)
+        parts = self.inputs(batch)
+        user, seq, shared = parts["user"], parts["seq"], parts["shared"]
+        specific = parts["specific"][self.target]
         g_com = None
         if self.knowledge is not None:
             mem_user, mem_seq, mem_shared, g_com = self.knowledge(batch)
