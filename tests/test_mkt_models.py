@@ -163,6 +163,49 @@ def test_gamma_zero_drops_pdl_from_the_loss(schema, batch, device):
     assert not torch.allclose(grads[0.0], grads[0.5])
 
 
+@pytest.mark.parametrize("reads", [False, True])
+def test_source_rows_and_the_target_sequence(schema, batch, reads):
+    """`source_reads_target_sequence` off (the default): a source row's logit ignores the
+    target entity's sequence, its loss moves none of that sequence's item rows, and the L2's
+    counting pass does not count them; target rows read both sequences either way."""
+    mem = mem_model(schema, source_reads_target_sequence=reads)
+    target_seq = next(f for f in schema.sequences if f.entity == schema.target_entity)
+    source = batch["entity_index"] == schema.source_index
+    assert (batch[target_seq.length_column][source] > 0).any()
+    other = dict(batch, **{target_seq.name: batch[target_seq.name].flip(0)})
+    mem.eval()
+    with torch.no_grad():
+        before, after = mem(batch)["logit"], mem(other)["logit"]
+    assert torch.equal(before[source], after[source]) != reads
+    assert not torch.equal(before[~source], after[~source])  # target rows read it
+    mem.train()
+    mem.use_sparse_gradients()
+    source_rows = select_rows(batch, source)
+    mem.loss(source_rows, mem(source_rows))["loss"].backward()
+    moved = set(
+        mem.inputs.embeddings.tables[schema.item_feature]
+        .weight.grad.coalesce()
+        .indices()[0]
+        .tolist()
+    )
+
+    def real_items(seq) -> set[int]:
+        slots = torch.arange(schema.seq_len) < source_rows[seq.length_column].unsqueeze(1)
+        return set(source_rows[seq.name][slots].tolist())
+
+    read_elsewhere = set(source_rows[schema.item_feature].tolist())
+    for seq in schema.sequences:
+        if seq is not target_seq:
+            read_elsewhere |= real_items(seq)
+    only_in_target_seq = real_items(target_seq) - read_elsewhere
+    assert only_in_target_seq
+    assert bool(only_in_target_seq & moved) == reads
+    counts = mem.count_embedding_rows([source_rows])
+    bank = mem.inputs.embeddings
+    assert bool(bank.touch_counts[schema.item_feature][sorted(only_in_target_seq)].any()) == reads
+    assert counts
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_without_hfa_specific_features_are_concatenated_unscored(schema, batch, device):
     """w/o HFA: the CKE reads cat([common, v_spec^src, v_spec^tgt]), the other entity's

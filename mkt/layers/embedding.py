@@ -82,6 +82,9 @@ class EmbeddingBank(nn.Module):
         self.dim = dim
         self.item_feature = schema.item_feature
         self.length_columns = {f.name: f.length_column for f in schema.sequences}
+        # Per sequence, the entity indices whose rows read it (`read_sequences`); absent:
+        # every row reads it.
+        self.sequence_readers: dict[str, tuple[int, ...]] = {}
         self.tables = nn.ModuleDict(
             {f.name: nn.Embedding(f.vocab_size, dim, padding_idx=PAD) for f in scalar}
         )
@@ -177,10 +180,22 @@ class EmbeddingBank(nn.Module):
         return self.lookup(self.item_feature, items), self.sequence_mask(batch, seq_name)
 
     def sequence_mask(self, batch: Batch, seq_name: str) -> torch.Tensor:
+        """`[B, L]`: the real slots of the sequence, on the rows that read it."""
         items = batch[seq_name]
         length = batch[self.length_columns[seq_name]]
+        readers = self.sequence_readers.get(seq_name)
+        if readers is not None:
+            entity = batch["entity_index"]
+            length = torch.where(torch.isin(entity, entity.new_tensor(readers)), length, 0)
         positions = torch.arange(items.shape[1], device=items.device)
         return positions.unsqueeze(0) < length.unsqueeze(1)
+
+    def read_sequences(self, seq_name: str, entity_indices: list[int]) -> None:
+        """Only rows of these entities read the sequence: on the others it is empty, so it
+        neither informs their prediction nor passes their gradient to its items' rows."""
+        if seq_name not in self.length_columns:
+            raise KeyError(f"{seq_name!r} is not a sequence of the schema")
+        self.sequence_readers[seq_name] = tuple(entity_indices)
 
     def touched_rows(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Per table, the distinct rows this batch reads (`cells`), padding left out: it has
@@ -248,6 +263,9 @@ class EmbeddingBank(nn.Module):
         bank.dim = self.dim
         bank.item_feature = self.item_feature
         bank.length_columns = dict(self.length_columns)
+        # A subset serves one entity's rows (a target path, a serving graph): every row reads
+        # every sequence, with no dependence on `entity_index`.
+        bank.sequence_readers = {}
         bank.tables = nn.ModuleDict({n: self.tables[n] for n in names})
         bank.touch_counts = self.touch_counts
         bank.range_guard = self.range_guard

@@ -114,6 +114,9 @@ class MEM(CTRModel):
         "num_experts": 3,
         "tower_hidden": [16],
         "gamma": 0.01,
+        # Whether source rows read the target entity's behaviour sequence (docs/model.md,
+        # choice 9): off, the source's labels never move the target items' embeddings.
+        "source_reads_target_sequence": False,
         "dropout": 0.0,
     }
 
@@ -136,6 +139,10 @@ class MEM(CTRModel):
             embeddings=EmbeddingBank(schema, dim, init_std=p["embedding_init_std"]),
             attention=TargetAttention(dim, p["attention_hidden"]),
         )
+        if not p["source_reads_target_sequence"]:
+            for f in schema.sequences:
+                if f.entity == schema.target_entity:
+                    self.inputs.embeddings.read_sequences(f.name, [schema.target_index])
         common = self.inputs.common_dim
         self.spec_widths = {e: self.inputs.specific_dim(e) for e in self.entities}
         self.hfa = nn.ModuleDict()
