@@ -1,0 +1,255 @@
+"""Settings chosen on validation without Ray: MKT or TEM alone trained in one process on
+samples held in memory, every epoch a full shuffle, the same numbers for the same seed.
+
+    python jobs/in_memory.py --samples DATA_DIR/samples --output OUT_DIR [key=value ...]
+        [--model mkt] [--config conf/run/quickstart.yaml] [--mem-rows both] [--seeds 0 1 2]
+    python jobs/in_memory.py --compare OUT_DIR_A OUT_DIR_B
+
+Two Ray runs of the same config differ by their block order and worker interleaving, as much
+as the settings a sweep compares (docs/training.md); here a setting's effect is separated from
+that noise by seeds alone. The overrides are train/run.py's keys (`params.mem.gamma=0.1`,
+`train.tem_holdout=0`, `train.embedding_l2=100`), so what is chosen here is set there by the
+same key. Each stage trains `train.epochs` epochs and keeps its best by validation
+(`train.early_stopping.metric`, no patience: every epoch is scored). `--mem-rows target`
+trains the MEM on the target rows alone (what the source adds). The samples must fit in
+memory (the 100,000-user quick start: about 3 GB).
+
+Writes OUT_DIR/seed<k>.json (per stage: every epoch's validation and test AUC and GAUC, the
+best epoch) and OUT_DIR/seed<k>.npz (the final model's test labels, users and scores).
+`--compare` prints the paired bootstrap (over test users) of A's seed-mean scores minus B's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from deltalake import DeltaTable
+
+from mkt.features import Batch
+from mkt.metrics import auc, gauc, paired_bootstrap
+from mkt.models import build_model
+from mkt.models.base import CTRModel
+from mkt.pipelines import pipeline
+from mkt.schema import FeatureSchema, load_samples_dir, samples_table
+from train.checks import resolved_config
+from train.config import load_run_config
+from train.data import ModelBatches, entity_batch_sizes, holdout_bucket, model_columns
+from train.optim import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+HOLDOUT_BUCKETS = 10000
+
+
+class Samples:
+    """The samples table in memory, as model batches per (entity, split[, target part])."""
+
+    def __init__(self, samples_dir: Path, schema: FeatureSchema) -> None:
+        c = schema.columns
+        self.schema = schema
+        columns = [*model_columns(schema), c["line_no"], c["split"], c["user_key"]]
+        self.table = DeltaTable(str(samples_table(samples_dir))).to_pyarrow_table(
+            columns=list(dict.fromkeys(columns))
+        )
+        self.collate = ModelBatches(schema, keep=[c["user_key"]])
+
+    def rows(self, entity: str, split: str, part: str = "all", holdout: float = 0.0) -> Batch:
+        """`part`: all, or the MKT stages' `pretrain` / `holdout` shares of the train rows
+        (train.data.target_rows_filter's buckets)."""
+        c = self.schema.columns
+        table = self.table.filter(
+            pc.and_(
+                pc.equal(self.table[c["entity"]], entity), pc.equal(self.table[c["split"]], split)
+            )
+        )
+        if part != "all" and holdout > 0:
+            held_out = holdout_bucket(table[c["line_no"]].to_numpy()) < round(
+                holdout * HOLDOUT_BUCKETS
+            )
+            table = table.filter(pa.array(held_out if part == "holdout" else ~held_out))
+        return self.collate(table.drop_columns([c["line_no"], c["split"]]))
+
+
+def rows_of(batch: Batch) -> int:
+    return int(batch["label"].shape[0])
+
+
+def take(batch: Batch, index: Any) -> Batch:
+    return {name: values[index] for name, values in batch.items()}
+
+
+def mixed_batches(
+    parts: dict[str, Batch], batch_size: int, generator: torch.Generator
+) -> Iterator[Batch]:
+    """An epoch: each entity's rows in a fresh random order, every batch holding each entity
+    in proportion to its rows (as the Ray trainer's mixed streams)."""
+    sizes = entity_batch_sizes({e: rows_of(b) for e, b in parts.items()}, batch_size)
+    order = {e: torch.randperm(rows_of(b), generator=generator) for e, b in parts.items()}
+    steps = max(-(-rows_of(b) // sizes[e]) for e, b in parts.items())
+    for step in range(steps):
+        chunks = [
+            take(b, order[e][step * sizes[e] : (step + 1) * sizes[e]]) for e, b in parts.items()
+        ]
+        chunks = [chunk for chunk in chunks if rows_of(chunk)]
+        yield {name: torch.cat([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+
+@torch.no_grad()
+def scores(model: CTRModel, batch: Batch, chunk: int = 8192) -> np.ndarray:
+    model.eval()
+    return (
+        torch.cat(
+            [
+                torch.sigmoid(model(take(batch, slice(s, s + chunk)))["logit"])
+                for s in range(0, rows_of(batch), chunk)
+            ]
+        )
+        .double()
+        .numpy()
+    )
+
+
+def metrics(model: CTRModel, batch: Batch, user_key: str) -> dict[str, float]:
+    probs, labels = scores(model, batch), batch["label"].numpy().astype(np.int64)
+    return {"auc": auc(labels, probs), "gauc": gauc(labels, probs, batch[user_key].numpy())[0]}
+
+
+def train_stage(
+    model: CTRModel,
+    parts: dict[str, Batch],
+    eval_sets: dict[str, Batch],
+    config: dict,
+    seed: int,
+    name: str,
+) -> dict[str, Any]:
+    """Train `train.epochs` epochs, keep the best by validation; returns the history."""
+    opts = config["train"]
+    optimizer = build_optimizer(model, opts)
+    l2 = opts["embedding_l2"] if model.embedding_tables() else 0.0
+    if l2 > 0:
+        model.count_embedding_rows(
+            mixed_batches(parts, opts["batch_size"], torch.Generator().manual_seed(seed))
+        )
+    generator = torch.Generator().manual_seed(seed)
+    user_key, metric = config["schema_user_key"], opts["early_stopping"]["metric"]
+    history: list[dict[str, Any]] = []
+    best_state, best = None, None
+    for epoch in range(1, opts["epochs"] + 1):
+        started = time.perf_counter()
+        model.train()
+        for batch in mixed_batches(parts, opts["batch_size"], generator):
+            loss = model.loss(batch, model(batch))["loss"]
+            if l2 > 0:
+                loss = loss + l2 * model.embedding_l2(batch) / rows_of(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        record = {"epoch": epoch, **{k: metrics(model, b, user_key) for k, b in eval_sets.items()}}
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        history.append(record)
+        print(f"[{name}] epoch {epoch}: valid {record['valid']}, {record['seconds']} s", flush=True)
+        if best is None or record["valid"][metric] > best["valid"][metric]:
+            best, best_state = record, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    return {"best_epoch": best["epoch"], "best": best, "history": history}
+
+
+def run_seed(samples: Samples, config: dict, seed: int, mem_rows: str) -> tuple[dict, CTRModel]:
+    schema = samples.schema
+    target, source = schema.target_entity, schema.source_entity
+    holdout = config["train"]["tem_holdout"]
+    eval_sets = {"valid": samples.rows(target, "valid"), "test": samples.rows(target, "test")}
+    result: dict[str, Any] = {"seed": seed}
+    trained: dict[str, CTRModel] = {}
+    for stage in pipeline(config["model"]):
+        torch.manual_seed(seed + len(trained))
+        params = config["params"].get(stage.name, {})
+        pretrained = trained.get(stage.pretrained_from) if stage.pretrained_from else None
+        model = build_model(stage.model, schema, params, pretrained=pretrained)
+        entities = [source, target] if stage.entities == "both" else [target]
+        if stage.entities == "both" and mem_rows == "target":
+            entities = [target]
+        parts = {
+            e: samples.rows(e, "train", stage.target_rows if e == target else "all", holdout)
+            for e in entities
+        }
+        result[stage.name] = train_stage(model, parts, eval_sets, config, seed, stage.name)
+        result[stage.name]["train_rows"] = {e: rows_of(b) for e, b in parts.items()}
+        trained[stage.name] = model
+    return result, model
+
+
+def compare(a: Path, b: Path) -> dict[str, Any]:
+    """A's seed-mean test scores minus B's, paired bootstrap over the test users."""
+
+    def load(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        runs = [np.load(p) for p in sorted(directory.glob("seed*.npz"))]
+        if not runs:
+            raise SystemExit(f"--compare: no seed*.npz in {directory}")
+        return runs[0]["labels"], runs[0]["users"], np.stack([r["scores"] for r in runs])
+
+    labels, users, scores_a = load(a)
+    labels_b, _, scores_b = load(b)
+    if not np.array_equal(labels, labels_b):
+        raise SystemExit(f"--compare: {a} and {b} scored different test rows")
+    gains = paired_bootstrap(labels, scores_a, scores_b, users)
+    for metric in ("auc", "gauc"):
+        g = gains[metric]
+        low, high = g["interval_95"]
+        print(
+            f"{a.name} - {b.name} ({len(scores_a)} vs {len(scores_b)} seeds), test {metric.upper()}: "
+            f"{g['difference']:+.4f} [{low:+.4f}, {high:+.4f}] over {gains['groups']} users"
+        )
+    return gains
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=Path)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--model", default="mkt", help="mkt, tem_only or another pipeline")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--config", type=Path, default=REPO / "conf" / "run" / "quickstart.yaml")
+    parser.add_argument("--mem-rows", choices=["both", "target"], default="both")
+    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"))
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    if args.compare:
+        compare(*args.compare)
+        return 0
+    if args.samples is None or args.output is None:
+        parser.error("--samples and --output are required (or --compare A B)")
+    torch.set_num_threads(1)
+    config = resolved_config(load_run_config(args.config, [f"model={args.model}", *args.overrides]))
+    schema = load_samples_dir(args.samples)
+    config["schema_user_key"] = schema.columns["user_key"]
+    samples = Samples(args.samples, schema)
+    args.output.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        result, model = run_seed(samples, config, seed, args.mem_rows)
+        result["config"] = {k: config[k] for k in ("model", "params", "train")}
+        result["mem_rows"] = args.mem_rows
+        (args.output / f"seed{seed}.json").write_text(json.dumps(result, indent=1, default=str))
+        test = samples.rows(schema.target_entity, "test")
+        np.savez(
+            args.output / f"seed{seed}.npz",
+            labels=test["label"].numpy(),
+            users=test[schema.columns["user_key"]].numpy(),
+            scores=scores(model, test),
+        )
+        last = result[list(pipeline(config["model"]))[-1].name]
+        print(f"seed {seed}: best epoch {last['best_epoch']}, {last['best']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

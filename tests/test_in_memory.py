@@ -1,0 +1,64 @@
+"""jobs/in_memory.py on the ETL's samples of 400 generated users: MKT's two stages and TEM
+alone train in one process, the same seed gives the same numbers, the MEM can be held to the
+target rows, and --compare pairs two output directories' test scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs.in_memory import main
+
+OVERRIDES = ["train.epochs=2", "train.batch_size=256", "train.embedding_l2=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("in_memory")
+    out = {"mkt": root / "mkt", "again": root / "again", "target": root / "target"}
+    for name, extra in (("mkt", []), ("again", []), ("target", ["--mem-rows", "target"])):
+        args = ["--samples", str(generated_samples), "--output", str(out[name]), *extra]
+        assert main([*args, *OVERRIDES]) == 0
+    out["tem_only"] = root / "tem_only"
+    args = ["--samples", str(generated_samples), "--output", str(out["tem_only"])]
+    assert main([*args, *OVERRIDES, "--model", "tem_only", "--seeds", "0", "1"]) == 0
+    return out
+
+
+def test_mkt_stages_are_deterministic_and_recorded(runs):
+    first = json.loads((runs["mkt"] / "seed0.json").read_text())
+    again = json.loads((runs["again"] / "seed0.json").read_text())
+    for stage in ("mem", "tem"):
+        assert [h["valid"] for h in first[stage]["history"]] == [
+            h["valid"] for h in again[stage]["history"]
+        ]
+        assert len(first[stage]["history"]) == 2
+        assert 1 <= first[stage]["best_epoch"] <= 2
+    assert set(first["mem"]["train_rows"]) == {"video", "article"}
+    assert set(first["tem"]["train_rows"]) == {"article"}
+    # MEM and TEM split the target train rows by train.tem_holdout (0.3).
+    held = first["tem"]["train_rows"]["article"]
+    pretrain = first["mem"]["train_rows"]["article"]
+    assert 0.2 < held / (held + pretrain) < 0.4
+    assert first["config"]["params"]["mem"]["gamma"] == 0.01  # resolved defaults recorded
+    np.testing.assert_array_equal(
+        np.load(runs["mkt"] / "seed0.npz")["scores"], np.load(runs["again"] / "seed0.npz")["scores"]
+    )
+
+
+def test_mem_rows_target_drops_the_source(runs):
+    target = json.loads((runs["target"] / "seed0.json").read_text())
+    assert set(target["mem"]["train_rows"]) == {"article"}
+    assert target["mem_rows"] == "target"
+
+
+def test_compare_pairs_seed_means(runs, capsys):
+    assert main(["--compare", str(runs["tem_only"]), str(runs["mkt"])]) == 0
+    printed = capsys.readouterr().out
+    assert "tem_only - mkt (2 vs 1 seeds), test AUC" in printed
+    assert "test GAUC" in printed
+    with pytest.raises(SystemExit, match="no seed"):
+        main(["--compare", str(runs["tem_only"]), str(runs["mkt"].parent / "missing")])
