@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from etl.config import DataConfig, Feature
 from etl.encode import _bucket_code, _number, _with_numbers
-from etl.raw_lines import _raw
+from etl.raw_lines import _local_frame, _raw
 from mkt.contract import FIRST_INDEX
 
 
@@ -164,8 +164,8 @@ def _bucket_vocab(
         for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
             index = FIRST_INDEX + i
             rows.append((f.name, None, repr(lower), index, per_bucket.get((f.name, index), 0)))
-    return spark.createDataFrame(
-        rows, "feature string, entity string, raw_value string, index long, count long"
+    return _local_frame(
+        spark, rows, "feature string, entity string, raw_value string, index long, count long"
     )
 
 
