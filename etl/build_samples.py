@@ -367,7 +367,7 @@ def _spark_session() -> SparkSession:
             "spark.ui.enabled": "false",
             # Sorts, windows' spill buffers and aggregations take their pages off the heap:
             # on it, every young collection copied them while they lived (5M rows: GC pauses
-            # 5.6-10.3 s, 8.3 on average, -> 4.5-6.3 s; docs/BENCHMARKS.md).
+            # 9.9 s on average, 5.6-13.6, -> 5.5, 4.5-6.3; docs/BENCHMARKS.md).
             "spark.memory.offHeap.enabled": "true",
             "spark.memory.offHeap.size": OFF_HEAP_SIZE,
         }
