@@ -334,7 +334,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
         cmd += ["--conf", f"{key}={value}"]
     cmd += [str(REPO / "etl" / "build_samples.py"), "--config", str(CONFIG)]
     cmd += ["--input", str(raw), "--output", str(out)]
-    from jobs.quickstart import spark_env
+    from jobs.common import spark_env
 
     result = _run_measured(cmd, out.parent / f"{out.name}.log", spark_env())
     summary = json.loads((out / "etl_summary.json").read_text())
@@ -349,7 +349,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
 
 
 def run_duckdb(raw: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, str(REPO / "jobs" / "duckdb_samples.py"), "--config", str(CONFIG)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "duckdb_samples.py"), "--config", str(CONFIG)]
     cmd += ["--input", str(raw), "--output", str(out), "--threads", str(args.duckdb_threads)]
     cmd += ["--memory-limit", args.duckdb_memory]
     result = _run_measured(

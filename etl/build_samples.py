@@ -92,6 +92,8 @@ CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 ADAPTIVE = "spark.sql.adaptive.enabled"
 SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+# Off-heap execution memory of a local run (docs/etl.md, "Command"); the heap keeps the cache.
+OFF_HEAP_SIZE = "2g"
 
 
 def build_samples(
@@ -363,6 +365,11 @@ def _spark_session() -> SparkSession:
             "spark.driver.bindAddress": "127.0.0.1",
             # The UI would listen on every interface; opt in with --conf spark.ui.enabled=true.
             "spark.ui.enabled": "false",
+            # Sorts, windows' spill buffers and aggregations take their pages off the heap:
+            # on it, every young collection copied them while they lived (5M rows: GC pauses
+            # 9.9 s on average, 5.6-13.6, -> 5.5, 4.5-6.3; docs/BENCHMARKS.md).
+            "spark.memory.offHeap.enabled": "true",
+            "spark.memory.offHeap.size": OFF_HEAP_SIZE,
         }
         for key, value in local_defaults.items():
             if not submitted.contains(key):

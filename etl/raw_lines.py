@@ -9,9 +9,11 @@ here, and the later phases see only parsed columns (each feature's value under t
 from __future__ import annotations
 
 from functools import reduce
+from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from etl.config import DataConfig, Feature
 from etl.storage import HadoopFs
@@ -69,17 +71,20 @@ def _numbered_lines(
     ).collect()
     numbered, data_lines = {}, {}
     for e, frame in lines.items():
-        offsets, before = [], 0
+        # Per split: lines before it minus its first row_id, looked up by the split's start in
+        # a map literal (a few entries; no join, and no Python worker to build a frame).
+        offsets, before = {}, 0
         for block in sorted((b for b in blocks if b.entity == e), key=lambda b: b.block_start):
-            offsets.append((block.block_start, block.first_row_id, before))
+            offsets[block.block_start] = before - block.first_row_id
             before += block.lines
-        offsets_df = spark.createDataFrame(
-            offsets, "block_start long, first_row_id long, lines_before long"
+        offset = (
+            F.create_map(*(F.lit(v).cast("long") for kv in offsets.items() for v in kv))[
+                F.col("block_start")
+            ]
+            if offsets
+            else F.lit(0).cast("long")
         )
-        numbered[e] = frame.join(F.broadcast(offsets_df), "block_start").select(
-            (F.col("row_id") - F.col("first_row_id") + F.col("lines_before")).alias("line_no"),
-            "raw_line",
-        )
+        numbered[e] = frame.select((F.col("row_id") + offset).alias("line_no"), "raw_line")
         data_lines[e] = max(before - 1, 0)
     return numbered, data_lines
 
@@ -187,3 +192,18 @@ def _raw(feature: Feature) -> str:
 
 def _union(a: DataFrame, b: DataFrame) -> DataFrame:
     return a.unionByName(b, allowMissingColumns=True)
+
+
+def _local_frame(spark: SparkSession, rows: list[tuple[Any, ...]], schema: str) -> DataFrame:
+    """A small frame of literal rows. `spark.createDataFrame` of a list reads it through Python
+    worker processes, started for that alone; this builds it from literals in the JVM."""
+    fields = StructType.fromDDL(schema).fields
+    if not rows:
+        return spark.range(0).select(*[F.lit(None).cast(f.dataType).alias(f.name) for f in fields])
+    structs = [
+        F.struct(
+            *[F.lit(v).cast(f.dataType).alias(f.name) for v, f in zip(row, fields, strict=True)]
+        )
+        for row in rows
+    ]
+    return spark.range(1).select(F.inline(F.array(*structs)))
