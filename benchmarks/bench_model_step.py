@@ -16,26 +16,17 @@ the other features from their own vocabularies, sequences half full. docs/traini
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import torch
 
+from benchmarks.common import resized
 from mkt.contract import FIRST_INDEX
 from mkt.features import Batch
 from mkt.models import build_model
 from mkt.schema import FeatureSchema
 from train.config import load_run_config
 from train.optim import build_optimizer, use_sparse_embeddings
-
-
-def resized(schema: FeatureSchema, users: int, items: int) -> FeatureSchema:
-    sizes = {"user_id": users, schema.item_feature: items}
-    features = tuple(
-        dataclasses.replace(f, vocab_size=sizes[f.name]) if f.name in sizes else f
-        for f in schema.features
-    )
-    return dataclasses.replace(schema, features=features)
 
 
 def random_batch(schema: FeatureSchema, rows: int, generator: torch.Generator) -> Batch:

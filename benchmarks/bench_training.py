@@ -2,7 +2,7 @@
 
     python benchmarks/bench_training.py --samples OUT_DIR [--epochs 2] [--workers 1 2]
                                   [--output runs/bench_training.json] [--against COMMIT]
-                                  [key=value ...]
+                                  [--tables USERS ITEMS] [key=value ...]
 
 For MEM (both entities' train rows) and TEM (target train rows, on a frozen MEM), it runs one
 stage exactly as train/run.py does (Delta -> Ray Data streams -> Ray Train workers, DDP, mixed
@@ -12,7 +12,10 @@ optimizer stepping through the same rows held as tensors in this process, sliced
 of the same size (`--ceiling-threads`, default 1). Reported: rows/s of both
 and their ratio, from one run. With `--against COMMIT` the same benchmark first runs on that
 commit's code (a git worktree, in a subprocess, same samples and settings), then on this one, and
-a last table gives this code's rows/s over that commit's. docs/BENCHMARKS.md records the figures.
+a last table gives this code's rows/s over that commit's. `--tables USERS ITEMS` builds the
+models with `user_id` and item tables of that many rows (e.g. Tenrec's 5000000 2100000) over the
+same samples: what the tables' size costs a step, the data path unchanged (add
+`train.sparse_embeddings=true`). docs/BENCHMARKS.md records the figures.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 import torch
 from deltalake import DeltaTable
 
-from benchmarks.common import STAGES, bench_config
+from benchmarks.common import STAGES, bench_config, resized
 from mkt.features import to_tensors
 from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink, build_chain
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--against", metavar="COMMIT", help="also run the benchmark on this commit's code, first"
     )
+    parser.add_argument("--tables", type=int, nargs=2, metavar=("USERS", "ITEMS"))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides")
     args = parser.parse_args(argv)
     samples_dir = args.samples.resolve()
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             args.against, samples_dir, args, args.output.with_suffix(".before.json")
         )
     schema = FeatureSchema.load(samples_dir)
+    if args.tables:
+        schema = resized(schema, *args.tables)
     results = []
     with ray_session(base):
         # Imported only now: Ray's environment is set before Ray is first imported.
@@ -169,6 +175,7 @@ def run_at_commit(commit: str, samples_dir: Path, args: argparse.Namespace, outp
                 str(args.ceiling_threads),
                 "--output",
                 str(output.resolve()),
+                *(["--tables", *map(str, args.tables)] if args.tables else []),
                 *args.overrides,
             ]
             print(f"[bench] {commit}: {' '.join(command[1:])}", flush=True)

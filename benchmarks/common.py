@@ -3,11 +3,13 @@ and every process it started) and the training benchmarks' stages and run config
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import defaultdict
 from typing import Any
 
 from mkt.registry import Stage
+from mkt.schema import FeatureSchema
 from train.checkpoints import ModelLink
 from train.config import load_run_config
 
@@ -47,3 +49,14 @@ def bench_config(epochs: int, overrides: list[str]) -> dict[str, Any]:
     return load_run_config(
         None, [f"train.epochs={epochs}", "train.early_stopping.patience=1000", *overrides]
     )
+
+
+def resized(schema: FeatureSchema, users: int, items: int) -> FeatureSchema:
+    """The schema with `user_id` and the item feature holding `users` / `items` rows: the
+    tables a model builds from it take that size whatever ids the samples hold."""
+    sizes = {"user_id": users, schema.item_feature: items}
+    features = tuple(
+        dataclasses.replace(f, vocab_size=sizes[f.name]) if f.name in sizes else f
+        for f in schema.features
+    )
+    return dataclasses.replace(schema, features=features)
