@@ -220,6 +220,11 @@ def _train_epoch(
     fault = config["fault"]
     sums: dict[str, float] = {}
     rows = step = 0
+    if world > 1:
+        # Workers leave the previous epoch's report at different times (the first one writes
+        # the checkpoint); without this, another worker's clock would count that write, which
+        # at Tenrec-size tables was a third of a short epoch (docs/BENCHMARKS.md).
+        dist.barrier()
     started = time.perf_counter()
     for step, batch in enumerate(batches, start=1):
         out = wrapped(batch)
