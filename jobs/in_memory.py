@@ -43,7 +43,13 @@ from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, load_samples_dir, samples_table
 from train.checks import resolved_config
 from train.config import load_run_config
-from train.data import ModelBatches, entity_batch_sizes, holdout_bucket, model_columns
+from train.data import (
+    ModelBatches,
+    entity_batch_sizes,
+    holdout_bucket,
+    model_columns,
+    stage_entities,
+)
 from train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,11 +169,13 @@ def train_stage(
     return {"best_epoch": best["epoch"], "best": best, "history": history}
 
 
-def run_seed(samples: Samples, config: dict, seed: int, mem_rows: str) -> tuple[dict, CTRModel]:
+def run_seed(
+    samples: Samples, config: dict, seed: int, mem_rows: str
+) -> tuple[dict, dict[str, CTRModel]]:
+    """Every stage of the pipeline in order; returns the history and the trained stages."""
     schema = samples.schema
     target, source = schema.target_entity, schema.source_entity
     holdout = config["train"]["tem_holdout"]
-    eval_sets = {"valid": samples.rows(target, "valid"), "test": samples.rows(target, "test")}
     result: dict[str, Any] = {"seed": seed}
     trained: dict[str, CTRModel] = {}
     for stage in pipeline(config["model"]):
@@ -175,17 +183,22 @@ def run_seed(samples: Samples, config: dict, seed: int, mem_rows: str) -> tuple[
         params = config["params"].get(stage.name, {})
         pretrained = trained.get(stage.pretrained_from) if stage.pretrained_from else None
         model = build_model(stage.model, schema, params, pretrained=pretrained)
-        entities = [source, target] if stage.entities == "both" else [target]
+        entities = stage_entities(schema, stage.entities)
         if stage.entities == "both" and mem_rows == "target":
             entities = [target]
         parts = {
             e: samples.rows(e, "train", stage.target_rows if e == target else "all", holdout)
             for e in entities
         }
+        # A stage on the source alone (a Finetune pre-training) is chosen on the source's
+        # validation rows, as train/stage.py does.
+        scored = source if stage.entities == "source" else target
+        eval_sets = {"valid": samples.rows(scored, "valid"), "test": samples.rows(scored, "test")}
         result[stage.name] = train_stage(model, parts, eval_sets, config, seed, stage.name)
         result[stage.name]["train_rows"] = {e: rows_of(b) for e, b in parts.items()}
+        result[stage.name]["scored_entity"] = scored
         trained[stage.name] = model
-    return result, model
+    return result, trained
 
 
 def compare(a: Path, b: Path) -> dict[str, Any]:
@@ -234,19 +247,27 @@ def main(argv: list[str] | None = None) -> int:
     config["schema_user_key"] = schema.columns["user_key"]
     samples = Samples(args.samples, schema)
     args.output.mkdir(parents=True, exist_ok=True)
+    test = samples.rows(schema.target_entity, "test")
     for seed in args.seeds:
-        result, model = run_seed(samples, config, seed, args.mem_rows)
+        result, trained = run_seed(samples, config, seed, args.mem_rows)
         result["config"] = {k: config[k] for k in ("model", "params", "train")}
         result["mem_rows"] = args.mem_rows
         (args.output / f"seed{seed}.json").write_text(json.dumps(result, indent=1, default=str))
-        test = samples.rows(schema.target_entity, "test")
-        np.savez(
-            args.output / f"seed{seed}.npz",
-            labels=test["label"].numpy(),
-            users=test[schema.columns["user_key"]].numpy(),
-            scores=scores(model, test),
-        )
-        last = result[list(pipeline(config["model"]))[-1].name]
+        stages = list(trained)
+        for name, model in trained.items():
+            if result[name]["scored_entity"] != schema.target_entity:
+                continue
+            # The last stage's scores are the run's; an earlier stage's that score the target
+            # (MKT's MEM: the "w/o TEM" ablation) go to stages/<name>/, comparable the same way.
+            directory = args.output if name == stages[-1] else args.output / "stages" / name
+            directory.mkdir(parents=True, exist_ok=True)
+            np.savez(
+                directory / f"seed{seed}.npz",
+                labels=test["label"].numpy(),
+                users=test[schema.columns["user_key"]].numpy(),
+                scores=scores(model, test),
+            )
+        last = result[stages[-1]]
         print(f"seed {seed}: best epoch {last['best_epoch']}, {last['best']}", flush=True)
     return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from jobs.in_memory import main
 
@@ -25,6 +26,9 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     out["tem_only"] = root / "tem_only"
     args = ["--samples", str(generated_samples), "--output", str(out["tem_only"])]
     assert main([*args, *OVERRIDES, "--model", "tem_only", "--seeds", "0", "1"]) == 0
+    out["finetune"] = root / "finetune"
+    args = ["--samples", str(generated_samples), "--output", str(out["finetune"])]
+    assert main([*args, *OVERRIDES, "train.epochs=1", "--model", "finetune"]) == 0
     return out
 
 
@@ -46,6 +50,25 @@ def test_mkt_stages_are_deterministic_and_recorded(runs):
     assert first["config"]["params"]["mem"]["gamma"] == 0.01  # resolved defaults recorded
     np.testing.assert_array_equal(
         np.load(runs["mkt"] / "seed0.npz")["scores"], np.load(runs["again"] / "seed0.npz")["scores"]
+    )
+
+
+def test_each_stage_trains_and_is_chosen_on_its_own_rows(runs):
+    finetune = json.loads((runs["finetune"] / "seed0.json").read_text())
+    # The source pre-training trains and validates on the source alone, as train/stage.py.
+    assert set(finetune["pretrain"]["train_rows"]) == {"video"}
+    assert finetune["pretrain"]["scored_entity"] == "video"
+    assert set(finetune["finetune"]["train_rows"]) == {"article"}
+    assert finetune["finetune"]["scored_entity"] == "article"
+    assert not (runs["finetune"] / "stages").exists()  # a source model scores no target row
+    # MKT's MEM scores the target: its test scores are kept beside the run's (the TEM's).
+    mkt = json.loads((runs["mkt"] / "seed0.json").read_text())
+    mem = np.load(runs["mkt"] / "stages" / "mem" / "seed0.npz")
+    tem = np.load(runs["mkt"] / "seed0.npz")
+    np.testing.assert_array_equal(mem["labels"], tem["labels"])
+    assert not np.array_equal(mem["scores"], tem["scores"])
+    assert mkt["mem"]["best"]["test"]["auc"] == pytest.approx(
+        roc_auc_score(mem["labels"], mem["scores"])
     )
 
 
