@@ -9,18 +9,22 @@ written by etl/build_samples.py (generated or real Tenrec files), with no deep m
 
 1. `floor`: a logistic regression (scikit-learn, L2, C chosen on the target's validation AUC)
    on one-hot user, shared and target-specific features: the per-user and per-item rates.
-2. `cross-entity`: the same plus what cross-entity transfer must learn, written down by hand:
-   the user's source-entity likes as a share per value of each categorical source-specific
-   feature (video category), crossed with each categorical target-specific feature (article
-   categories), and log(1 + the user's source likes). Its weights are the source-to-target
-   interest map. The user's source likes are those the samples' other-entity sequences may
-   see (docs/etl.md): train likes for train and valid rows, train + valid likes for test rows.
-3. With the generator's oracle (`p_like` of every line): its AUC, and the AUC of "user mean
+2. `source activity`: the floor plus the user's activity in the source entity: the logit of
+   the user's source like rate (smoothed towards the source's rate by `SMOOTHING_ROWS`
+   pseudo-rows), log(1 + source rows) and log(1 + source likes). What a shared user
+   representation must carry across: the user's propensity, seen on many more source rows.
+3. `cross-entity`: source activity plus the user's source-entity likes as a share per value of
+   each categorical source-specific feature (video category), crossed with each categorical
+   target-specific feature (article categories): the source-to-target interest map, written
+   down by hand. The user's source rows are those the samples' other-entity sequences may
+   see (docs/etl.md): train rows for train and valid rows, train + valid rows for test rows.
+4. With the generator's oracle (`p_like` of every line): its AUC, and the AUC of "user mean
    plus item mean of the true logit", the best a model of a bias per user and per item could
    reach even if it knew them exactly (averaged over all target rows: a ceiling, not a model).
 
-The difference cross-entity - floor is the test AUC/GAUC that hand-made transfer adds, with
-its paired bootstrap over test users (mkt.metrics.paired_bootstrap). Outputs in DIR:
+The differences source activity - floor and cross-entity - floor are the test AUC/GAUC that
+hand-made transfer adds, each with its paired bootstrap over test users
+(mkt.metrics.paired_bootstrap). Outputs in DIR:
 `signal_audit.json`, `signal_audit.md` (also printed) and `signal_audit.png`.
 """
 
@@ -45,6 +49,10 @@ from train.evaluate import oracle_path, oracle_scores
 # Inverse L2 strengths tried on validation; the floor's and the cross model's best were
 # inside this range on 24k and 100k generated users.
 C_GRID = (0.03, 0.1, 0.3, 1.0)
+# Pseudo-rows at the source's like rate added to every user's source rows before the rate's
+# logit is taken: a user with a handful of rows gets about the entity's rate, one with many
+# rows their own; of the order of the median user's source rows (generator: 10).
+SMOOTHING_ROWS = 20.0
 
 
 def read_rows(samples: Path, schema: FeatureSchema) -> pd.DataFrame:
@@ -62,47 +70,53 @@ def one_hot(values: np.ndarray, size: int) -> sp.csr_matrix:
 
 def source_profiles(
     rows: pd.DataFrame, schema: FeatureSchema, splits: tuple[str, ...]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per categorical source-specific feature: (users x values share of the user's source
-    likes in `splits`, the user's like count)."""
+) -> dict[str, Any]:
+    """The users' source rows in `splits`: `activity`, users x (smoothed like-rate logit,
+    log(1 + rows), log(1 + likes)); `shares`, per categorical source-specific feature, users x
+    values share of the user's source likes."""
     c = schema.columns
-    liked = rows[
-        (rows[c["entity"]] == schema.source_entity)
-        & rows[c["split"]].isin(splits)
-        & (rows[c["label"]] == 1)
-    ]
+    source = rows[(rows[c["entity"]] == schema.source_entity) & rows[c["split"]].isin(splits)]
     users = schema.feature("user_id").vocab_size
-    out = {}
+    shown = np.bincount(source["user_id"], minlength=users).astype(float)
+    likes = np.bincount(source["user_id"], weights=source[c["label"]], minlength=users)
+    base = likes.sum() / max(shown.sum(), 1.0)
+    rate = (likes + SMOOTHING_ROWS * base) / (shown + SMOOTHING_ROWS)
+    rate = np.clip(rate, 1e-6, 1 - 1e-6)
+    activity = np.stack([np.log(rate / (1 - rate)), np.log1p(shown), np.log1p(likes)], axis=1)
+    liked = source[source[c["label"]] == 1]
+    shares = {}
     for f in schema.specific_features(schema.source_entity):
         if f.kind != "categorical":
             continue
         counts = np.zeros((users, f.vocab_size))
         np.add.at(counts, (liked["user_id"].to_numpy(), liked[f.name].to_numpy()), 1.0)
-        n = counts.sum(axis=1)
-        out[f.name] = (counts / np.maximum(n, 1.0)[:, None], n)
-    return out
+        shares[f.name] = counts / np.maximum(counts.sum(axis=1), 1.0)[:, None]
+    return {"activity": activity, "shares": shares}
 
 
 def design(
     part: pd.DataFrame,
     schema: FeatureSchema,
-    profiles: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+    profiles: dict[str, Any] | None = None,
+    interests: bool = False,
 ) -> sp.csr_matrix:
-    """One-hot floor features; with `profiles`, the source profile x target category crosses."""
+    """One-hot floor features; with `profiles`, the user's source activity, and with
+    `interests` also the source profile x target category crosses."""
     target = schema.target_entity
     floor = [*schema.user_features, *schema.shared_features, *schema.specific_features(target)]
     blocks = [one_hot(part[f.name].to_numpy(), f.vocab_size) for f in floor]
     if profiles:
         user = part["user_id"].to_numpy()
+        blocks.append(sp.csr_matrix(profiles["activity"][user]))
+    if profiles and interests:
         crossed = [f for f in schema.specific_features(target) if f.kind == "categorical"]
-        for share, likes in profiles.values():
+        for share in profiles["shares"].values():
             profile = sp.csr_matrix(share[user]).tocoo()
             for f in crossed:
                 value = part[f.name].to_numpy()[profile.row]
                 cols = profile.col * f.vocab_size + value
                 shape = (len(part), share.shape[1] * f.vocab_size)
                 blocks.append(sp.csr_matrix((profile.data, (profile.row, cols)), shape=shape))
-            blocks.append(sp.csr_matrix(np.log1p(likes[user])[:, None]))
     return sp.hstack(blocks).tocsr()
 
 
@@ -169,14 +183,18 @@ def report(summary: dict[str, Any]) -> str:
             f"| {name} | {r.get('C', '')} | {valid} | {t['auc']:.4f} | {t['gauc']:.4f} | "
             f"{t['gauc_coverage']:.3f} |"
         )
-    gain = summary["cross_minus_floor"]
-    lines += ["", f"cross-entity - floor, paired bootstrap over {gain['groups']} test users:"]
-    for m in ("auc", "gauc"):
-        g = gain[m]
-        lines.append(
-            f"- {m.upper()}: {g['observed']:+.4f} (95% interval {g['low']:+.4f} to "
-            f"{g['high']:+.4f}; cross-entity better in {g['share_better']:.0%} of resamples)"
-        )
+    for key, name in (
+        ("activity_minus_floor", "source activity - floor"),
+        ("cross_minus_floor", "cross-entity - floor"),
+    ):
+        gain = summary[key]
+        lines += ["", f"{name}, paired bootstrap over {gain['groups']} test users:"]
+        for m in ("auc", "gauc"):
+            g = gain[m]
+            lines.append(
+                f"- {m.upper()}: {g['observed']:+.4f} (95% interval {g['low']:+.4f} to "
+                f"{g['high']:+.4f}; better in {g['share_better']:.0%} of resamples)"
+            )
     return "\n".join(lines)
 
 
@@ -187,7 +205,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(summary["models"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, m in zip(axes, ("auc", "gauc"), strict=True):
         values = [summary["models"][n]["test"][m] for n in names]
         ax.barh(names, values, color="tab:blue")
@@ -216,21 +234,28 @@ def audit(samples: Path, oracle: str | None = None, resamples: int = 1000) -> di
     # Which source likes a row may see: the other-entity sequence rule of docs/etl.md.
     seen = {"train": ("train",), "valid": ("train",), "test": ("train", "valid")}
     profiles = {s: source_profiles(rows, schema, seen[s]) for s in splits}
-    if not any(profiles["train"].values()):
+    if not profiles["train"]["shares"]:
         raise ValueError(
             f"{samples}: the source entity {schema.source_entity!r} has no categorical "
             "specific feature, so there is no source profile to cross"
         )
-    fitted = {
-        "LR floor (one-hot)": scores(
-            "floor", splits, {s: design(splits[s], schema, None) for s in splits}, schema
-        ),
-        "LR + source-like profile x target categories": scores(
+    designs = {
+        "LR floor (one-hot)": ("floor", None, False),
+        "LR + source activity (like rate, rows, likes)": ("source activity", profiles, False),
+        "LR + source activity + source-like profile x target categories": (
             "cross-entity",
-            splits,
-            {s: design(splits[s], schema, profiles[s]) for s in splits},
-            schema,
+            profiles,
+            True,
         ),
+    }
+    fitted = {
+        name: scores(
+            label,
+            splits,
+            {s: design(splits[s], schema, prof and prof[s], cross) for s in splits},
+            schema,
+        )
+        for name, (label, prof, cross) in designs.items()
     }
     test, valid = splits["test"], splits["valid"]
     labels, users = test[c["label"]].to_numpy(), test[c["user_key"]].to_numpy()
@@ -246,8 +271,13 @@ def audit(samples: Path, oracle: str | None = None, resamples: int = 1000) -> di
     if path is not None:
         for name, m in oracle_ceilings(rows, schema, path, test).items():
             models[name] = {"test": m}
-    floor, cross = (r["test"] for r in fitted.values())
-    gain = paired_bootstrap(labels, cross, floor, users, resamples=resamples)
+    floor, activity, cross = (r["test"] for r in fitted.values())
+    gains = {
+        "cross_minus_floor": paired_bootstrap(labels, cross, floor, users, resamples=resamples),
+        "activity_minus_floor": paired_bootstrap(
+            labels, activity, floor, users, resamples=resamples
+        ),
+    }
     return {
         "samples": str(samples),
         "target_entity": schema.target_entity,
@@ -255,18 +285,21 @@ def audit(samples: Path, oracle: str | None = None, resamples: int = 1000) -> di
         "test_likes": int(labels.sum()),
         "valid_likes": int(valid[c["label"]].sum()),
         "models": models,
-        "cross_minus_floor": {
-            "groups": gain["groups"],
-            **{
-                m: {
-                    "observed": gain[m]["difference"],
-                    "standard_error": gain[m]["standard_error"],
-                    "low": gain[m]["interval_95"][0],
-                    "high": gain[m]["interval_95"][1],
-                    "share_better": gain[m]["a_better_share"],
-                }
-                for m in ("auc", "gauc")
-            },
+        **{
+            key: {
+                "groups": gain["groups"],
+                **{
+                    m: {
+                        "observed": gain[m]["difference"],
+                        "standard_error": gain[m]["standard_error"],
+                        "low": gain[m]["interval_95"][0],
+                        "high": gain[m]["interval_95"][1],
+                        "share_better": gain[m]["a_better_share"],
+                    }
+                    for m in ("auc", "gauc")
+                },
+            }
+            for key, gain in gains.items()
         },
         "wall_s": round(time.time() - started, 1),
     }
