@@ -12,9 +12,8 @@ both steps are skipped when their output is already there.
 Training: every (model, seed) is one train/run.py run - `train.pipeline.run_pipeline`, the same
 code, in its own RUN_DIR, OUTPUT/runs/<model>/seed<k> - all inside one Ray session. The seeds
 vary the run config's `seed` (weight init, file order, shuffle buffer); the data stay the same.
-Two runs whose first stage would be trained identically (the MEM of `mkt` and of `mem_only`,
-the source pre-training of `finetune` and `ctnet`, with the same seed) share one training of
-it, in OUTPUT/stage1/<key>. Rerunning the command resumes: finished runs are skipped and
+Two runs whose first stage would be trained identically (the source pre-training of
+`finetune` and `ctnet`, with the same seed) share one training of it, in OUTPUT/stage1/<key>. Rerunning the command resumes: finished runs are skipped and
 unfinished ones continue from their checkpoints.
 
 Outputs in OUTPUT: tables.md (the three tables), table2.csv, table3.csv, table4.csv,

@@ -239,6 +239,9 @@ def test_without_hfa_specific_features_are_concatenated_unscored(schema, batch, 
 def test_without_tem_pipeline_is_mem_target_tower(schema, batch, device):
     stages = pipeline("mem_only")
     assert [s.model for s in stages] == ["mem"]
+    # No TEM follows, so no target row is held out for one (MKT's MEM: "pretrain" only).
+    assert stages[0].target_rows == "all"
+    assert pipeline("mkt")[0].target_rows == "pretrain"
     mem = mem_model(schema).to(device).eval()
     t = target_rows(schema, on(batch, device))
     with torch.no_grad():
