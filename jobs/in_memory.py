@@ -3,7 +3,7 @@ samples held in memory, every epoch a full shuffle, the same numbers for the sam
 
     python jobs/in_memory.py --samples DATA_DIR/samples --output OUT_DIR [key=value ...]
         [--model mkt] [--config conf/run/quickstart.yaml] [--mem-rows both] [--seeds 0 1 2]
-    python jobs/in_memory.py --compare OUT_DIR_A OUT_DIR_B
+    python jobs/in_memory.py --compare OUT_DIR_A OUT_DIR_B [OUT_DIR_C ...]
 
 Two Ray runs of the same config differ by their block order and worker interleaving, as much
 as the settings a sweep compares (docs/training.md); here a setting's effect is separated from
@@ -16,7 +16,9 @@ memory (the 100,000-user quick start: about 3 GB).
 
 Writes OUT_DIR/seed<k>.json (per stage: every epoch's validation and test AUC and GAUC, the
 best epoch) and OUT_DIR/seed<k>.npz (the final model's test labels, users and scores).
-`--compare` prints the paired bootstrap (over test users) of A's seed-mean scores minus B's.
+`--compare` prints a markdown table: each run's test AUC and GAUC (mean and standard deviation
+over its seeds) and the paired bootstrap (over test users) of A's seed-mean scores minus
+each other run's.
 """
 
 from __future__ import annotations
@@ -201,28 +203,53 @@ def run_seed(
     return result, trained
 
 
-def compare(a: Path, b: Path) -> dict[str, Any]:
-    """A's seed-mean test scores minus B's, paired bootstrap over the test users."""
+def load_scores(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, users, scores [seeds, rows]) of the test rows a run directory scored."""
+    runs = [np.load(p) for p in sorted(directory.glob("seed*.npz"))]
+    if not runs:
+        raise SystemExit(f"--compare: no seed*.npz in {directory}")
+    return runs[0]["labels"], runs[0]["users"], np.stack([r["scores"] for r in runs])
 
-    def load(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        runs = [np.load(p) for p in sorted(directory.glob("seed*.npz"))]
-        if not runs:
-            raise SystemExit(f"--compare: no seed*.npz in {directory}")
-        return runs[0]["labels"], runs[0]["users"], np.stack([r["scores"] for r in runs])
 
-    labels, users, scores_a = load(a)
-    labels_b, _, scores_b = load(b)
-    if not np.array_equal(labels, labels_b):
-        raise SystemExit(f"--compare: {a} and {b} scored different test rows")
-    gains = paired_bootstrap(labels, scores_a, scores_b, users)
-    for metric in ("auc", "gauc"):
-        g = gains[metric]
-        low, high = g["interval_95"]
+def compare(base: Path, others: list[Path], resamples: int = 1000) -> list[dict[str, Any]]:
+    """Each run's seed-mean test metrics, and the paired bootstrap (over test users) of
+    `base`'s seed-mean scores minus each other run's; printed as a markdown table."""
+    labels, users, base_scores = load_scores(base)
+    rows = []
+    for directory in [base, *others]:
+        labels_b, _, scores_b = load_scores(directory)
+        if not np.array_equal(labels, labels_b):
+            raise SystemExit(f"--compare: {base} and {directory} scored different test rows")
+        row: dict[str, Any] = {"run": directory.name, "seeds": len(scores_b)}
+        for metric, fn in (("auc", auc), ("gauc", lambda y, p: gauc(y, p, users)[0])):
+            per_seed = [fn(labels, s) for s in scores_b]
+            row[metric] = (
+                float(np.mean(per_seed)),
+                float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+            )
+        if directory != base:
+            gains = paired_bootstrap(labels, base_scores, scores_b, users, resamples=resamples)
+            row["groups"] = gains["groups"]
+            for metric in ("auc", "gauc"):
+                row[f"{metric}_gain"] = (gains[metric]["difference"], *gains[metric]["interval_95"])
+        rows.append(row)
+    print(f"| run | seeds | test AUC | test GAUC | {base.name} - run, AUC [95%] | GAUC [95%] |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        gain = [
+            "{:+.4f} [{:+.4f}, {:+.4f}]".format(*row[f"{m}_gain"]) if f"{m}_gain" in row else ""
+            for m in ("auc", "gauc")
+        ]
+        stats = ["{:.4f} ± {:.4f}".format(*row[m]) for m in ("auc", "gauc")]
         print(
-            f"{a.name} - {b.name} ({len(scores_a)} vs {len(scores_b)} seeds), test {metric.upper()}: "
-            f"{g['difference']:+.4f} [{low:+.4f}, {high:+.4f}] over {gains['groups']} users"
+            f"| {row['run']} | {row['seeds']} | {stats[0]} | {stats[1]} | {gain[0]} | {gain[1]} |"
         )
-    return gains
+    if len(rows) > 1:
+        print(
+            f"\n(paired bootstrap over the {rows[1]['groups']} test users, {resamples} resamples, "
+            "each run's metric the mean of its seeds'; ± is the standard deviation over seeds)"
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,14 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--config", type=Path, default=REPO / "conf" / "run" / "quickstart.yaml")
     parser.add_argument("--mem-rows", choices=["both", "target"], default="both")
-    parser.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"))
+    parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if args.compare:
-        compare(*args.compare)
+        if len(args.compare) < 2:
+            parser.error("--compare needs a base run and at least one other")
+        compare(args.compare[0], args.compare[1:])
         return 0
     if args.samples is None or args.output is None:
-        parser.error("--samples and --output are required (or --compare A B)")
+        parser.error("--samples and --output are required (or --compare A B ...)")
     torch.set_num_threads(1)
     config = resolved_config(load_run_config(args.config, [f"model={args.model}", *args.overrides]))
     schema = load_samples_dir(args.samples)

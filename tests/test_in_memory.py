@@ -5,6 +5,7 @@ target rows, and --compare pairs two output directories' test scores."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +80,18 @@ def test_mem_rows_target_drops_the_source(runs):
 
 
 def test_compare_pairs_seed_means(runs, capsys):
-    assert main(["--compare", str(runs["tem_only"]), str(runs["mkt"])]) == 0
+    assert main(["--compare", str(runs["tem_only"]), str(runs["mkt"]), str(runs["target"])]) == 0
     printed = capsys.readouterr().out
-    assert "tem_only - mkt (2 vs 1 seeds), test AUC" in printed
-    assert "test GAUC" in printed
+    lines = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| run | seeds | test AUC | test GAUC | tem_only - run")
+    assert [line.split(" | ")[:2] for line in lines[1:]] == [
+        ["| tem_only", "2"],
+        ["| mkt", "1"],
+        ["| target", "1"],
+    ]
+    # The base's row has no gain; each other's has an interval around its difference.
+    assert lines[1].rstrip().endswith("|  |  |")
+    low, high = re.search(r"\[([-+.\d]+), ([-+.\d]+)\]", lines[2]).groups()
+    assert float(low) <= float(high)
     with pytest.raises(SystemExit, match="no seed"):
         main(["--compare", str(runs["tem_only"]), str(runs["mkt"].parent / "missing")])
