@@ -18,7 +18,7 @@ Writes OUT_DIR/seed<k>.json (per stage: every epoch's validation and test AUC an
 best epoch) and OUT_DIR/seed<k>.npz (the final model's test labels, users and scores).
 `--compare` prints a markdown table: each run's test AUC and GAUC (mean and standard deviation
 over its seeds) and the paired bootstrap (over test users) of A's seed-mean scores minus
-each other run's.
+each other run's; `--plot PATH` draws it as a PNG.
 """
 
 from __future__ import annotations
@@ -211,7 +211,36 @@ def load_scores(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return runs[0]["labels"], runs[0]["users"], np.stack([r["scores"] for r in runs])
 
 
-def compare(base: Path, others: list[Path], resamples: int = 1000) -> list[dict[str, Any]]:
+def plot(rows: list[dict[str, Any]], base: str, path: Path) -> None:
+    """Test AUC and GAUC per run as bars (error bars: standard deviation over seeds), each
+    labelled with the base's paired difference to it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["run"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(rows) + 1.5), sharey=True)
+    for ax, metric in zip(axes, ("auc", "gauc"), strict=True):
+        means = [r[metric][0] for r in rows]
+        ax.barh(names, means, xerr=[r[metric][1] for r in rows], color="tab:blue")
+        ax.set_xlim(min(means) - 0.02, max(means) + 0.045)
+        ax.set_title(f"target test {metric.upper()} (seed mean)")
+        for y, r in enumerate(rows):
+            gain = r.get(f"{metric}_gain")
+            label = f"{r[metric][0]:.4f}" + (
+                f"  {base} - it {gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}]" if gain else ""
+            )
+            ax.text(r[metric][0] + r[metric][1] + 0.001, y, label, va="center", fontsize=7)
+    axes[0].invert_yaxis()  # the axes share y: the base on top
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def compare(
+    base: Path, others: list[Path], resamples: int = 1000, plot_path: Path | None = None
+) -> list[dict[str, Any]]:
     """Each run's seed-mean test metrics, and the paired bootstrap (over test users) of
     `base`'s seed-mean scores minus each other run's; printed as a markdown table."""
     labels, users, base_scores = load_scores(base)
@@ -244,6 +273,8 @@ def compare(base: Path, others: list[Path], resamples: int = 1000) -> list[dict[
         print(
             f"| {row['run']} | {row['seeds']} | {stats[0]} | {stats[1]} | {gain[0]} | {gain[1]} |"
         )
+    if plot_path is not None:
+        plot(rows, base.name, plot_path)
     if len(rows) > 1:
         print(
             f"\n(paired bootstrap over the {rows[1]['groups']} test users, {resamples} resamples, "
@@ -261,12 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "conf" / "run" / "quickstart.yaml")
     parser.add_argument("--mem-rows", choices=["both", "target"], default="both")
     parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--plot", type=Path, help="with --compare: the table as a PNG")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     if args.compare:
         if len(args.compare) < 2:
             parser.error("--compare needs a base run and at least one other")
-        compare(args.compare[0], args.compare[1:])
+        compare(args.compare[0], args.compare[1:], plot_path=args.plot)
         return 0
     if args.samples is None or args.output is None:
         parser.error("--samples and --output are required (or --compare A B ...)")

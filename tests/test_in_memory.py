@@ -79,8 +79,10 @@ def test_mem_rows_target_drops_the_source(runs):
     assert target["mem_rows"] == "target"
 
 
-def test_compare_pairs_seed_means(runs, capsys):
-    assert main(["--compare", str(runs["tem_only"]), str(runs["mkt"]), str(runs["target"])]) == 0
+def test_compare_pairs_seed_means(runs, capsys, tmp_path):
+    compared = [str(runs["tem_only"]), str(runs["mkt"]), str(runs["target"])]
+    assert main(["--compare", *compared, "--plot", str(tmp_path / "compare.png")]) == 0
+    assert (tmp_path / "compare.png").stat().st_size > 0
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| run | seeds | test AUC | test GAUC | tem_only - run")
