@@ -9,8 +9,8 @@ Two Ray runs of the same config differ by their block order and worker interleav
 as the settings a sweep compares (docs/training.md); here a setting's effect is separated from
 that noise by seeds alone. The overrides are train/run.py's keys (`params.mem.gamma=0.1`,
 `train.tem_holdout=0`, `train.embedding_l2=100`), so what is chosen here is set there by the
-same key. Each stage trains `train.epochs` epochs and keeps its best by validation
-(`train.early_stopping.metric`, no patience: every epoch is scored). `--mem-rows target`
+same key. Each stage trains at most `train.epochs` epochs, stops early as train/run.py does
+(`train.early_stopping`: metric and patience) and keeps its best epoch. `--mem-rows target`
 trains the MEM on the target rows alone (what the source adds). The samples must fit in
 memory (the 100,000-user quick start: about 3 GB).
 
@@ -139,7 +139,8 @@ def train_stage(
     seed: int,
     name: str,
 ) -> dict[str, Any]:
-    """Train `train.epochs` epochs, keep the best by validation; returns the history."""
+    """Train at most `train.epochs` epochs, stop after `train.early_stopping.patience` without
+    a better validation score (as train/run.py), keep the best; returns the history."""
     opts = config["train"]
     optimizer = build_optimizer(model, opts)
     l2 = opts["embedding_l2"] if model.embedding_tables() else 0.0
@@ -149,6 +150,7 @@ def train_stage(
         )
     generator = torch.Generator().manual_seed(seed)
     user_key, metric = config["schema_user_key"], opts["early_stopping"]["metric"]
+    patience = opts["early_stopping"]["patience"]
     history: list[dict[str, Any]] = []
     best_state, best = None, None
     for epoch in range(1, opts["epochs"] + 1):
@@ -167,6 +169,8 @@ def train_stage(
         print(f"[{name}] epoch {epoch}: valid {record['valid']}, {record['seconds']} s", flush=True)
         if best is None or record["valid"][metric] > best["valid"][metric]:
             best, best_state = record, copy.deepcopy(model.state_dict())
+        elif epoch - best["epoch"] >= patience:
+            break
     model.load_state_dict(best_state)
     return {"best_epoch": best["epoch"], "best": best, "history": history}
 

@@ -27,6 +27,10 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     out["tem_only"] = root / "tem_only"
     args = ["--samples", str(generated_samples), "--output", str(out["tem_only"])]
     assert main([*args, *OVERRIDES, "--model", "tem_only", "--seeds", "0", "1"]) == 0
+    out["patience"] = root / "patience"
+    args = ["--samples", str(generated_samples), "--output", str(out["patience"])]
+    early = ["train.epochs=6", "train.early_stopping.patience=1"]
+    assert main([*args, *OVERRIDES, *early, "--model", "tem_only"]) == 0
     out["finetune"] = root / "finetune"
     args = ["--samples", str(generated_samples), "--output", str(out["finetune"])]
     assert main([*args, *OVERRIDES, "train.epochs=1", "--model", "finetune"]) == 0
@@ -52,6 +56,17 @@ def test_mkt_stages_are_deterministic_and_recorded(runs):
     np.testing.assert_array_equal(
         np.load(runs["mkt"] / "seed0.npz")["scores"], np.load(runs["again"] / "seed0.npz")["scores"]
     )
+
+
+def test_early_stopping_as_the_runner(runs):
+    tem = json.loads((runs["patience"] / "seed0.json").read_text())["tem"]
+    scores = [h["valid"]["auc"] for h in tem["history"]]
+    best = tem["best_epoch"]
+    assert scores[best - 1] == max(scores)
+    # It ran every epoch, or stopped one epoch (the patience) after the best.
+    assert len(scores) == 6 or len(scores) == best + 1
+    if len(scores) < 6:
+        assert scores[-1] <= scores[best - 1]
 
 
 def test_each_stage_trains_and_is_chosen_on_its_own_rows(runs):
