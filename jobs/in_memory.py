@@ -215,6 +215,16 @@ def load_scores(directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return runs[0]["labels"], runs[0]["users"], np.stack([r["scores"] for r in runs])
 
 
+def chosen_valid_auc(directory: Path) -> float | None:
+    """The seed mean of the last stage's validation AUC at its chosen epoch."""
+    values = []
+    for path in sorted(directory.glob("seed*.json")):
+        result = json.loads(path.read_text())
+        last = [k for k, v in result.items() if isinstance(v, dict) and "best" in v][-1]
+        values.append(result[last]["best"]["valid"]["auc"])
+    return float(np.mean(values)) if values else None
+
+
 def plot(rows: list[dict[str, Any]], base: str, path: Path) -> None:
     """Test AUC and GAUC per run as bars (error bars: standard deviation over seeds), each
     labelled with the base's paired difference to it."""
@@ -253,7 +263,11 @@ def compare(
         labels_b, _, scores_b = load_scores(directory)
         if not np.array_equal(labels, labels_b):
             raise SystemExit(f"--compare: {base} and {directory} scored different test rows")
-        row: dict[str, Any] = {"run": directory.name, "seeds": len(scores_b)}
+        row: dict[str, Any] = {
+            "run": directory.name,
+            "seeds": len(scores_b),
+            "valid_auc": chosen_valid_auc(directory),
+        }
         for metric, fn in (("auc", auc), ("gauc", lambda y, p: gauc(y, p, users)[0])):
             per_seed = [fn(labels, s) for s in scores_b]
             row[metric] = (
@@ -266,16 +280,21 @@ def compare(
             for metric in ("auc", "gauc"):
                 row[f"{metric}_gain"] = (gains[metric]["difference"], *gains[metric]["interval_95"])
         rows.append(row)
-    print(f"| run | seeds | test AUC | test GAUC | {base.name} - run, AUC [95%] | GAUC [95%] |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| run | seeds | valid AUC | test AUC | test GAUC | {base.name} - run, AUC [95%] "
+        "| GAUC [95%] |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         gain = [
             "{:+.4f} [{:+.4f}, {:+.4f}]".format(*row[f"{m}_gain"]) if f"{m}_gain" in row else ""
             for m in ("auc", "gauc")
         ]
         stats = ["{:.4f} ± {:.4f}".format(*row[m]) for m in ("auc", "gauc")]
+        valid = "" if row["valid_auc"] is None else f"{row['valid_auc']:.4f}"
         print(
-            f"| {row['run']} | {row['seeds']} | {stats[0]} | {stats[1]} | {gain[0]} | {gain[1]} |"
+            f"| {row['run']} | {row['seeds']} | {valid} | {stats[0]} | {stats[1]} | {gain[0]} "
+            f"| {gain[1]} |"
         )
     if plot_path is not None:
         plot(rows, base.name, plot_path)

@@ -100,7 +100,10 @@ def test_compare_pairs_seed_means(runs, capsys, tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 0
     printed = capsys.readouterr().out
     lines = [line for line in printed.splitlines() if line.startswith("| ")]
-    assert lines[0].startswith("| run | seeds | test AUC | test GAUC | tem_only - run")
+    assert lines[0].startswith("| run | seeds | valid AUC | test AUC | test GAUC | tem_only - run")
+    tem_only = [json.loads((runs["tem_only"] / f"seed{k}.json").read_text()) for k in (0, 1)]
+    valid = np.mean([r["tem"]["best"]["valid"]["auc"] for r in tem_only])
+    assert lines[1].split(" | ")[2] == f"{valid:.4f}"
     assert [line.split(" | ")[:2] for line in lines[1:]] == [
         ["| tem_only", "2"],
         ["| mkt", "1"],
