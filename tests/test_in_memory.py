@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from jobs.in_memory import main
+from jobs.in_memory import Samples, add_source_activity, main
+from mkt.contract import PAD, RESERVED_INDICES
+from mkt.schema import load_samples_dir
 
 OVERRIDES = ["train.epochs=2", "train.batch_size=256", "train.embedding_l2=0"]
 
@@ -31,6 +33,9 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     args = ["--samples", str(generated_samples), "--output", str(out["patience"])]
     early = ["train.epochs=6", "train.early_stopping.patience=1"]
     assert main([*args, *OVERRIDES, *early, "--model", "tem_only"]) == 0
+    out["activity"] = root / "activity"
+    args = ["--samples", str(generated_samples), "--output", str(out["activity"])]
+    assert main([*args, *OVERRIDES, "--model", "tem_only", "--source-activity", "4"]) == 0
     out["finetune"] = root / "finetune"
     args = ["--samples", str(generated_samples), "--output", str(out["finetune"])]
     assert main([*args, *OVERRIDES, "train.epochs=1", "--model", "finetune"]) == 0
@@ -115,3 +120,45 @@ def test_compare_pairs_seed_means(runs, capsys, tmp_path):
     assert float(low) <= float(high)
     with pytest.raises(SystemExit, match="no seed"):
         main(["--compare", str(runs["tem_only"]), str(runs["mkt"].parent / "missing")])
+
+
+def test_source_activity_features(generated_samples, runs):
+    """The user's source like rate and rows as target features: from the source rows the
+    row's other-entity sequence may see, bucketed on the target train rows, and not
+    applicable (padding) on source rows."""
+    samples = Samples(generated_samples, load_samples_dir(generated_samples))
+    add_source_activity(samples, buckets=4, prior_rows=20.0)
+    schema, c = samples.schema, samples.schema.columns
+    rows = samples.table.to_pandas()
+    for name in ("source_like_rate", "source_rows"):
+        feature = schema.feature(name)
+        assert feature.group == "user" and feature.vocab_size <= len(RESERVED_INDICES) + 4
+        source = rows[c["entity"]] == schema.source_entity
+        assert (rows.loc[source, name] == PAD).all()
+        assert rows.loc[~source, name].between(len(RESERVED_INDICES), feature.vocab_size - 1).all()
+    # Recompute every target row's rate by hand: a test row sees the user's train + valid
+    # source rows, the others the train ones; the buckets must follow that rate's order.
+    video = rows[rows[c["entity"]] == schema.source_entity]
+    target = rows[rows[c["entity"]] == schema.target_entity]
+
+    def rate(splits):
+        seen = video[video[c["split"]].isin(splits)]
+        prior = seen[c["label"]].mean()
+        per_user = seen.groupby(c["user_key"])[c["label"]].agg(["sum", "count"])
+        return (per_user["sum"] + 20 * prior) / (per_user["count"] + 20), prior
+
+    (before_test, prior_test), (before_rest, prior_rest) = rate(["train", "valid"]), rate(["train"])
+    is_test = target[c["split"]] == "test"
+    by_hand = np.where(
+        is_test,
+        target[c["user_key"]].map(before_test).fillna(prior_test),
+        target[c["user_key"]].map(before_rest).fillna(prior_rest),
+    )
+    order = np.argsort(by_hand, kind="stable")
+    buckets = target["source_like_rate"].to_numpy()[order]
+    ties = np.diff(by_hand[order]) <= 1e-12
+    assert ((np.diff(buckets) >= 0) | ties).all()
+    assert len(np.unique(buckets)) > 1
+    result = json.loads((runs["activity"] / "seed0.json").read_text())
+    assert result["source_activity_buckets"] == 4
+    assert result["tem"]["best"]["valid"]["auc"] > 0
