@@ -8,8 +8,6 @@ here is a change there.
 
 from __future__ import annotations
 
-from functools import reduce
-
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -157,37 +155,38 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
             .otherwise(F.col(f"fit__{e}"))
         )
 
-    own = reduce(
-        lambda chosen, e: chosen.when(F.col("entity") == e, own_history(e)),
-        entities[1:],
-        F.when(F.col("entity") == entities[0], own_history(entities[0])),
-    )
-    rows = rows.withColumn("own_items", own).sortWithinPartitions(_file_order(config))
-    sequences = []
-    for entity in entities:
+    def history(e: str) -> Column:
         # Another entity's likes up to the end of the blocks the row may look at: a test row
         # sees train + valid, a valid or train row the train block, so a valid row sees as old
         # a history as a test row does (docs/etl.md, "Sequences and history modes").
-        items = (
-            F.when(F.col("entity") == entity, F.col("own_items"))
-            .when(F.col("split") == "test", F.col(f"fit__{entity}"))
-            .otherwise(F.col(f"train__{entity}"))
+        seen = (
+            F.when(F.col("entity") == e, own_history(e))
+            .when(F.col("split") == "test", F.col(f"fit__{e}"))
+            .otherwise(F.col(f"train__{e}"))
         )
-        newest_first = F.coalesce(items, F.array().cast("array<bigint>"))
-        padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))
-        sequences += [
-            F.concat(newest_first, padding).alias(f"seq_{entity}"),
-            F.size(newest_first).cast("long").alias(f"seq_{entity}_len"),
-        ]
-    return rows.select(
+        return F.coalesce(seen, F.array().cast("array<bigint>"))
+
+    columns = [
         "entity",
         "split",
         "line_no",
         "user_key",
         "label",
         *[f.name for f in config.features],
-        *sequences,
-    )
+    ]
+    # Only the lists a row keeps go through the sort, which copies whole rows.
+    rows = rows.select(
+        *columns, *[history(e).alias(f"history__{e}") for e in entities]
+    ).sortWithinPartitions(_file_order(config))
+    sequences = []
+    for entity in entities:
+        newest_first = F.col(f"history__{entity}")
+        padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))
+        sequences += [
+            F.concat(newest_first, padding).alias(f"seq_{entity}"),
+            F.size(newest_first).cast("long").alias(f"seq_{entity}_len"),
+        ]
+    return rows.select(*columns, *sequences)
 
 
 def _file_order(config: DataConfig) -> Column:
