@@ -107,7 +107,8 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
     One window over each user's rows as the shuffle left them (ordered by HISTORY_KEY: entity,
     likes before): nothing collects a user's history, and no array exceeds seq_len. Each list
     is `max_by(item, line_no, seq_len)` over the liked rows that a frame and a mark admit: the
-    items of the newest seq_len likes, newest first, kept in a heap of seq_len entries.
+    items of the newest seq_len likes, newest first, kept in a heap of seq_len entries (line
+    numbers are unique within an entity, so no tie makes the order depend on the row order).
     - `before__<e>`: the likes of entity e on earlier lines (the frame: the rows whose key is
       below the row's, i.e. of an earlier entity, or of e with fewer likes before; the mark
       keeps e's). Its frame grows only after a like, so Spark evaluates it once per (user,
