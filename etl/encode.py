@@ -8,14 +8,12 @@ here is a change there.
 
 from __future__ import annotations
 
-from functools import reduce
-
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.config import DataConfig, Feature
 from etl.raw_lines import _integer_id, _raw
-from etl.split import USER
+from etl.split import HISTORY_KEY, USER
 from mkt.contract import FIRST_INDEX, MISSING, OOV, PAD, SPLITS
 
 # Fixes the pseudo-random order of the rows inside each samples file.
@@ -60,9 +58,7 @@ def _encode(
         "split",
         "line_no",
         "label",
-        "likes_before",
-        "train_end",
-        "fit_end",
+        HISTORY_KEY,
         *[f.name for f in config.features],
     )
 
@@ -108,81 +104,90 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
     """The samples table: every encoded row with seq_<entity> / seq_<entity>_len for every
     entity, per the data contract, in the order its file stores rows.
 
-    Two windows over each user's rows as the shuffle left them (user, entity, likes before,
-    line): nothing collects a user's history, and no array exceeds seq_len.
-    - `before`: the items of the user's last seq_len likes in this entity on earlier lines
-      (a frame counted in likes: the likes whose own likes_before lies in [k - seq_len, k - 1]
-      for a row with k). It changes only after a like, so Spark computes it once per (user,
-      like count). That is the history of a train row, and of every row in online mode.
-    - `through`: `before` plus the row's own like: the history after the row. At the last row
-      of the train block it is what a frozen valid row and every train or valid row of the
-      other entities see; at the last train + valid row, what a frozen test row and every
-      test row of the other entities see (one window per user).
+    One window over each user's rows as the shuffle left them (ordered by HISTORY_KEY: entity,
+    likes before): nothing collects a user's history, and no array exceeds seq_len. Each list
+    is `max_by(item, line_no, seq_len)` over the liked rows that a frame and a mark admit: the
+    items of the newest seq_len likes, newest first, kept in a heap of seq_len entries (line
+    numbers are unique within an entity, so no tie makes the order depend on the row order).
+    - `before__<e>`: the likes of entity e on earlier lines (the frame: the rows whose key is
+      below the row's, i.e. of an earlier entity, or of e with fewer likes before; the mark
+      keeps e's). Its frame grows only after a like, so Spark evaluates it once per (user,
+      like count). The history of a train row of e, and of every row of e in online mode.
+    - `train__<e>` / `fit__<e>`: the likes of e's train block / train + valid block (the frame:
+      the whole user). What a frozen valid / test row of e sees, and what a train or valid /
+      a test row of another entity sees.
     Each file's rows are then put in a pseudo-random order (_file_order), before the sequences
     are padded (so the sort moves the short arrays).
     """
     seq_len, item, entities = config.seq_len, config.item_feature, config.entity_names
-    liked_items = F.when(F.col("label") == 1, F.col(item))
-    in_likes = Window.partitionBy(*USER).orderBy("likes_before").rangeBetween(-seq_len, -1)
-    rows = encoded.withColumn("before", F.collect_list(liked_items).over(in_likes))
-    history = F.coalesce(F.col("before"), F.array().cast("array<bigint>"))
-    with_own = F.concat(history, F.array(F.col(item)))
-    through = F.when(
-        F.col("label") == 1,
-        F.slice(with_own, F.greatest(F.size(with_own) - (seq_len - 1), F.lit(1)), seq_len),
-    ).otherwise(history)
-    whole_user = Window.partitionBy("user_hash", "user_key")
-
-    def at(end: str, entity: str) -> Column:
-        """`through` at the user's row of `entity` that ends a block (null if none)."""
-        return F.first(F.when((F.col("entity") == entity) & F.col(end), through), True).over(
-            whole_user
-        )
-
-    rows = rows.select(
-        "*",
-        *[at("train_end", e).alias(f"train_items__{e}") for e in entities],
-        *[at("fit_end", e).alias(f"fit_items__{e}") for e in entities],
+    user = Window.partitionBy("user_hash", "user_key").orderBy(HISTORY_KEY)
+    earlier = user.rangeBetween(Window.unboundedPreceding, -1)
+    whole = user.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    blocks = {
+        "before": F.lit(True),
+        "train": F.col("split") == "train",
+        "fit": F.col("split") != "test",
+    }
+    # The marks (line numbers of the admitted likes, else null) in a generated projection of
+    # their own: the aggregate evaluates its arguments row by row, interpreted.
+    marks = {
+        (kind, e): F.when((F.col("label") == 1) & (F.col("entity") == e) & block, F.col("line_no"))
+        for kind, block in blocks.items()
+        for e in entities
+    }
+    rows = encoded.select(
+        "*", *[mark.alias(f"mark__{kind}__{e}") for (kind, e), mark in marks.items()]
+    ).select(
+        *encoded.columns,
+        *[
+            F.max_by(F.col(item), F.col(f"mark__{kind}__{e}"), seq_len)
+            .over(earlier if kind == "before" else whole)
+            .alias(f"{kind}__{e}")
+            for kind, e in marks
+        ],
     )
-    if config.history_mode == "online":
-        own = F.col("before")
-    else:
-        own = reduce(
-            lambda chosen, e: chosen.when(
-                F.col("entity") == e,
-                F.when(F.col("split") == "valid", F.col(f"train_items__{e}")).otherwise(
-                    F.col(f"fit_items__{e}")
-                ),
-            ),
-            entities,
-            F.when(F.col("split") == "train", F.col("before")),
+
+    def own_history(e: str) -> Column:
+        if config.history_mode == "online":
+            return F.col(f"before__{e}")
+        return (
+            F.when(F.col("split") == "train", F.col(f"before__{e}"))
+            .when(F.col("split") == "valid", F.col(f"train__{e}"))
+            .otherwise(F.col(f"fit__{e}"))
         )
-    rows = rows.withColumn("own_items", own).sortWithinPartitions(_file_order(config))
-    sequences = []
-    for entity in entities:
+
+    def history(e: str) -> Column:
         # Another entity's likes up to the end of the blocks the row may look at: a test row
         # sees train + valid, a valid or train row the train block, so a valid row sees as old
         # a history as a test row does (docs/etl.md, "Sequences and history modes").
-        items = (
-            F.when(F.col("entity") == entity, F.col("own_items"))
-            .when(F.col("split") == "test", F.col(f"fit_items__{entity}"))
-            .otherwise(F.col(f"train_items__{entity}"))
+        seen = (
+            F.when(F.col("entity") == e, own_history(e))
+            .when(F.col("split") == "test", F.col(f"fit__{e}"))
+            .otherwise(F.col(f"train__{e}"))
         )
-        newest_first = F.reverse(F.coalesce(items, F.array().cast("array<bigint>")))
-        padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))
-        sequences += [
-            F.concat(newest_first, padding).alias(f"seq_{entity}"),
-            F.size(newest_first).cast("long").alias(f"seq_{entity}_len"),
-        ]
-    return rows.select(
+        return F.coalesce(seen, F.array().cast("array<bigint>"))
+
+    columns = [
         "entity",
         "split",
         "line_no",
         "user_key",
         "label",
         *[f.name for f in config.features],
-        *sequences,
-    )
+    ]
+    # Only the lists a row keeps go through the sort, which copies whole rows.
+    rows = rows.select(
+        *columns, *[history(e).alias(f"history__{e}") for e in entities]
+    ).sortWithinPartitions(_file_order(config))
+    sequences = []
+    for entity in entities:
+        newest_first = F.col(f"history__{entity}")
+        padding = F.array_repeat(F.lit(PAD).cast("long"), seq_len - F.size(newest_first))
+        sequences += [
+            F.concat(newest_first, padding).alias(f"seq_{entity}"),
+            F.size(newest_first).cast("long").alias(f"seq_{entity}_len"),
+        ]
+    return rows.select(*columns, *sequences)
 
 
 def _file_order(config: DataConfig) -> Column:

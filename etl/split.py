@@ -3,13 +3,14 @@ entity split in line order (train / valid / test), like counts; the summary's co
 to reconcile, and the summary's log at the job's end.
 
 Apart because every later phase relies on what this shuffle leaves: the groups of users that
-become the samples files, and the order (`USER`, likes before, line) that the sequence
-windows read without another shuffle or sort.
+become the samples files, and the order (user, HISTORY_KEY: entity and likes before, line)
+that the sequence window reads without another shuffle or sort.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import reduce
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, Window
@@ -24,6 +25,11 @@ log = logging.getLogger("etl.build_samples")
 
 # The columns of every row between the shuffle by user and the encoding.
 USER = ["user_hash", "user_key", "entity"]
+# Each row's place in its user's histories, one number (a range frame's order key must be one
+# column): the entity's ordinal in the config above ENTITY_SHIFT bits, the user's likes on
+# earlier lines of that entity below. The sequence window (etl/encode.py) orders by it.
+HISTORY_KEY = "history_key"
+ENTITY_SHIFT = 40
 
 
 def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
@@ -32,13 +38,13 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
     The groups are the samples table's files (rows of one user stay in one file); every later
     step runs per user inside them. Per (entity, user), rows in line order; n rows, n_test =
     floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
-    floor(valid_fraction * n_fit + 0.5) are valid. `likes_before` counts the user's likes on
-    earlier lines; `train_end` marks the last row of the train block, `fit_end` that of the
-    train + valid block. An exact duplicate is `kept` = false when they are dropped (it stays
-    here only to be counted).
+    floor(valid_fraction * n_fit + 0.5) are valid. HISTORY_KEY holds the entity and the
+    user's likes on earlier lines of it. An exact duplicate is `kept` = false when they are
+    dropped (it stays here only to be counted).
 
-    Output ordered by (user, entity, likes_before, line_no): line order, but also what the
-    sequence window, whose frame is counted in likes, needs.
+    Output ordered by (user_hash, user_key, HISTORY_KEY, line_no): each entity's rows in line
+    order, and what the sequence window, one per user whose frames are counted in likes,
+    needs without a sort of its own.
     """
     user = Window.partitionBy(*USER)
     running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
@@ -77,11 +83,18 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
         "kept",
         "line_hash",
         split.alias("split"),
-        "likes_before",
-        (F.col("kept") & (F.col("rank") == n_train)).alias("train_end"),
-        (F.col("kept") & (F.col("rank") == n_fit)).alias("fit_end"),
+        _history_key(config).alias(HISTORY_KEY),
         *[_raw(f) for f in config.features],
-    ).sortWithinPartitions(*USER, "likes_before", "line_no")
+    ).sortWithinPartitions("user_hash", "user_key", HISTORY_KEY, "line_no")
+
+
+def _history_key(config: DataConfig) -> Column:
+    ordinal = reduce(
+        lambda chosen, e: chosen.when(F.col("entity") == e, config.entity_names.index(e)),
+        config.entity_names,
+        F.when(F.lit(False), 0),
+    )
+    return F.shiftleft(ordinal.cast("long"), ENTITY_SHIFT) + F.col("likes_before")
 
 
 def _summarize(
