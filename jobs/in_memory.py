@@ -75,15 +75,34 @@ class Samples:
         )
         self.collate = ModelBatches(schema, keep=[c["user_key"]])
 
-    def rows(self, entity: str, split: str, part: str = "all", holdout: float = 0.0) -> Batch:
-        """`part`: all, or the MKT stages' `pretrain` / `holdout` shares of the train rows
-        (train.data.target_rows_filter's buckets)."""
+    def partition(self, entity: str, split: str) -> pa.Table:
         c = self.schema.columns
-        table = self.table.filter(
+        return self.table.filter(
             pc.and_(
                 pc.equal(self.table[c["entity"]], entity), pc.equal(self.table[c["split"]], split)
             )
         )
+
+    def predictions(self, model: CTRModel) -> pa.Table:
+        """The model's scores of the target test rows as the runner's predictions table
+        (train/evaluate.py: entity, line_no, user_key, label, score), in `rows`' order."""
+        c, target = self.schema.columns, self.schema.target_entity
+        lines = self.partition(target, "test")
+        return pa.table(
+            {
+                "entity": pa.array([target] * lines.num_rows),
+                "line_no": lines[c["line_no"]],
+                "user_key": lines[c["user_key"]],
+                "label": pc.cast(lines[c["label"]], pa.int8()),
+                "score": scores(model, self.rows(target, "test")),
+            }
+        )
+
+    def rows(self, entity: str, split: str, part: str = "all", holdout: float = 0.0) -> Batch:
+        """`part`: all, or the MKT stages' `pretrain` / `holdout` shares of the train rows
+        (train.data.target_rows_filter's buckets)."""
+        c = self.schema.columns
+        table = self.partition(entity, split)
         if part != "all" and holdout > 0:
             held_out = holdout_bucket(table[c["line_no"]].to_numpy()) < round(
                 holdout * HOLDOUT_BUCKETS

@@ -166,6 +166,11 @@ def eta(durations: Mapping[str, list[float]], remaining: Sequence[str]) -> float
     return sum(float(np.mean(durations[k])) if durations.get(k) else mean for k in remaining)
 
 
+def _json_number(value: Any) -> Any:
+    """numpy scalars in an in-memory run's history -> Python numbers."""
+    return value.item()
+
+
 def _clock(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -220,6 +225,79 @@ def run_all(
                         fingerprint,
                     )
                 run_pipeline(config, samples_dir, run_dir, oracle)
+                seconds = time.monotonic() - run_started
+                durations.setdefault(entry.key, []).append(seconds)
+                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
+            results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
+    log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
+    return results
+
+
+def run_all_in_memory(
+    planned: Sequence[tuple[Entry, int, dict[str, Any]]],
+    samples_dir: Path,
+    output: Path,
+    oracle: str | None,
+    log: Callable[[str], None],
+) -> dict[str, list[dict[str, Any]]]:
+    """Every planned run trained by jobs/in_memory.py (one process, the samples in memory, the
+    same seed giving the same numbers), scored into the same predictions table and evaluated by
+    the same code as a runner's run; Ray serves only the evaluation's reads."""
+    invocation = {"samples": str(samples_dir), "oracle": oracle, "trainer": "in_memory"}
+    results: dict[str, list[dict[str, Any]]] = {}
+    started = time.monotonic()
+    durations: dict[str, list[float]] = {}
+    with ray_session(planned[0][2]):
+        # Imported only now (they import Ray): Ray's environment is set before Ray is imported.
+        import torch
+        from deltalake import write_deltalake
+
+        from jobs.in_memory import Samples, run_seed
+        from train.evaluate import PREDICTIONS_DIR, evaluate_predictions, oracle_path
+        from train.pipeline import started_at_commit
+
+        torch.set_num_threads(1)
+        schema = FeatureSchema.load(samples_dir)
+        samples = Samples(samples_dir, schema)
+        truth = oracle_path(schema, oracle)
+        for k, (entry, seed, config) in enumerate(planned, 1):
+            run_dir = run_dir_of(output, entry, seed)
+            metrics_path = run_dir / METRICS_FILE
+            if metrics_path.is_file():
+                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} already finished")
+            else:
+                remaining = [
+                    e.key
+                    for e, s, _ in planned[k:]
+                    if not (run_dir_of(output, e, s) / METRICS_FILE).is_file()
+                ]
+                log(
+                    f"run {k}/{len(planned)}: {entry.key} seed {seed} in memory "
+                    f"({' '.join(entry.overrides)}); elapsed {_clock(time.monotonic() - started)}, "
+                    f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
+                )
+                run_started = time.monotonic()
+                prepare_run_dir(run_dir, run_config_text(config, invocation))
+                history, trained = run_seed(
+                    samples, {**config, "schema_user_key": schema.columns["user_key"]}, seed, "both"
+                )
+                final = trained[pipeline(config["model"])[-1].name]
+                predictions = run_dir / PREDICTIONS_DIR
+                write_deltalake(str(predictions), samples.predictions(final), mode="overwrite")
+                metrics = {
+                    "model": config["model"],
+                    "trainer": "in_memory",
+                    "code_commit": started_at_commit(run_dir),
+                    "seed": seed,
+                    "train": config["train"],
+                    "params": config["params"],
+                    "samples": str(samples_dir),
+                    "history_mode": schema.history_mode,
+                    "oracle": str(truth) if truth else None,
+                    "stages": history,
+                    "test": evaluate_predictions(samples_dir, schema, predictions, config, truth),
+                }
+                metrics_path.write_text(json.dumps(plain(metrics), indent=1, default=_json_number))
                 seconds = time.monotonic() - run_started
                 durations.setdefault(entry.key, []).append(seconds)
                 log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
@@ -304,6 +382,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="train nothing: the tables of the runs finished so far (while a job runs, or after "
         "an interrupted one)",
     )
+    parser.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="train each run in one process on samples held in memory (jobs/in_memory.py: "
+        "deterministic per seed, no Ray training noise); the samples must fit in memory",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides")
     args = parser.parse_args(argv)
     if args.seeds is None:
@@ -340,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = finished_runs(planned, output)
         log(f"tables of the {sum(map(len, results.values()))} finished runs of {len(planned)}")
     else:
-        results = run_all(planned, samples_dir, output, oracle, log)
+        trainer = run_all_in_memory if args.in_memory else run_all
+        results = trainer(planned, samples_dir, output, oracle, log)
     t2 = table2(results, [e for e in entries if e in TABLE2])
     labels = {e.key: e.label for e in ENTRIES}
     # Table 3 compares the best single-domain model, Finetune and MKT: only when all were run.
@@ -391,6 +476,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seeds": args.seeds,
         "quick": args.quick,
         "report_only": args.report_only,  # then wall_s is the tables' time, not the training's
+        "trainer": "in_memory" if args.in_memory else "ray",
         "config": str(config_path),
         "overrides": args.overrides,
         "data": data,

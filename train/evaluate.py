@@ -196,7 +196,21 @@ def evaluate_run(
     config: dict[str, Any],
     oracle: Path | None,
 ) -> dict[str, Any]:
-    predictions = read_predictions(write_predictions(samples_dir, schema, chain, run_dir, config))
+    path = write_predictions(samples_dir, schema, chain, run_dir, config)
+    return evaluate_predictions(samples_dir, schema, path, config, oracle)
+
+
+def evaluate_predictions(
+    samples_dir: Path,
+    schema: FeatureSchema,
+    predictions_path: Path,
+    config: dict[str, Any],
+    oracle: Path | None,
+) -> dict[str, Any]:
+    """The test metrics of a predictions table (whoever scored it: the runner above, or
+    jobs/reproduce_tables.py --in-memory), with the activity groups and the reference scorers
+    on the same rows."""
+    predictions = read_predictions(predictions_path)
     line_no = predictions["line_no"].to_numpy()
     per_user = train_counts(samples_dir, schema, schema.columns["user_key"])
     activity = per_user.lookup(predictions["user_key"].to_numpy())[0].astype(np.int64)
