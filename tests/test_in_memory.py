@@ -5,12 +5,17 @@ target rows, and --compare pairs two output directories' test scores."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
+
+# The in-memory tables' evaluation starts an embedded Ray: bound to 127.0.0.1 only if this is
+# set before Ray is first imported (jobs.in_memory imports it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from jobs.in_memory import Samples, add_source_activity, main
 from mkt.contract import PAD, RESERVED_INDICES
@@ -162,3 +167,35 @@ def test_source_activity_features(generated_samples, runs):
     result = json.loads((runs["activity"] / "seed0.json").read_text())
     assert result["source_activity_buckets"] == 4
     assert result["tem"]["best"]["valid"]["auc"] > 0
+
+
+def test_tables_in_memory_score_and_evaluate_as_the_runner(generated_samples, runs, tmp_path):
+    """jobs/reproduce_tables.py --in-memory: each run trains as jobs/in_memory.py does (the
+    same seed and config give its scores), writes the runner's predictions table for every
+    target test row, and is evaluated by the runner's code (activity groups, like-rate floor)."""
+    from deltalake import DeltaTable
+
+    from jobs import reproduce_tables
+
+    args = ["--quick", "--in-memory", "--samples", str(generated_samples), "--seeds", "0"]
+    args += ["--output", str(tmp_path), "--models", "mkt", "wo_mem"]
+    args += ["--config", str(reproduce_tables.REPO_ROOT / "conf" / "run" / "quickstart.yaml")]
+    summary = reproduce_tables.main([*args, *OVERRIDES])
+    assert summary["trainer"] == "in_memory"
+    run_dir = tmp_path / "runs" / "mkt" / "seed0"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["trainer"] == "in_memory" and metrics["seed"] == 0
+    predictions = DeltaTable(str(run_dir / "predictions")).to_pandas().set_index("line_no")
+    by_hand = np.load(runs["mkt"] / "seed0.npz")
+    samples = Samples(generated_samples, load_samples_dir(generated_samples))
+    lines = samples.partition(samples.schema.target_entity, "test")["line_no"].to_numpy()
+    assert len(predictions) == len(lines) and predictions.index.is_unique
+    predictions = predictions.loc[lines]
+    np.testing.assert_array_equal(predictions["label"].to_numpy(), by_hand["labels"])
+    np.testing.assert_allclose(predictions["score"].to_numpy(), by_hand["scores"])
+    test = metrics["test"]
+    assert test["model"]["auc"] == pytest.approx(roc_auc_score(by_hand["labels"], by_hand["scores"]))
+    assert set(test) >= {"model", "like_rate"} and test["model"]["by_activity"]
+    table = {row["key"]: row for row in summary["table2"]}
+    assert table["mkt"]["auc_mean"] == pytest.approx(test["model"]["auc"])
+    assert [row["key"] for row in summary["gains"]] == ["wo_mem"]
