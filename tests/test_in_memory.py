@@ -194,7 +194,9 @@ def test_tables_in_memory_score_and_evaluate_as_the_runner(generated_samples, ru
     np.testing.assert_array_equal(predictions["label"].to_numpy(), by_hand["labels"])
     np.testing.assert_allclose(predictions["score"].to_numpy(), by_hand["scores"])
     test = metrics["test"]
-    assert test["model"]["auc"] == pytest.approx(roc_auc_score(by_hand["labels"], by_hand["scores"]))
+    assert test["model"]["auc"] == pytest.approx(
+        roc_auc_score(by_hand["labels"], by_hand["scores"])
+    )
     assert set(test) >= {"model", "like_rate"} and test["model"]["by_activity"]
     table = {row["key"]: row for row in summary["table2"]}
     assert table["mkt"]["auc_mean"] == pytest.approx(test["model"]["auc"])
