@@ -2,7 +2,7 @@
 
     python jobs/reproduce_tables.py --output runs/tables [--samples OUT_DIR | --users N]
                                     [--seeds 0 1 2] [--quick] [--config conf/run/X.yaml]
-                                    [--oracle PATH] [key=value ...]
+                                    [--oracle PATH] [--in-memory] [key=value ...]
 
 Data: `--samples` is an OUT_DIR of etl/build_samples.py (generated or real Tenrec files);
 without it the job generates Tenrec-format data (jobs/generate_tenrec.py, `--users`) and builds
@@ -15,6 +15,13 @@ vary the run config's `seed` (weight init, file order, shuffle buffer); the data
 Two runs whose first stage would be trained identically (the source pre-training of
 `finetune` and `ctnet`, with the same seed) share one training of it, in OUTPUT/stage1/<key>. Rerunning the command resumes: finished runs are skipped and
 unfinished ones continue from their checkpoints.
+
+`--in-memory` trains each (model, seed) in this process instead (jobs/in_memory.py: the samples
+in memory, a full shuffle each epoch, the same early stopping), so a seed gives the same
+numbers every time and the seeds' spread is training noise alone (two Ray runs of one config
+differ by about 0.01 AUC from block order); each run still writes RUN_DIR/config.yaml,
+metrics.json and the predictions table, evaluated by the runner's code (train/evaluate.py),
+and a rerun skips finished runs. It suits data that fit in memory on a small machine.
 
 Outputs in OUTPUT: tables.md (the three tables), table2.csv, table3.csv, table4.csv,
 tables.png (Tables 2 and 4 as bars, error bars one standard deviation over the seeds) and
