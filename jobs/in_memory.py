@@ -57,7 +57,7 @@ from train.data import (
     model_columns,
     stage_entities,
 )
-from train.optim import build_optimizer
+from train.optim import build_optimizer, embedding_l2_weight
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDOUT_BUCKETS = 10000
@@ -217,13 +217,16 @@ def train_stage(
     patience = opts["early_stopping"]["patience"]
     history: list[dict[str, Any]] = []
     best_state, best = None, None
+    step = 0
     for epoch in range(1, opts["epochs"] + 1):
         started = time.perf_counter()
         model.train()
         for batch in mixed_batches(parts, opts["batch_size"], generator):
+            step += 1
             loss = model.loss(batch, model(batch))["loss"]
             if l2 > 0:
-                loss = loss + l2 * model.embedding_l2(batch) / rows_of(batch)
+                weight = embedding_l2_weight(opts, step)
+                loss = loss + weight * model.embedding_l2(batch) / rows_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

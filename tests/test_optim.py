@@ -10,7 +10,13 @@ import torch
 from mkt.contract import ConfigError
 from mkt.models import build_model
 from mkt.synthetic import toy_batch, toy_schema
-from train.optim import RowAdam, SplitOptimizer, build_optimizer, use_sparse_embeddings
+from train.optim import (
+    RowAdam,
+    SplitOptimizer,
+    build_optimizer,
+    embedding_l2_weight,
+    use_sparse_embeddings,
+)
 
 OPTS = {"lr": 0.01, "embedding_lr": None, "weight_decay": 0.0}
 
@@ -119,3 +125,10 @@ def test_sparse_embeddings_refused_on_several_gpu_workers() -> None:
         use_sparse_embeddings(model, torch.device("cuda", 0), world=2)
     use_sparse_embeddings(model, torch.device("cuda", 0), world=1)  # one GPU: nothing to reduce
     assert all(bank.sparse_gradients for bank in model.embedding_banks())
+
+
+def test_embedding_prior_ramps_up_over_its_warmup_steps() -> None:
+    opts = {"embedding_l2": 30.0, "embedding_l2_warmup_steps": 500}
+    weights = [embedding_l2_weight(opts, step) for step in (1, 250, 500, 501, 10_000)]
+    assert weights == pytest.approx([30.0 / 500, 15.0, 30.0, 30.0, 30.0])
+    assert embedding_l2_weight({**opts, "embedding_l2_warmup_steps": 0}, 1) == 30.0

@@ -55,6 +55,7 @@ def test_override_values_are_yaml() -> None:
         (["fault.kill_worker_at.epoch=0", "fault.kill_worker_at.batch=1"], "kill_worker_at.epoch"),
         (["train=3"], "'train' must be a mapping"),
         (["eval.driver_scoring_rows=-1"], "eval.driver_scoring_rows"),
+        (["train.embedding_l2_warmup_steps=-1"], "train.embedding_l2_warmup_steps"),
     ],
 )
 def test_bad_overrides_name_the_key(

@@ -70,6 +70,7 @@ class Train:
     embedding_lr: float | None
     weight_decay: float
     embedding_l2: float
+    embedding_l2_warmup_steps: int
     sparse_embeddings: bool
     sparse_min_rows: int
     tem_holdout: float
@@ -219,7 +220,12 @@ def check(config: Mapping[str, Any]) -> None:
     block = train["read_block_bytes"]
     if block is not None and block < 1 << 20:
         raise ConfigError(f"train.read_block_bytes: null or at least 1 MiB, got {block}")
-    for key in ("shuffle_buffer_rows", "cache_max_rows", "sparse_min_rows"):
+    for key in (
+        "shuffle_buffer_rows",
+        "cache_max_rows",
+        "sparse_min_rows",
+        "embedding_l2_warmup_steps",
+    ):
         if train[key] < 0:
             raise ConfigError(f"train.{key}: must be >= 0 (0 turns it off), got {train[key]}")
     stopping = train["early_stopping"]

@@ -45,7 +45,7 @@ from train.checkpoints import (
 from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
 from train.errors import NonFiniteLossError
 from train.faults import check_kill_fired, kill_drill, poisons_step
-from train.optim import Optimizer, build_optimizer, use_sparse_embeddings
+from train.optim import Optimizer, build_optimizer, embedding_l2_weight, use_sparse_embeddings
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -234,7 +234,8 @@ def _train_epoch(
             # plus embedding_l2 x the squared norm of every embedding row.
             penalty = model.embedding_l2(batch) / batch["label"].shape[0]
             losses["embedding_l2"] = penalty.detach()
-            losses["loss"] = losses["loss"] + config["train"]["embedding_l2"] * penalty
+            weight = embedding_l2_weight(config["train"], steps_before + step)
+            losses["loss"] = losses["loss"] + weight * penalty
         if poisons_step(fault, steps_before + step, rank, world):
             losses["loss"] = losses["loss"] * float("nan")
         # Before backward: the parameters and the optimizer never see the bad step.

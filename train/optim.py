@@ -28,6 +28,13 @@ from mkt.contract import ConfigError
 from mkt.models import CTRModel
 
 
+def embedding_l2_weight(opts: dict[str, Any], step: int) -> float:
+    """The embedding prior's weight at optimiser step `step` (1-based, counted from the
+    stage's first step): `embedding_l2`, ramped up linearly over `embedding_l2_warmup_steps`."""
+    warmup = opts["embedding_l2_warmup_steps"]
+    return opts["embedding_l2"] * (min(1.0, step / warmup) if warmup else 1.0)
+
+
 class RowAdam(torch.optim.Optimizer):
     """Adam on the rows a sparse gradient names, each row's moments updated only when it is
     read: `torch.optim.SparseAdam`'s update (bias corrections from the optimiser's step count,
