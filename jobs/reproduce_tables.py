@@ -90,6 +90,10 @@ MIN_SEEDS = 3  # mean and standard deviation need a few; fewer only with --quick
 METRICS_FILE = "metrics.json"
 STAGE1_DIR = "stage1"
 LOG_PREFIX = "[tables]"
+# Each (entry, seed) to run, with its checked run config.
+Planned = Sequence[tuple[Entry, int, dict[str, Any]]]
+# Trains one (entry, seed, config) into its RUN_DIR, which must end holding metrics.json.
+TrainOne = Callable[[Entry, int, dict[str, Any], Path], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,9 +134,7 @@ def run_dir_of(output: Path, entry: Entry, seed: int) -> Path:
     return output / "runs" / entry.key / f"seed{seed}"
 
 
-def shared_first_stages(
-    planned: Sequence[tuple[Entry, int, dict[str, Any]]], fingerprint: str
-) -> dict[tuple[str, int], str]:
+def shared_first_stages(planned: Planned, fingerprint: str) -> dict[tuple[str, int], str]:
     """The cache key of each run's first stage when another run's first stage would be trained
     identically (`train.stage1_cache.stage1_material`: samples, stage, model parameters, training
     settings, seed, workers), keyed by (entry, seed)."""
@@ -151,9 +153,7 @@ def shared_first_stages(
     return {run: key for run, key in keys.items() if counts[key] > 1}
 
 
-def finished_runs(
-    planned: Sequence[tuple[Entry, int, dict[str, Any]]], output: Path
-) -> dict[str, list[dict[str, Any]]]:
+def finished_runs(planned: Planned, output: Path) -> dict[str, list[dict[str, Any]]]:
     """The metrics.json of every planned run that has finished, by entry."""
     results: dict[str, list[dict[str, Any]]] = {}
     for entry, seed, _ in planned:
@@ -184,17 +184,48 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
 
 
+def run_each(
+    planned: Planned, output: Path, train_one: TrainOne, log: Callable[[str], None]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every planned run not finished yet, with progress and ETA; returns each entry's
+    metrics.json per seed."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    started = time.monotonic()
+    durations: dict[str, list[float]] = {}
+    for k, (entry, seed, config) in enumerate(planned, 1):
+        run_dir = run_dir_of(output, entry, seed)
+        metrics_path = run_dir / METRICS_FILE
+        if metrics_path.is_file():
+            log(f"run {k}/{len(planned)}: {entry.key} seed {seed} already finished")
+        else:
+            remaining = [
+                e.key
+                for e, s, _ in planned[k:]
+                if not (run_dir_of(output, e, s) / METRICS_FILE).is_file()
+            ]
+            log(
+                f"run {k}/{len(planned)}: {entry.key} seed {seed} "
+                f"({' '.join(entry.overrides)}); elapsed {_clock(time.monotonic() - started)}, "
+                f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
+            )
+            run_started = time.monotonic()
+            train_one(entry, seed, config, run_dir)
+            seconds = time.monotonic() - run_started
+            durations.setdefault(entry.key, []).append(seconds)
+            log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
+        results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
+    log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
+    return results
+
+
 def run_all(
-    planned: Sequence[tuple[Entry, int, dict[str, Any]]],
+    planned: Planned,
     samples_dir: Path,
     output: Path,
     oracle: str | None,
     log: Callable[[str], None],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every planned run inside one Ray session; returns each entry's metrics.json per seed."""
-    results: dict[str, list[dict[str, Any]]] = {}
-    started = time.monotonic()
-    durations: dict[str, list[float]] = {}
+    """Every planned run by train/run.py's pipeline, inside one Ray session."""
     with ray_session(planned[0][2]):
         # Imported only now: Ray's environment is set before Ray is first imported.
         from train.pipeline import run_pipeline
@@ -203,45 +234,26 @@ def run_all(
         fingerprint = samples_fingerprint(samples_dir)
         shared = shared_first_stages(planned, fingerprint)
         invocation = {"samples": str(samples_dir), "oracle": oracle}
-        for k, (entry, seed, config) in enumerate(planned, 1):
-            run_dir = run_dir_of(output, entry, seed)
-            metrics_path = run_dir / METRICS_FILE
-            remaining = [
-                e.key
-                for e, s, _ in planned[k:]
-                if not (run_dir_of(output, e, s) / METRICS_FILE).is_file()
-            ]
-            if metrics_path.is_file():
-                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} already finished")
-            else:
-                log(
-                    f"run {k}/{len(planned)}: {entry.key} seed {seed} "
-                    f"({' '.join(entry.overrides)}); elapsed {_clock(time.monotonic() - started)}, "
-                    f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
+
+        def train_one(entry: Entry, seed: int, config: dict[str, Any], run_dir: Path) -> None:
+            prepare_run_dir(run_dir, run_config_text(config, invocation))
+            if (entry.key, seed) in shared:
+                cached_first_stage(
+                    pipeline(config["model"])[0],
+                    config,
+                    FeatureSchema.load(samples_dir),
+                    samples_dir,
+                    run_dir,
+                    output / STAGE1_DIR,
+                    fingerprint,
                 )
-                run_started = time.monotonic()
-                prepare_run_dir(run_dir, run_config_text(config, invocation))
-                if (entry.key, seed) in shared:
-                    cached_first_stage(
-                        pipeline(config["model"])[0],
-                        config,
-                        FeatureSchema.load(samples_dir),
-                        samples_dir,
-                        run_dir,
-                        output / STAGE1_DIR,
-                        fingerprint,
-                    )
-                run_pipeline(config, samples_dir, run_dir, oracle)
-                seconds = time.monotonic() - run_started
-                durations.setdefault(entry.key, []).append(seconds)
-                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
-            results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
-    log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
-    return results
+            run_pipeline(config, samples_dir, run_dir, oracle)
+
+        return run_each(planned, output, train_one, log)
 
 
 def run_all_in_memory(
-    planned: Sequence[tuple[Entry, int, dict[str, Any]]],
+    planned: Planned,
     samples_dir: Path,
     output: Path,
     oracle: str | None,
@@ -251,9 +263,6 @@ def run_all_in_memory(
     same seed giving the same numbers), scored into the same predictions table and evaluated by
     the same code as a runner's run; Ray serves only the evaluation's reads."""
     invocation = {"samples": str(samples_dir), "oracle": oracle, "trainer": "in_memory"}
-    results: dict[str, list[dict[str, Any]]] = {}
-    started = time.monotonic()
-    durations: dict[str, list[float]] = {}
     with ray_session(planned[0][2]):
         # Imported only now (they import Ray): Ray's environment is set before Ray is imported.
         import torch
@@ -267,50 +276,33 @@ def run_all_in_memory(
         schema = FeatureSchema.load(samples_dir)
         samples = Samples(samples_dir, schema)
         truth = oracle_path(schema, oracle)
-        for k, (entry, seed, config) in enumerate(planned, 1):
-            run_dir = run_dir_of(output, entry, seed)
-            metrics_path = run_dir / METRICS_FILE
-            if metrics_path.is_file():
-                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} already finished")
-            else:
-                remaining = [
-                    e.key
-                    for e, s, _ in planned[k:]
-                    if not (run_dir_of(output, e, s) / METRICS_FILE).is_file()
-                ]
-                log(
-                    f"run {k}/{len(planned)}: {entry.key} seed {seed} in memory "
-                    f"({' '.join(entry.overrides)}); elapsed {_clock(time.monotonic() - started)}, "
-                    f"ETA {_clock(eta(durations, [entry.key, *remaining]))}"
-                )
-                run_started = time.monotonic()
-                prepare_run_dir(run_dir, run_config_text(config, invocation))
-                history, trained = run_seed(
-                    samples, {**config, "schema_user_key": schema.columns["user_key"]}, seed, "both"
-                )
-                final = trained[pipeline(config["model"])[-1].name]
-                predictions = run_dir / PREDICTIONS_DIR
-                write_deltalake(str(predictions), samples.predictions(final), mode="overwrite")
-                metrics = {
-                    "model": config["model"],
-                    "trainer": "in_memory",
-                    "code_commit": started_at_commit(run_dir),
-                    "seed": seed,
-                    "train": config["train"],
-                    "params": config["params"],
-                    "samples": str(samples_dir),
-                    "history_mode": schema.history_mode,
-                    "oracle": str(truth) if truth else None,
-                    "stages": history,
-                    "test": evaluate_predictions(samples_dir, schema, predictions, config, truth),
-                }
-                metrics_path.write_text(json.dumps(plain(metrics), indent=1, default=_json_number))
-                seconds = time.monotonic() - run_started
-                durations.setdefault(entry.key, []).append(seconds)
-                log(f"run {k}/{len(planned)}: {entry.key} seed {seed} done in {seconds:.0f} s")
-            results.setdefault(entry.key, []).append(json.loads(metrics_path.read_text()))
-    log(f"all {len(planned)} runs done; elapsed {_clock(time.monotonic() - started)}")
-    return results
+
+        def train_one(entry: Entry, seed: int, config: dict[str, Any], run_dir: Path) -> None:
+            prepare_run_dir(run_dir, run_config_text(config, invocation))
+            history, trained = run_seed(
+                samples, {**config, "schema_user_key": schema.columns["user_key"]}, seed, "both"
+            )
+            final = trained[pipeline(config["model"])[-1].name]
+            predictions = run_dir / PREDICTIONS_DIR
+            write_deltalake(str(predictions), samples.predictions(final), mode="overwrite")
+            metrics = {
+                "model": config["model"],
+                "trainer": "in_memory",
+                "code_commit": started_at_commit(run_dir),
+                "seed": seed,
+                "train": config["train"],
+                "params": config["params"],
+                "samples": str(samples_dir),
+                "history_mode": schema.history_mode,
+                "oracle": str(truth) if truth else None,
+                "stages": history,
+                "test": evaluate_predictions(samples_dir, schema, predictions, config, truth),
+            }
+            (run_dir / METRICS_FILE).write_text(
+                json.dumps(plain(metrics), indent=1, default=_json_number)
+            )
+
+        return run_each(planned, output, train_one, log)
 
 
 # ---------------------------------------------------------------------------------------------
