@@ -31,7 +31,18 @@ from typing import Any
 import duckdb
 
 from etl.config import DataConfig, Feature, load_config
-from mkt.contract import FIRST_INDEX, MISSING, MISSING_TOKENS, OOV, PAD, SPLITS
+from mkt.contract import (
+    ACTIVITY_BOUNDARIES,
+    ACTIVITY_COUNTS,
+    ACTIVITY_RELATIONS,
+    FIRST_INDEX,
+    MISSING,
+    MISSING_TOKENS,
+    OOV,
+    PAD,
+    SPLITS,
+    activity_feature,
+)
 
 # Spark's string -> long cast ignores leading and trailing characters <= ' '.
 _SPARK_BLANK = "[\\x00-\\x20]"
@@ -154,9 +165,52 @@ def _encoded_sql(config: DataConfig, boundaries: dict[str, list[float]]) -> str:
         )
     return f"""
         SELECT r.entity, r.split, r.line_no, r.user_key, r.label, {", ".join(columns)},
-               r.likes_before, r.likes_train, r.likes_fit, r.history_likes
+               r.rows_before, r.likes_before, r.likes_train, r.likes_fit, r.history_likes
         FROM ranked r {" ".join(joins)}
     """
+
+
+def _activity_join(entities: tuple[str, ...]) -> str:
+    """Each user's rows and likes of every entity's train and train + valid blocks."""
+    columns = ", ".join(
+        f"count(*) FILTER (WHERE entity = {_sql_str(e)} AND {block}) AS rows_{name}__{e}, "
+        f"coalesce(sum(label) FILTER (WHERE entity = {_sql_str(e)} AND {block}), 0) "
+        f"AS likes_{name}__{e}"
+        for e in entities
+        for name, block in (("train", "split = 'train'"), ("fit", "split != 'test'"))
+    )
+    return (
+        f"LEFT JOIN (SELECT user_key, {columns} FROM encoded GROUP BY user_key) activity "
+        "ON activity.user_key = s.user_key"
+    )
+
+
+def _activity_sql(config: DataConfig, count: str, relation: str) -> str:
+    """One activity feature: the count of the entity in `relation` to the row (its own or the
+    other one) over the block of that entity's history the row sees."""
+
+    def block(name: str) -> str:
+        cases = " ".join(
+            f"WHEN {_sql_str(e)} THEN activity.{count}_{name}__{partner}"
+            for e in config.entity_names
+            for partner in config.entity_names
+            if (partner == e) == (relation == "own")
+        )
+        return f"coalesce(CASE s.entity {cases} END, 0)"
+
+    if relation == "other":
+        value = f"CASE WHEN s.split = 'test' THEN {block('fit')} ELSE {block('train')} END"
+    elif config.history_mode == "online":
+        value = f"s.{count}_before"
+    else:
+        value = (
+            f"CASE s.split WHEN 'train' THEN s.{count}_before WHEN 'valid' THEN {block('train')} "
+            f"ELSE {block('fit')} END"
+        )
+    bucket = " + ".join(
+        [str(FIRST_INDEX), *[f"(({value}) >= {float(b)!r})::BIGINT" for b in ACTIVITY_BOUNDARIES]]
+    )
+    return f"({bucket})::BIGINT AS {activity_feature(count, relation)}"
 
 
 def build_samples_duckdb(
@@ -223,7 +277,7 @@ def build_samples_duckdb(
             FROM parsed WHERE {keep}
             WINDOW w AS (PARTITION BY entity, user_key ORDER BY line_no)
         ), split AS (
-            SELECT * EXCLUDE (rank, n),
+            SELECT * EXCLUDE (rank, n), rank - 1 AS rows_before,
                    CASE WHEN rank <= {n_train} THEN 'train' WHEN rank <= {n_fit} THEN 'valid'
                         ELSE 'test' END AS split
             FROM counted
@@ -307,6 +361,12 @@ def build_samples_duckdb(
             f"len({items})::BIGINT AS seq_{e}_len",
         ]
     features = ", ".join(f"s.{f.name}" for f in config.features)
+    if config.activity:
+        features += ", " + ", ".join(
+            _activity_sql(config, count, relation)
+            for relation in ACTIVITY_RELATIONS
+            for count in ACTIVITY_COUNTS
+        )
     con.execute(f"""
         CREATE TEMP TABLE snapshots AS
         SELECT entity, user_key, likes_before + 1 AS like_no, likes_train, likes_fit,
@@ -322,6 +382,7 @@ def build_samples_duckdb(
                                AND own.like_no = s.history_likes
         LEFT JOIN {block_end("train")}
         LEFT JOIN {block_end("fit")}
+        {_activity_join(entities) if config.activity else ""}
     """
     con.execute(
         f"COPY ({samples}) TO {_sql_str(str(output_dir / 'samples'))} "

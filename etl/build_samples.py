@@ -65,6 +65,9 @@ from etl.vocab import (
     _vocab_sizes,
 )
 from mkt.contract import (
+    ACTIVITY_BOUNDARIES,
+    ACTIVITY_COUNTS,
+    ACTIVITY_RELATIONS,
     FIRST_INDEX,
     QUARANTINE_TABLE,
     SAMPLES_TABLE,
@@ -72,6 +75,7 @@ from mkt.contract import (
     SPLITS,
     VOCAB_TABLE,
     ConfigError,
+    activity_feature,
 )
 from mkt.schema import Feature as SchemaFeature
 from mkt.schema import FeatureSchema
@@ -283,7 +287,20 @@ def _feature_schema(
             min_count=f.min_count,
         )
         for f in config.features
-    ] + [
+    ]
+    if config.activity:
+        features += [
+            SchemaFeature(
+                name=activity_feature(count, relation),
+                group="user",
+                kind="bucketized",
+                vocab_size=FIRST_INDEX + len(ACTIVITY_BOUNDARIES) + 1,
+                boundaries=tuple(float(b) for b in ACTIVITY_BOUNDARIES),
+            )
+            for relation in ACTIVITY_RELATIONS
+            for count in ACTIVITY_COUNTS
+        ]
+    features += [
         SchemaFeature(
             name=f"seq_{e}",
             group="sequence",

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mkt.config_file import read_config_file
-from mkt.contract import ConfigError
+from mkt.contract import ACTIVITY_COUNTS, ACTIVITY_RELATIONS, ConfigError, activity_feature
 
 GROUPS = ("user", "shared", "specific")
 KINDS = ("categorical", "bucketized")
@@ -82,6 +82,9 @@ class DataConfig:
     item_feature: str
     seq_len: int
     history_mode: str
+    # The user's rows and likes of the row's own and the other entity in the history the row
+    # sees, as user features (mkt.contract.ACTIVITY_RELATIONS).
+    activity: bool
     test_fraction: float
     valid_fraction: float
     duplicates: str
@@ -171,7 +174,10 @@ def parse_config(raw: Any) -> DataConfig:
 
     sequence = _mapping(top["sequence"], "sequence")
     _only_keys(
-        sequence, "sequence", required=("item_feature",), optional=("seq_len", "history_mode")
+        sequence,
+        "sequence",
+        required=("item_feature",),
+        optional=("seq_len", "history_mode", "activity"),
     )
     split = _mapping(top["split"], "split")
     _only_keys(split, "split", required=("test_fraction",), optional=("valid_fraction",))
@@ -187,6 +193,7 @@ def parse_config(raw: Any) -> DataConfig:
         item_feature=_str(sequence["item_feature"], "sequence.item_feature"),
         seq_len=_int(sequence.get("seq_len", 20), "sequence.seq_len", minimum=1),
         history_mode=_str(sequence.get("history_mode", "frozen"), "sequence.history_mode"),
+        activity=_bool(sequence.get("activity", False), "sequence.activity"),
         test_fraction=_fraction(split["test_fraction"], "split.test_fraction"),
         valid_fraction=_fraction(split.get("valid_fraction", 0.1), "split.valid_fraction"),
         duplicates=_str(top.get("duplicates", "keep"), "duplicates"),
@@ -324,6 +331,8 @@ def _check_columns(config: DataConfig) -> None:
     reserved = set(RESERVED_COLUMNS) | {
         name for e in config.entity_names for name in (f"seq_{e}", f"seq_{e}_len")
     }
+    if config.activity:
+        reserved |= {activity_feature(c, r) for c in ACTIVITY_COUNTS for r in ACTIVITY_RELATIONS}
     for f in config.features:
         if f.name in reserved:
             raise ConfigError(f"{f.key}: {f.name!r} is a reserved sample column name")
@@ -391,6 +400,12 @@ def _str_list(value: Any, key: str) -> list[str]:
     if not isinstance(value, list):
         raise ConfigError(f"{key}: must be a list, got {type(value).__name__}")
     return [_str(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
 
 
 def _int(value: Any, key: str, minimum: int, maximum: int | None = None) -> int:

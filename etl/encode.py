@@ -8,13 +8,25 @@ here is a change there.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from etl.config import DataConfig, Feature
 from etl.raw_lines import _integer_id, _raw
-from etl.split import HISTORY_KEY, USER
-from mkt.contract import FIRST_INDEX, MISSING, OOV, PAD, SPLITS
+from etl.split import HISTORY_KEY, LIKES_BEFORE, ROWS_BEFORE, USER
+from mkt.contract import (
+    ACTIVITY_BOUNDARIES,
+    ACTIVITY_COUNTS,
+    ACTIVITY_RELATIONS,
+    FIRST_INDEX,
+    MISSING,
+    OOV,
+    PAD,
+    SPLITS,
+    activity_feature,
+)
 
 # Fixes the pseudo-random order of the rows inside each samples file.
 ROW_ORDER_SEED = 20240901
@@ -60,6 +72,7 @@ def _encode(
         "label",
         HISTORY_KEY,
         *[f.name for f in config.features],
+        *([ROWS_BEFORE, LIKES_BEFORE] if config.activity else []),
     )
 
 
@@ -92,12 +105,17 @@ def _bucket_code(feature: Feature, boundaries: list[float], value: Column) -> Co
     past 8000 bytes of bytecode, which the JVM does not JIT-compile: the stage then ran
     interpreted, at three times its CPU (docs/BENCHMARKS.md).
     """
-    bucket = F.aggregate(
-        F.array(*[F.lit(b) for b in boundaries]).cast("array<double>"),
+    bucket = _bucket(boundaries, value)
+    return _index(feature, F.when(value.isNull(), F.lit(OOV)).otherwise(bucket))
+
+
+def _bucket(boundaries: Sequence[float], value: Column) -> Column:
+    """FIRST_INDEX + the number of boundaries <= value."""
+    return F.aggregate(
+        F.array(*[F.lit(float(b)) for b in boundaries]).cast("array<double>"),
         F.lit(FIRST_INDEX).cast("long"),
         lambda count, b: count + (value >= b).cast("long"),
     )
-    return _index(feature, F.when(value.isNull(), F.lit(OOV)).otherwise(bucket))
 
 
 def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
@@ -135,8 +153,32 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
         for kind, block in blocks.items()
         for e in entities
     }
+    # With `sequence.activity`, the same blocks' rows and likes are counted: the whole-user
+    # frame counts the train and fit blocks (rows: a mark per row of the block; likes: the
+    # marks above); the "before" counts of the row's own entity come from the split.
+    row_marks = {
+        (kind, e): F.when((F.col("entity") == e) & block, F.lit(1))
+        for kind, block in blocks.items()
+        if kind != "before"
+        for e in entities
+    }
+    counts = (
+        [
+            F.count(F.col(f"{mark}__{kind}__{e}")).over(whole).alias(f"{count}__{kind}__{e}")
+            for (kind, e) in row_marks
+            for count, mark in (("rows", "row_mark"), ("likes", "mark"))
+        ]
+        if config.activity
+        else []
+    )
     rows = encoded.select(
-        "*", *[mark.alias(f"mark__{kind}__{e}") for (kind, e), mark in marks.items()]
+        "*",
+        *[mark.alias(f"mark__{kind}__{e}") for (kind, e), mark in marks.items()],
+        *(
+            [mark.alias(f"row_mark__{kind}__{e}") for (kind, e), mark in row_marks.items()]
+            if config.activity
+            else []
+        ),
     ).select(
         *encoded.columns,
         *[
@@ -145,27 +187,47 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
             .alias(f"{kind}__{e}")
             for kind, e in marks
         ],
+        *counts,
     )
 
-    def own_history(e: str) -> Column:
+    def own(block: Callable[[str], Column]) -> Column:
+        """The row's own entity's history, `block(kind)` being its value in each kind of
+        frame: in `frozen` mode up to the end of the blocks before the row's own."""
         if config.history_mode == "online":
-            return F.col(f"before__{e}")
+            return block("before")
         return (
-            F.when(F.col("split") == "train", F.col(f"before__{e}"))
-            .when(F.col("split") == "valid", F.col(f"train__{e}"))
-            .otherwise(F.col(f"fit__{e}"))
+            F.when(F.col("split") == "train", block("before"))
+            .when(F.col("split") == "valid", block("train"))
+            .otherwise(block("fit"))
         )
 
+    def other(block: Callable[[str], Column]) -> Column:
+        """Another entity's history up to the end of the blocks the row may look at: a test
+        row sees train + valid, a valid or train row the train block, so a valid row sees as
+        old a history as a test row does (docs/etl.md, "Sequences and history modes")."""
+        return F.when(F.col("split") == "test", block("fit")).otherwise(block("train"))
+
     def history(e: str) -> Column:
-        # Another entity's likes up to the end of the blocks the row may look at: a test row
-        # sees train + valid, a valid or train row the train block, so a valid row sees as old
-        # a history as a test row does (docs/etl.md, "Sequences and history modes").
-        seen = (
-            F.when(F.col("entity") == e, own_history(e))
-            .when(F.col("split") == "test", F.col(f"fit__{e}"))
-            .otherwise(F.col(f"train__{e}"))
-        )
+        def block(kind: str) -> Column:
+            return F.col(f"{kind}__{e}")
+
+        seen = F.when(F.col("entity") == e, own(block)).otherwise(other(block))
         return F.coalesce(seen, F.array().cast("array<bigint>"))
+
+    def activity(count: str, relation: str) -> Column:
+        def block(kind: str) -> Column:
+            if kind == "before":
+                return F.col(ROWS_BEFORE if count == "rows" else LIKES_BEFORE)
+            # The count of the entity in `relation` to the row's (two entities: the row's own
+            # or the other one).
+            value = F.when(F.lit(False), F.lit(0))
+            for e in entities:
+                (partner,) = [p for p in entities if (p == e) == (relation == "own")]
+                value = value.when(F.col("entity") == e, F.col(f"{count}__{kind}__{partner}"))
+            return value
+
+        seen = own(block) if relation == "own" else other(block)
+        return _bucket(ACTIVITY_BOUNDARIES, seen.cast("double"))
 
     columns = [
         "entity",
@@ -176,9 +238,18 @@ def _samples(encoded: DataFrame, config: DataConfig) -> DataFrame:
         *[f.name for f in config.features],
     ]
     # Only the lists a row keeps go through the sort, which copies whole rows.
+    activities = [
+        (activity_feature(count, relation), activity(count, relation))
+        for relation in ACTIVITY_RELATIONS
+        for count in ACTIVITY_COUNTS
+        if config.activity
+    ]
     rows = rows.select(
-        *columns, *[history(e).alias(f"history__{e}") for e in entities]
+        *columns,
+        *[value.alias(name) for name, value in activities],
+        *[history(e).alias(f"history__{e}") for e in entities],
     ).sortWithinPartitions(_file_order(config))
+    columns += [name for name, _ in activities]
     sequences = []
     for entity in entities:
         newest_first = F.col(f"history__{entity}")

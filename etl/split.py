@@ -30,6 +30,8 @@ USER = ["user_hash", "user_key", "entity"]
 # earlier lines of that entity below. The sequence window (etl/encode.py) orders by it.
 HISTORY_KEY = "history_key"
 ENTITY_SHIFT = 40
+# With `sequence.activity`: the user's rows and likes of the row's entity on earlier lines.
+ROWS_BEFORE, LIKES_BEFORE = "rows_before", "likes_before"
 
 
 def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
@@ -85,6 +87,11 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
         split.alias("split"),
         _history_key(config).alias(HISTORY_KEY),
         *[_raw(f) for f in config.features],
+        *(
+            [(F.col("rank") - counted).alias(ROWS_BEFORE), F.col(LIKES_BEFORE)]
+            if config.activity
+            else []
+        ),
     ).sortWithinPartitions("user_hash", "user_key", HISTORY_KEY, "line_no")
 
 

@@ -3,7 +3,7 @@ samples held in memory, every epoch a full shuffle, the same numbers for the sam
 
     python jobs/in_memory.py --samples DATA_DIR/samples --output OUT_DIR [key=value ...]
         [--model mkt] [--config conf/run/quickstart.yaml] [--mem-rows both] [--seeds 0 1 2]
-        [--source-activity BUCKETS]
+        [--drop-features NAME ...]
     python jobs/in_memory.py --compare OUT_DIR_A OUT_DIR_B [OUT_DIR_C ...]
 
 Two Ray runs of the same config differ by their block order and worker interleaving, as much
@@ -12,9 +12,8 @@ that noise by seeds alone. The overrides are train/run.py's keys (`params.mem.ga
 `train.tem_holdout=0`, `train.embedding_l2=100`), so what is chosen here is set there by the
 same key. Each stage trains at most `train.epochs` epochs, stops early as train/run.py does
 (`train.early_stopping`: metric and patience) and keeps its best epoch. `--mem-rows target`
-trains the MEM on the target rows alone (what the source adds); `--source-activity`
-gives the target rows the user's source like rate and rows as two features the ETL does not
-write (`add_source_activity`: what they would be worth, measured before building them). The samples must fit in
+trains the MEM on the target rows alone (what the source adds); `--drop-features` trains
+without the named features (what they add, on the same samples). The samples must fit in
 memory (the 100,000-user quick start: about 3 GB).
 
 Writes OUT_DIR/seed<k>.json (per stage: every epoch's validation and test AUC and GAUC, the
@@ -41,13 +40,12 @@ import pyarrow.compute as pc
 import torch
 from deltalake import DeltaTable
 
-from mkt.contract import PAD, RESERVED_INDICES
 from mkt.features import Batch
 from mkt.metrics import auc, gauc, paired_bootstrap
 from mkt.models import build_model
 from mkt.models.base import CTRModel
 from mkt.pipelines import pipeline
-from mkt.schema import Feature, FeatureSchema, load_samples_dir, samples_table
+from mkt.schema import FeatureSchema, load_samples_dir, samples_table
 from train.checks import resolved_config
 from train.config import load_run_config
 from train.data import (
@@ -111,44 +109,18 @@ class Samples:
         return self.collate(table.drop_columns([c["line_no"], c["split"]]))
 
 
-def add_source_activity(samples: Samples, buckets: int, prior_rows: float = 20.0) -> None:
-    """Give the target rows two user features the ETL does not write, to measure what they
-    would be worth before building them: the user's like rate on the source entity (smoothed
-    by `prior_rows` pseudo-rows at the source's rate) and log(1 + their source rows), over the
-    source rows the row's other-entity sequence may see (docs/etl.md: train rows; for a test
-    row train + valid), each cut into `buckets` quantiles of the target train rows' values.
-    Source rows get the padding index (not applicable), so no source row reads its own label.
-    """
-    schema, c = samples.schema, samples.schema.columns
-    table = samples.table
-    entity = table[c["entity"]].to_numpy(zero_copy_only=False)
-    split = table[c["split"]].to_numpy(zero_copy_only=False)
-    user, label = table[c["user_key"]].to_numpy(), table[c["label"]].to_numpy()
-    is_source, users = entity == schema.source_entity, int(user.max()) + 1
-
-    def activity(splits: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        seen = is_source & np.isin(split, splits)
-        rows = np.bincount(user[seen], minlength=users).astype(float)
-        likes = np.bincount(user[seen], weights=label[seen], minlength=users)
-        prior = likes.sum() / max(rows.sum(), 1.0)
-        rate = (likes + prior_rows * prior) / (rows + prior_rows)
-        return np.log(rate / (1 - rate)), np.log1p(rows)
-
-    before_test, before_rest = activity(["train", "valid"]), activity(["train"])
-    is_test = split == "test"
-    reference = ~is_source & (split == "train")
-    features = []
-    for k, name in enumerate(("source_like_rate", "source_rows")):
-        value = np.where(is_test, before_test[k][user], before_rest[k][user])
-        quantiles = np.linspace(0, 1, buckets + 1)[1:-1]
-        edges = np.unique(np.quantile(value[reference], quantiles))
-        index = np.where(is_source, PAD, len(RESERVED_INDICES) + np.searchsorted(edges, value))
-        table = table.append_column(name, pa.array(index.astype(np.int64)))
-        size = len(RESERVED_INDICES) + len(edges) + 1
-        features.append(Feature(name, "user", "categorical", vocab_size=size))
-    samples.table = table
-    samples.schema = dataclasses.replace(schema, features=(*schema.features, *features))
-    samples.collate = ModelBatches(samples.schema, keep=[c["user_key"]])
+def without_features(schema: FeatureSchema, names: list[str]) -> FeatureSchema:
+    """The schema without the named user / shared / specific features: an ablation of what
+    they give (e.g. the activity features, docs/etl.md) on the same samples, no ETL rerun."""
+    known = {f.name for f in schema.features if f.group != "sequence"}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise SystemExit(
+            f"--drop-features: {unknown} not among the schema's features {sorted(known)}"
+        )
+    return dataclasses.replace(
+        schema, features=tuple(f for f in schema.features if f.name not in names)
+    )
 
 
 def rows_of(batch: Batch) -> int:
@@ -382,11 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=REPO / "conf" / "run" / "quickstart.yaml")
     parser.add_argument("--mem-rows", choices=["both", "target"], default="both")
     parser.add_argument(
-        "--source-activity",
-        type=int,
-        default=0,
-        metavar="BUCKETS",
-        help="give target rows the user's source like rate and rows as features (quantiles)",
+        "--drop-features",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="train without these features of the schema (an ablation)",
     )
     parser.add_argument("--compare", type=Path, nargs="+", metavar="RUN_DIR")
     parser.add_argument("--plot", type=Path, help="with --compare: the table as a PNG")
@@ -401,10 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--samples and --output are required (or --compare A B ...)")
     torch.set_num_threads(1)
     config = resolved_config(load_run_config(args.config, [f"model={args.model}", *args.overrides]))
-    samples = Samples(args.samples, load_samples_dir(args.samples))
-    if args.source_activity:
-        add_source_activity(samples, args.source_activity)
-    schema = samples.schema
+    schema = without_features(load_samples_dir(args.samples), args.drop_features)
+    samples = Samples(args.samples, schema)
     config["schema_user_key"] = schema.columns["user_key"]
     args.output.mkdir(parents=True, exist_ok=True)
     test = samples.rows(schema.target_entity, "test")
@@ -412,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         result, trained = run_seed(samples, config, seed, args.mem_rows)
         result["config"] = {k: config[k] for k in ("model", "params", "train")}
         result["mem_rows"] = args.mem_rows
-        result["source_activity_buckets"] = args.source_activity
+        result["dropped_features"] = args.drop_features
         (args.output / f"seed{seed}.json").write_text(json.dumps(result, indent=1, default=str))
         stages = list(trained)
         for name, model in trained.items():

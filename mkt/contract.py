@@ -20,6 +20,25 @@ MISSING_TOKENS = frozenset({RAW_MISSING, ""})
 
 SPLITS = ("train", "valid", "test")
 
+# The user's activity (`sequence.activity` of the data config, docs/etl.md): the rows and the
+# likes of the row's own entity and of the other entity in the history the row may see (the
+# frames its liked-item sequences are built from), as four bucketized user features. Named by
+# the entity's relation to the row, not by the entity: "the user's likes in this entity" means
+# the same on a video row and an article row, so a joint model shares what it learns of it.
+# Fixed, roughly geometric bucket boundaries, so no train statistics are needed and serving
+# buckets a feature store's counts the same way: index FIRST_INDEX + #{b <= count}, i.e.
+# 0, 1, 2, 3, 4-5, 6-7, 8-11, ... .
+ACTIVITY_BOUNDARIES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+ACTIVITY_COUNTS = ("rows", "likes")
+ACTIVITY_RELATIONS = ("own", "other")
+
+
+def activity_feature(count: str, relation: str) -> str:
+    """The sample column of one activity count (`ACTIVITY_COUNTS`) of the row's own or the
+    other entity (`ACTIVITY_RELATIONS`)."""
+    return f"activity_{count}_{relation}"
+
+
 # The samples directory (OUT_DIR): three Delta tables and the feature schema beside them.
 SAMPLES_TABLE = "samples"
 VOCAB_TABLE = "vocab"

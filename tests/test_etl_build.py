@@ -34,6 +34,7 @@ from etl.split import _log_summary
 from etl.storage import HadoopFs, WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
 from jobs.min_count_sweep import data_config
+from mkt.contract import ACTIVITY_BOUNDARIES, FIRST_INDEX, activity_feature
 
 pytestmark = pytest.mark.slow
 
@@ -57,6 +58,8 @@ class RefRow:
     values: dict[str, str]  # raw column -> stripped value
     split: str = ""
     seqs: dict[str, list[str]] = field(default_factory=dict)  # entity -> raw items, newest first
+    # activity feature -> the count of rows or likes of the history the row sees
+    activity: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -132,25 +135,25 @@ def _reference_splits_and_sequences(
     # in another entity's file, at all lines of those splits in both modes (no shared clock).
     visible = {"train": {"train"}, "valid": {"train"}, "test": {"train", "valid"}}
 
-    def block_likes(entity: str, user: int, splits: set[str]) -> list[str]:
+    def seen(row: RefRow, other: str) -> list[RefRow]:
+        """The rows of `other` in the history `row` sees, in line order."""
+        own = other == row.entity
         return [
-            r.values[item.columns[entity]]
-            for r in by_user.get((entity, user), [])
-            if r.label == 1 and r.split in splits
+            p
+            for p in by_user.get((other, row.user), [])
+            if (not own or p.line_no < row.line_no)
+            and (p.split in visible[row.split] or (own and config.history_mode == "online"))
         ]
 
-    for (entity, user), user_rows in by_user.items():
+    for user_rows in by_user.values():
         for row in user_rows:
-            history = [
-                p.values[item.columns[entity]]
-                for p in user_rows
-                if p.line_no < row.line_no
-                and p.label == 1
-                and (config.history_mode == "online" or p.split in visible[row.split])
-            ]
             for other in config.entity_names:
-                likes = history if other == entity else block_likes(other, user, visible[row.split])
+                history = seen(row, other)
+                likes = [p.values[item.columns[other]] for p in history if p.label == 1]
                 row.seqs[other] = list(reversed(likes[-config.seq_len :]))
+                relation = "own" if other == row.entity else "other"
+                row.activity[activity_feature("rows", relation)] = len(history)
+                row.activity[activity_feature("likes", relation)] = sum(p.label for p in history)
 
 
 def reference_vocab_counts(
@@ -354,6 +357,10 @@ def assert_matches_reference(b: Built, ref: Reference, config: DataConfig) -> No
             seq = list(getattr(s, f"seq_{other}"))
             if seq != padded or getattr(s, f"seq_{other}_len") != len(expected):
                 mismatches.append((s.entity, s.line_no, other, seq, padded))
+        for name, count in r.activity.items() if config.activity else ():
+            bucket = FIRST_INDEX + sum(count >= b for b in ACTIVITY_BOUNDARIES)
+            if getattr(s, name) != bucket:
+                mismatches.append((s.entity, s.line_no, name, getattr(s, name), count))
     assert not mismatches, mismatches[:5]
 
 
@@ -444,11 +451,24 @@ def assert_schema_describes_samples(b: Built, config: DataConfig) -> None:
     assert schema["seq_len"] == config.seq_len
     assert schema["reserved_indices"] == {"padding": 0, "missing": 1, "oov": 2}
     features = {f["name"]: f for f in schema["features"]}
-    expected_names = [f.name for f in config.features] + [f"seq_{e}" for e in config.entity_names]
+    activity = [
+        activity_feature(c, r) for r in ("own", "other") for c in ("rows", "likes")
+    ] * config.activity
+    sequences = [f"seq_{e}" for e in config.entity_names]
+    expected_names = [f.name for f in config.features] + activity + sequences
     assert [f["name"] for f in schema["features"]] == expected_names
     fixed = ["entity", "split", "line_no", "user_key", "label"]
     seq_columns = [c for e in config.entity_names for c in (f"seq_{e}", f"seq_{e}_len")]
-    assert list(b.samples.columns) == fixed + [f.name for f in config.features] + seq_columns
+    assert (
+        list(b.samples.columns)
+        == fixed + [f.name for f in config.features] + activity + seq_columns
+    )
+    for name in activity:
+        entry = features[name]
+        assert (entry["group"], entry["kind"]) == ("user", "bucketized")
+        assert entry["boundaries"] == [float(x) for x in ACTIVITY_BOUNDARIES]
+        assert int(b.samples[name].max()) < entry["vocab_size"]
+        assert int(b.samples[name].min()) >= FIRST_INDEX
     for f in config.features:
         entry = features[f.name]
         assert (entry["group"], entry["entity"], entry["kind"]) == (f.group, f.entity, f.kind)

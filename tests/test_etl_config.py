@@ -57,6 +57,10 @@ def test_tenrec_config_maps_the_paper_groups() -> None:
     assert config.label == "like"
     assert config.item_feature == "item_id" and config.feature("item_id").per_entity_ids
     assert (config.seq_len, config.history_mode, config.test_fraction) == (20, "frozen", 0.2)
+    assert config.activity
+    raw = tenrec_raw()
+    del raw["sequence"]["activity"]
+    assert not parse_config(raw).activity  # off unless a config asks for it
     used = {c for f in config.features for c in f.columns.values()}
     assert not used & POST_IMPRESSION
     assert set(config.leaky_columns) == POST_IMPRESSION
@@ -117,6 +121,15 @@ def test_column_absent_from_header_names_the_key() -> None:
         (
             lambda r: r["sequence"].update(history_mode="live"),
             r"^sequence\.history_mode: must be one of",
+        ),
+        (
+            lambda r: r["sequence"].update(activity="yes"),
+            r"^sequence\.activity: must be true or false, got 'yes'",
+        ),
+        (
+            lambda r: r["features"]["user"].update(activity_likes_own={"source": "age"}),
+            r"^features\.user\.activity_likes_own: 'activity_likes_own' is a reserved sample "
+            r"column name",
         ),
         (lambda r: r["split"].update(test_fraction=1.5), r"^split\.test_fraction: must be"),
         (lambda r: r.update(duplicates="dedupe"), r"^duplicates: must be one of"),

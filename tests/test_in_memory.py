@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 # set before Ray is first imported (jobs.in_memory imports it).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from jobs.in_memory import Samples, add_source_activity, main
-from mkt.contract import PAD, RESERVED_INDICES
+from jobs.in_memory import Samples, main, without_features
+from mkt.contract import activity_feature
 from mkt.schema import load_samples_dir
 
 OVERRIDES = ["train.epochs=2", "train.batch_size=256", "train.embedding_l2=0"]
@@ -40,7 +40,8 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     assert main([*args, *OVERRIDES, *early, "--model", "tem_only"]) == 0
     out["activity"] = root / "activity"
     args = ["--samples", str(generated_samples), "--output", str(out["activity"])]
-    assert main([*args, *OVERRIDES, "--model", "tem_only", "--source-activity", "4"]) == 0
+    dropped = [activity_feature(count, "other") for count in ("rows", "likes")]
+    assert main([*args, *OVERRIDES, "--model", "tem_only", "--drop-features", *dropped]) == 0
     out["finetune"] = root / "finetune"
     args = ["--samples", str(generated_samples), "--output", str(out["finetune"])]
     assert main([*args, *OVERRIDES, "train.epochs=1", "--model", "finetune"]) == 0
@@ -127,46 +128,23 @@ def test_compare_pairs_seed_means(runs, capsys, tmp_path):
         main(["--compare", str(runs["tem_only"]), str(runs["mkt"].parent / "missing")])
 
 
-def test_source_activity_features(generated_samples, runs):
-    """The user's source like rate and rows as target features: from the source rows the
-    row's other-entity sequence may see, bucketed on the target train rows, and not
-    applicable (padding) on source rows."""
-    samples = Samples(generated_samples, load_samples_dir(generated_samples))
-    add_source_activity(samples, buckets=4, prior_rows=20.0)
-    schema, c = samples.schema, samples.schema.columns
-    rows = samples.table.to_pandas()
-    for name in ("source_like_rate", "source_rows"):
-        feature = schema.feature(name)
-        assert feature.group == "user" and feature.vocab_size <= len(RESERVED_INDICES) + 4
-        source = rows[c["entity"]] == schema.source_entity
-        assert (rows.loc[source, name] == PAD).all()
-        assert rows.loc[~source, name].between(len(RESERVED_INDICES), feature.vocab_size - 1).all()
-    # Recompute every target row's rate by hand: a test row sees the user's train + valid
-    # source rows, the others the train ones; the buckets must follow that rate's order.
-    video = rows[rows[c["entity"]] == schema.source_entity]
-    target = rows[rows[c["entity"]] == schema.target_entity]
-
-    def rate(splits):
-        seen = video[video[c["split"]].isin(splits)]
-        prior = seen[c["label"]].mean()
-        per_user = seen.groupby(c["user_key"])[c["label"]].agg(["sum", "count"])
-        return (per_user["sum"] + 20 * prior) / (per_user["count"] + 20), prior
-
-    (before_test, prior_test), (before_rest, prior_rest) = rate(["train", "valid"]), rate(["train"])
-    is_test = target[c["split"]] == "test"
-    by_hand = np.where(
-        is_test,
-        target[c["user_key"]].map(before_test).fillna(prior_test),
-        target[c["user_key"]].map(before_rest).fillna(prior_rest),
-    )
-    order = np.argsort(by_hand, kind="stable")
-    buckets = target["source_like_rate"].to_numpy()[order]
-    ties = np.diff(by_hand[order]) <= 1e-12
-    assert ((np.diff(buckets) >= 0) | ties).all()
-    assert len(np.unique(buckets)) > 1
+def test_drop_features_trains_without_them(generated_samples, runs):
+    """--drop-features: the model is built and fed without the named features (here the
+    source's activity counts), the run records them, and an unknown name is refused."""
+    schema = load_samples_dir(generated_samples)
+    dropped = [activity_feature(count, "other") for count in ("rows", "likes")]
+    assert all(name in {f.name for f in schema.features} for name in dropped)
+    reduced = without_features(schema, dropped)
+    assert {f.name for f in schema.features} - {f.name for f in reduced.features} == set(dropped)
+    samples = Samples(generated_samples, reduced)
+    assert not set(dropped) & set(samples.table.column_names)
+    batch = samples.rows(schema.target_entity, "train")
+    assert not set(dropped) & set(batch)
     result = json.loads((runs["activity"] / "seed0.json").read_text())
-    assert result["source_activity_buckets"] == 4
+    assert result["dropped_features"] == dropped
     assert result["tem"]["best"]["valid"]["auc"] > 0
+    with pytest.raises(SystemExit, match="not_a_feature"):
+        without_features(schema, ["not_a_feature"])
 
 
 def test_tables_in_memory_score_and_evaluate_as_the_runner(generated_samples, runs, tmp_path):

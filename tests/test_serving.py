@@ -34,6 +34,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from etl.build_samples import build_samples
 from jobs.generate_tenrec import COLUMNS, FILE_NAMES, generate
+from mkt.contract import ACTIVITY_COUNTS, activity_feature
 from mkt.encoding import (
     OOV,
     EncodingContractError,
@@ -233,16 +234,64 @@ def target_test_rows(built: Built) -> pd.DataFrame:
     return rows.reset_index(drop=True)
 
 
+def raw_activity(samples: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
+    """The raw counts behind each row's activity features, recomputed from the samples'
+    entity, split, line and label (frozen mode, docs/etl.md): of the row's own entity, its
+    user's earlier train rows (a train row), the train block (valid) or train + valid
+    (test); of the other entity, train + valid for a test row, else the train block."""
+    s = samples.sort_values(["entity", "user_key", "line_no"])
+    earlier = s.groupby(["entity", "user_key"])
+    before = {"rows": earlier.cumcount(), "likes": earlier["label"].cumsum() - s["label"]}
+    split, entity = samples["split"].to_numpy(), samples["entity"].to_numpy()
+    other_entity = np.where(
+        entity == schema.source_entity, schema.target_entity, schema.source_entity
+    )
+    blocks = {
+        name: samples[samples["split"].isin(splits)].groupby(["entity", "user_key"])["label"]
+        for name, splits in (("train", ["train"]), ("fit", ["train", "valid"]))
+    }
+    users = samples["user_key"].to_numpy()
+
+    def total(count: str, block: str, of: np.ndarray) -> np.ndarray:
+        g = blocks[block]
+        values = (g.size() if count == "rows" else g.sum()).to_dict()
+        return np.array([values.get((e, u), 0) for e, u in zip(of, users, strict=True)])
+
+    out = {}
+    for count in ACTIVITY_COUNTS:
+        own = np.select(
+            [split == "train", split == "valid"],
+            [before[count].reindex(samples.index).to_numpy(), total(count, "train", entity)],
+            total(count, "fit", entity),
+        )
+        other = np.where(
+            split == "test", total(count, "fit", other_entity), total(count, "train", other_entity)
+        )
+        out[activity_feature(count, "own")] = own
+        out[activity_feature(count, "other")] = other
+    return out
+
+
 def raw_requests(built: Built, rows: pd.DataFrame) -> list[dict]:
-    """Each test row as a serving request: its raw line's fields as text, and the user's
-    recent likes as raw item ids. For a test row in frozen mode (docs/etl.md) those are the
-    likes of the user's train and valid rows of each entity, in line order."""
+    """Each test row as a serving request: its raw line's fields as text, the user's recent
+    likes as raw item ids and, with activity features, the user's rows and likes of each
+    entity (what a feature store would hold). For a test row in frozen mode (docs/etl.md)
+    those are the user's train and valid rows of each entity, in line order."""
     schema = built.schema
     likes: dict[tuple[str, int], list[tuple[int, str]]] = defaultdict(list)
     s = built.samples
     fit = s[s["split"].isin(["train", "valid"]) & (s["label"] == 1)]
     for entity, user, line_no in fit[["entity", "user_key", "line_no"]].itertuples(index=False):
         likes[(entity, user)].append((line_no, built.lines[entity][line_no]["item_id"]))
+    fit_rows = s[s["split"].isin(["train", "valid"])].groupby(["entity", "user_key"])["label"]
+    counts = {"rows": fit_rows.size().to_dict(), "likes": fit_rows.sum().to_dict()}
+    source, target = schema.source_entity, schema.target_entity
+    activity = [
+        (activity_feature(c, relation), c, entity)
+        for relation, entity in (("own", target), ("other", source))
+        for c in ACTIVITY_COUNTS
+        if activity_feature(c, relation) in {f.name for f in schema.features}
+    ]
     requests = []
     for user, line_no in rows[["user_key", "line_no"]].itertuples(index=False):
         request: dict = dict(built.lines[schema.target_entity][line_no])
@@ -250,6 +299,8 @@ def raw_requests(built: Built, rows: pd.DataFrame) -> list[dict]:
             e: [item for _, item in sorted(likes[(e, user)])][-schema.seq_len :][::-1]
             for e in schema.entities
         }
+        for name, count, entity in activity:
+            request[name] = int(counts[count].get((entity, user), 0))
         requests.append(request)
     return requests
 
@@ -302,6 +353,7 @@ def test_encoder_reproduces_every_etl_index(built: Built) -> None:
         origin=str(schema_file),
     )
     assert encoder.schema == schema
+    activity = raw_activity(built.samples, schema)
     planted = 0
     for entity in schema.entities:
         rows = built.samples[built.samples["entity"] == entity]
@@ -310,7 +362,10 @@ def test_encoder_reproduces_every_etl_index(built: Built) -> None:
         for f in schema.features:
             if f.group == "sequence":
                 continue
-            values = [line.get(f.name) for line in raw]
+            if f.name in activity:
+                values = list(activity[f.name][rows.index])
+            else:
+                values = [line.get(f.name) for line in raw]
             got = encoder.encode(f.name, values, entity)
             expected = rows[f.name].to_numpy()
             bad = np.flatnonzero(got != expected)
