@@ -1,7 +1,7 @@
 """The ETL's samples computed by DuckDB in one process: the reference for benchmarks/bench_etl.py.
 
     python benchmarks/duckdb_samples.py --config conf/data/tenrec.yaml --input RAW_DIR --output DIR \
-        [--threads 2] [--memory-limit 6GB] [--history-mode ...] [--seq-len N] [--duplicates ...]
+        [--threads 2] [--memory-limit 6GB] [--history-mode ...] [--seq-len N] [--duplicates ...] [--activity]
 
 Same rules as etl/build_samples.py (docs/etl.md): line numbers, quarantine reasons, duplicates,
 per-user split, vocabularies (train split, by descending count, entity, raw value), bucket
@@ -221,13 +221,14 @@ def build_samples_duckdb(
     history_mode: str | None = None,
     seq_len: int | None = None,
     duplicates: str | None = None,
+    activity: bool | None = None,
     threads: int | None = None,
     memory_limit: str | None = None,
 ) -> dict[str, Any]:
     """Compute and write the samples, vocab and quarantine tables; return a summary dict."""
     started = time.monotonic()
     config = load_config(config_path).with_overrides(
-        history_mode=history_mode, seq_len=seq_len, duplicates=duplicates
+        history_mode=history_mode, seq_len=seq_len, duplicates=duplicates, activity=activity
     )
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-mode", choices=("frozen", "online"))
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--duplicates", choices=("keep", "drop"))
+    parser.add_argument("--activity", action="store_true", default=None)
     parser.add_argument("--threads", type=int, help="DuckDB threads (default: all cores)")
     parser.add_argument("--memory-limit", help="DuckDB memory_limit, e.g. 6GB")
     args = parser.parse_args(argv)
@@ -449,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         history_mode=args.history_mode,
         seq_len=args.seq_len,
         duplicates=args.duplicates,
+        activity=args.activity,
         threads=args.threads,
         memory_limit=args.memory_limit,
     )

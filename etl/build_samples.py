@@ -109,6 +109,7 @@ def build_samples(
     history_mode: str | None = None,
     seq_len: int | None = None,
     duplicates: str | None = None,
+    activity: bool | None = None,
     writer: Writer = "auto",
 ) -> dict[str, Any]:
     """Run the whole job with the caller's SparkSession; return the summary dict.
@@ -118,7 +119,7 @@ def build_samples(
     """
     started = time.monotonic()
     config = load_config(config_path).with_overrides(
-        history_mode=history_mode, seq_len=seq_len, duplicates=duplicates
+        history_mode=history_mode, seq_len=seq_len, duplicates=duplicates, activity=activity
     )
     input_dir, output_dir = _qualify(input_dir), _qualify(output_dir)
     fs = HadoopFs(spark)
@@ -403,6 +404,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, help="override config sequence.seq_len")
     parser.add_argument("--duplicates", choices=("keep", "drop"), help="override config")
     parser.add_argument(
+        "--activity",
+        action="store_true",
+        default=None,
+        help="write the activity features (override config sequence.activity)",
+    )
+    parser.add_argument(
         "--writer",
         choices=("auto", "spark", "rs"),
         default="auto",
@@ -435,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
             history_mode=args.history_mode,
             seq_len=args.seq_len,
             duplicates=args.duplicates,
+            activity=args.activity,
             writer=args.writer,
         )
     except (ConfigError, InputError, WriterError) as err:

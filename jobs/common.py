@@ -46,9 +46,12 @@ def run_echoed(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, env=spark_env(), check=True)
 
 
-def build_samples_command(raw: Path, samples: Path, data_config: Path = DATA_CONFIG) -> list[str]:
+def build_samples_command(
+    raw: Path, samples: Path, data_config: Path = DATA_CONFIG, activity: bool = False
+) -> list[str]:
     """The Spark job that turns the generated raw files into samples, on local[2], its driver
-    JVM tuned for the job (etl.config.DRIVER_JAVA_OPTIONS; docs/etl.md)."""
+    JVM tuned for the job (etl.config.DRIVER_JAVA_OPTIONS; docs/etl.md); `activity` adds the
+    activity features (`--activity`)."""
     return [
         spark_submit(),
         "--master",
@@ -62,6 +65,7 @@ def build_samples_command(raw: Path, samples: Path, data_config: Path = DATA_CON
         str(raw),
         "--output",
         str(samples),
+        *(["--activity"] if activity else []),
     ]
 
 

@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=REPO / "data" / "quickstart")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "quickstart")
+    parser.add_argument(
+        "--activity", action="store_true", help="samples with the activity features (docs/etl.md)"
+    )
     args = parser.parse_args(argv)
     raw, samples = args.data.resolve() / "raw", args.data.resolve() / "samples"
     runs_dir = args.runs.resolve()
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         log_dir,
         env,
     )
-    step("build_samples", build_samples_command(raw, samples), log_dir, env)
+    step("build_samples", build_samples_command(raw, samples, activity=args.activity), log_dir, env)
     runs: dict[str, dict[str, Any]] = {}
     for model in RUNS:
         run_dir = runs_dir / model

@@ -40,6 +40,14 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TENREC_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
+
+
+def tenrec_config() -> DataConfig:
+    """The Tenrec config as the fixtures build it: with the activity features (off in the
+    file), so that every test checks them too."""
+    return load_config(TENREC_CONFIG).with_overrides(activity=True)
+
+
 MISSING = ("\\N", "")
 HEAVY_USER = 10**6
 
@@ -317,7 +325,7 @@ def built(spark, tenrec_raw: RawFixture, tmp_path_factory: pytest.TempPathFactor
     # must still follow the file across split boundaries.
     spark.conf.set("spark.sql.files.maxPartitionBytes", "16k")
     try:
-        summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, out)
+        summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, out, activity=True)
     finally:
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
     return load_built(out, summary)
@@ -325,7 +333,7 @@ def built(spark, tenrec_raw: RawFixture, tmp_path_factory: pytest.TempPathFactor
 
 @pytest.fixture(scope="module")
 def tenrec_reference(tenrec_raw: RawFixture) -> Reference:
-    return reference(tenrec_raw.dir, load_config(TENREC_CONFIG))
+    return reference(tenrec_raw.dir, tenrec_config())
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,7 +509,7 @@ def assert_schema_describes_samples(b: Built, config: DataConfig) -> None:
 def test_no_leakage_sequences_match_independent_recomputation(
     built: Built, tenrec_reference: Reference
 ) -> None:
-    config = load_config(TENREC_CONFIG)
+    config = tenrec_config()
     assert_matches_reference(built, tenrec_reference, config)
     # The fixture exercises truncation and both cross-entity directions.
     assert (built.samples.seq_video_len == config.seq_len).any()
@@ -538,13 +546,15 @@ def online_config_file(directory: Path) -> Path:
 def built_online(spark, tenrec_raw: RawFixture, tmp_path_factory: pytest.TempPathFactory) -> Built:
     out = tmp_path_factory.mktemp("out") / "tenrec_online"
     config = online_config_file(out.parent)
-    summary = build_samples(spark, config, tenrec_raw.dir, out, history_mode="online", seq_len=5)
+    summary = build_samples(
+        spark, config, tenrec_raw.dir, out, history_mode="online", seq_len=5, activity=True
+    )
     return load_built(out, summary)
 
 
 def online_config(built_online: Built) -> DataConfig:
     return load_config(online_config_file(built_online.out.parent)).with_overrides(
-        history_mode="online", seq_len=5, duplicates=None
+        history_mode="online", seq_len=5, duplicates=None, activity=True
     )
 
 
@@ -605,7 +615,7 @@ def test_rare_ids_are_oov_in_every_split_and_counted(
 def test_quarantine_and_count_reconciliation(
     built: Built, tenrec_raw: RawFixture, tenrec_reference: Reference
 ) -> None:
-    config = load_config(TENREC_CONFIG)
+    config = tenrec_config()
     got = {
         (e, int(n)): (line, reason.split(":")[0])
         for e, n, line, reason in zip(
@@ -668,7 +678,7 @@ def test_writer_choice_without_delta_spark(spark) -> None:
 def test_vocabularies_oov_and_missing(
     built: Built, tenrec_raw: RawFixture, tenrec_reference: Reference
 ) -> None:
-    assert_vocab_and_encoding(built, tenrec_reference, load_config(TENREC_CONFIG))
+    assert_vocab_and_encoding(built, tenrec_reference, tenrec_config())
     s = built.samples.set_index(["entity", "line_no"])
     video, article = tenrec_raw.heavy_lines["video"], tenrec_raw.heavy_lines["article"]
     assert s.loc[("video", video[0]), "video_category"] == 1  # \N
@@ -687,7 +697,7 @@ def test_vocabularies_oov_and_missing(
 
 
 def test_schema_file(built: Built) -> None:
-    config = load_config(TENREC_CONFIG)
+    config = tenrec_config()
     assert_schema_describes_samples(built, config)
     assert built.schema["dataset"] == "tenrec-qk"
     assert built.schema["item_feature"] == "item_id"
@@ -727,7 +737,7 @@ def test_delta_tables_readable_by_deltalake_and_ray(built: Built) -> None:
 def test_rerun_is_a_new_version_with_the_same_content(
     spark, built: Built, tenrec_raw: RawFixture
 ) -> None:
-    summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, built.out)
+    summary = build_samples(spark, TENREC_CONFIG, tenrec_raw.dir, built.out, activity=True)
     again = load_built(built.out, summary)
     assert again.version == built.version + 1
     pd.testing.assert_frame_equal(_comparable(again.samples), _comparable(built.samples))
@@ -945,7 +955,7 @@ def _add_actions(table: Path, version: int | None = None) -> pd.DataFrame:
 def test_samples_files_mix_users_in_a_fixed_order(spark, built: Built) -> None:
     """Each (entity, split) partition is several files; a user's rows of a partition are all in
     one file; inside a file the rows follow the seeded hash order, not the users."""
-    config = load_config(TENREC_CONFIG)
+    config = tenrec_config()
     actions = _add_actions(built.out / "samples", built.version)
     assert actions.path.str.fullmatch(
         r"run-[0-9a-f]{12}/entity=\w+/split=\w+/part-.*\.parquet"

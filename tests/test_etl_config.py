@@ -57,10 +57,11 @@ def test_tenrec_config_maps_the_paper_groups() -> None:
     assert config.label == "like"
     assert config.item_feature == "item_id" and config.feature("item_id").per_entity_ids
     assert (config.seq_len, config.history_mode, config.test_fraction) == (20, "frozen", 0.2)
-    assert config.activity
+    assert not config.activity  # docs/etl.md: off until the joint models gain from it
     raw = tenrec_raw()
     del raw["sequence"]["activity"]
-    assert not parse_config(raw).activity  # off unless a config asks for it
+    assert not parse_config(raw).activity
+    assert config.with_overrides(activity=True).activity
     used = {c for f in config.features for c in f.columns.values()}
     assert not used & POST_IMPRESSION
     assert set(config.leaky_columns) == POST_IMPRESSION
@@ -127,7 +128,10 @@ def test_column_absent_from_header_names_the_key() -> None:
             r"^sequence\.activity: must be true or false, got 'yes'",
         ),
         (
-            lambda r: r["features"]["user"].update(activity_likes_own={"source": "age"}),
+            lambda r: (
+                r["sequence"].update(activity=True),
+                r["features"]["user"].update(activity_likes_own={"source": "age"}),
+            ),
             r"^features\.user\.activity_likes_own: 'activity_likes_own' is a reserved sample "
             r"column name",
         ),

@@ -66,8 +66,9 @@ def _comparable(frame: pd.DataFrame, table: str, columns: list[str]) -> pd.DataF
 
 
 def test_duckdb_reference_equals_spark_row_for_row(spark, raw: Path, tmp_path: Path) -> None:
-    spark_summary = build_samples(spark, CONFIG, raw, tmp_path / "spark")
-    duck_summary = build_samples_duckdb(CONFIG, raw, tmp_path / "duckdb", threads=2)
+    # With the activity features (off in the config), so that they are compared too.
+    spark_summary = build_samples(spark, CONFIG, raw, tmp_path / "spark", activity=True)
+    duck_summary = build_samples_duckdb(CONFIG, raw, tmp_path / "duckdb", activity=True, threads=2)
 
     paths = {
         "samples": f"read_parquet('{tmp_path}/duckdb/samples/*/*/*.parquet', hive_partitioning = true)",

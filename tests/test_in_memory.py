@@ -18,10 +18,10 @@ from sklearn.metrics import roc_auc_score
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from jobs.in_memory import Samples, main, without_features
-from mkt.contract import activity_feature
 from mkt.schema import load_samples_dir
 
 OVERRIDES = ["train.epochs=2", "train.batch_size=256", "train.embedding_l2=0"]
+DROPPED = ["gender", "age"]
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,9 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     args = ["--samples", str(generated_samples), "--output", str(out["patience"])]
     early = ["train.epochs=6", "train.early_stopping.patience=1"]
     assert main([*args, *OVERRIDES, *early, "--model", "tem_only"]) == 0
-    out["activity"] = root / "activity"
-    args = ["--samples", str(generated_samples), "--output", str(out["activity"])]
-    dropped = [activity_feature(count, "other") for count in ("rows", "likes")]
-    assert main([*args, *OVERRIDES, "--model", "tem_only", "--drop-features", *dropped]) == 0
+    out["dropped"] = root / "dropped"
+    args = ["--samples", str(generated_samples), "--output", str(out["dropped"])]
+    assert main([*args, *OVERRIDES, "--model", "tem_only", "--drop-features", *DROPPED]) == 0
     out["finetune"] = root / "finetune"
     args = ["--samples", str(generated_samples), "--output", str(out["finetune"])]
     assert main([*args, *OVERRIDES, "train.epochs=1", "--model", "finetune"]) == 0
@@ -129,10 +128,10 @@ def test_compare_pairs_seed_means(runs, capsys, tmp_path):
 
 
 def test_drop_features_trains_without_them(generated_samples, runs):
-    """--drop-features: the model is built and fed without the named features (here the
-    source's activity counts), the run records them, and an unknown name is refused."""
+    """--drop-features: the model is built and fed without the named features, the run
+    records them, and an unknown name is refused."""
     schema = load_samples_dir(generated_samples)
-    dropped = [activity_feature(count, "other") for count in ("rows", "likes")]
+    dropped = DROPPED
     assert all(name in {f.name for f in schema.features} for name in dropped)
     reduced = without_features(schema, dropped)
     assert {f.name for f in schema.features} - {f.name for f in reduced.features} == set(dropped)
@@ -140,7 +139,7 @@ def test_drop_features_trains_without_them(generated_samples, runs):
     assert not set(dropped) & set(samples.table.column_names)
     batch = samples.rows(schema.target_entity, "train")
     assert not set(dropped) & set(batch)
-    result = json.loads((runs["activity"] / "seed0.json").read_text())
+    result = json.loads((runs["dropped"] / "seed0.json").read_text())
     assert result["dropped_features"] == dropped
     assert result["tem"]["best"]["valid"]["auc"] > 0
     with pytest.raises(SystemExit, match="not_a_feature"):

@@ -140,7 +140,7 @@ def built(spark, tmp_path_factory: pytest.TempPathFactory) -> Built:
         with (raw / FILE_NAMES[entity]).open("a") as fh:
             fh.write("\n".join(extra) + "\n")
     out = tmp_path_factory.mktemp("serving_out") / "tenrec"
-    build_samples(spark, TENREC_CONFIG, raw, out)
+    build_samples(spark, TENREC_CONFIG, raw, out, activity=True)
     lines: dict[str, dict[int, dict[str, str]]] = {}
     for entity, file in FILE_NAMES.items():
         header, *data = (raw / file).read_text().rstrip("\n").split("\n")

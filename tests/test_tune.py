@@ -262,10 +262,13 @@ def test_interrupted_sweep_resumes_and_asha_stops_weak_trials(sweep: dict) -> No
         ("0.0", bad): "stopped",
         ("0.2", bad): "stopped",
     }
-    # Stopped at ASHA's rung, their first report (the MEM epoch): no TEM, no evaluation.
+    # Stopped at ASHA's rung, their first report (the MEM epoch), below every finished trial
+    # (an untrained network's AUC is not 0.5 where user features alone rank well): no TEM, no
+    # evaluation.
+    finished = [float(r["last_score"]) for r in rows if r["status"] == "finished"]
     for r in rows:
         if r["status"] == "stopped":
-            assert r["reports"] == "1" and float(r["last_score"]) < 0.6
+            assert r["reports"] == "1" and float(r["last_score"]) < min(finished)
             assert not (sweep["dir"] / TRIALS_DIR / r["trial"] / "metrics.json").exists()
             assert f"{r['trial']} stopped by the scheduler" in second.stdout  # progress line
     # Finished trials kept their results: their run was not repeated (not even evaluated).
