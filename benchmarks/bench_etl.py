@@ -2,7 +2,7 @@
 
     python benchmarks/bench_etl.py --rows 1000000 5000000 20000000 --work-dir /tmp/etl-bench \
         [--master local[2]] [--driver-memory 4g] [--java-options OPTS] [--duckdb-threads 2] \
-        [--duckdb-max-rss-gb 14] [--no-duckdb] [--keep]
+        [--duckdb-max-rss-gb 14] [--no-duckdb] [--activity] [--keep]
 
 Per size: generate Tenrec-format CSVs of about that many raw rows (jobs/generate_tenrec.py, seed
 0), run the Spark job as its own spark-submit process with the event log on, run
@@ -333,7 +333,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
     for key, value in conf.items():
         cmd += ["--conf", f"{key}={value}"]
     cmd += [str(REPO / "etl" / "build_samples.py"), "--config", str(CONFIG)]
-    cmd += ["--input", str(raw), "--output", str(out)]
+    cmd += ["--input", str(raw), "--output", str(out), *(["--activity"] if args.activity else [])]
     from jobs.common import spark_env
 
     result = _run_measured(cmd, out.parent / f"{out.name}.log", spark_env())
@@ -351,7 +351,7 @@ def run_spark(raw: Path, out: Path, events: Path, args: argparse.Namespace) -> d
 def run_duckdb(raw: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, str(REPO / "benchmarks" / "duckdb_samples.py"), "--config", str(CONFIG)]
     cmd += ["--input", str(raw), "--output", str(out), "--threads", str(args.duckdb_threads)]
-    cmd += ["--memory-limit", args.duckdb_memory]
+    cmd += ["--memory-limit", args.duckdb_memory, *(["--activity"] if args.activity else [])]
     result = _run_measured(
         cmd,
         out.parent / f"{out.name}.log",
@@ -441,6 +441,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"master {args.master}, driver memory {args.driver_memory}, "
         f"driver JVM options '{args.java_options}', "
+        f"activity features {'on' if args.activity else 'off'}, "
         f"DuckDB threads {args.duckdb_threads}, {os.cpu_count()} cores",
         "",
         "| raw rows | Spark wall s | rows/s | CPU µs/row | executor CPU s | JVM CPU s "
@@ -511,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
         "--duckdb-timeout-s", type=float, default=3600.0, help="stop DuckDB after this long"
     )
     parser.add_argument("--no-duckdb", action="store_true", help="Spark only")
+    parser.add_argument(
+        "--activity", action="store_true", help="both builds with the activity features"
+    )
     parser.add_argument("--keep", action="store_true", help="keep raw data and outputs")
     args = parser.parse_args(argv)
     if args.java_options is None:
