@@ -2,11 +2,12 @@
 logistic-regression floor -> table.
 
     python jobs/quickstart.py [--users 24000] [--seed 0] [--data data/quickstart]
-                              [--runs runs/quickstart]
+                              [--runs runs/quickstart] [--activity]
 
 Runs the project's own commands one after another, as a user would:
  1. `python jobs/generate_tenrec.py` writes QK-video.csv, QK-article.csv and oracle.parquet;
- 2. `spark-submit etl/build_samples.py` builds the samples Delta table;
+ 2. `spark-submit etl/build_samples.py` builds the samples Delta table (`--activity`: with
+    the activity features, docs/etl.md);
  3. `python train/run.py ... model=mkt` trains MEM then TEM on it (stage 1 and 2);
  4. `python train/run.py ... model=tem_only` trains TEM alone (the "w/o MEM" ablation);
  5. `python train/run.py ... model=lr` trains the one-hot logistic regression (the floor);
