@@ -314,14 +314,13 @@ def test_tem_serving_module_is_target_only(schema, batch, device):
     names = [n for n, _ in serving.named_parameters()]
     source_tables = [f.name for f in schema.specific_features(schema.source_entity)]
     assert not any(f".tables.{f}." in n for n in names for f in source_tables)
-    assert not any("extractors" in n or "towers" in n for n in names)
     assert len(tem.knowledge.cke.gates) == 1
     source_params = {
         id(p)
         for module in (
             mem.hfa["product"],
-            mem.extractors,
-            mem.towers,
+            mem.extractors["product"],
+            mem.towers["product"],
             mem.cke.gates[schema.source_index],
         )
         for p in module.parameters()
@@ -337,17 +336,51 @@ def test_tem_serving_module_is_target_only(schema, batch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_tem_from_mem_logit_starts_at_the_mem_and_learns_a_correction(schema, device):
+    mem = mem_model(schema, seed=3).to(device).eval()
+    torch.manual_seed(4)
+    tem = TEM(schema, {"from_mem_logit": True}, pretrained=mem).to(device)
+    t = target_rows(schema, on(toy_batch(schema, 256, seed=11), device))
+    with torch.no_grad():
+        mem_logit = mem(t)["logit"]
+        assert torch.allclose(tem.eval()(t)["logit"], mem_logit, atol=1e-6)
+    # The tower and TKE are the MEM's own, frozen; they join the TEM (and its serving graph)
+    # only with this option.
+    assert tem.knowledge.tower is mem.towers["post"] and tem.knowledge.extractor is not None
+    assert TEM(schema, {"from_mem_logit": False}, pretrained=mem).knowledge.tower is None
+    before = {k: v.clone() for k, v in mem.state_dict().items()}
+    opt = torch.optim.Adam(trainable(tem), lr=0.01)
+    tem.train()
+    for step in range(20):
+        b = target_rows(schema, on(toy_batch(schema, 256, seed=step), device))
+        loss = tem.loss(b, tem(b))["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        moved = tem.eval()(t)["logit"] - mem_logit
+    assert moved.abs().max() > 1e-3  # the DNN learnt a correction on top of the MEM
+    assert all(torch.equal(before[k], v) for k, v in mem.state_dict().items())
+    serving = tem.serving_module().eval()
+    with torch.no_grad():
+        assert torch.allclose(serving(t), tem(t)["logit"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tem_plug_switches_and_without_mem(schema, batch, device):
     mem = mem_model(schema).eval()
     t = target_rows(schema, on(batch, device))
+    # The paper's output (eq. 13): TEM's DNN gives the whole logit, so each plug shows in it
+    # from the start (with from_mem_logit it starts as the MEM's logit, whatever the plugs).
+    paper = {"from_mem_logit": False}
     torch.manual_seed(2)
-    full = TEM(schema, {}, pretrained=mem).to(device).eval()
+    full = TEM(schema, paper, pretrained=mem).to(device).eval()
     assert set(full.gates) == {"user", "seq", "shared", "cross"}
     with torch.no_grad():
         reference = full(t)["logit"]
         for plug in ("user", "seq", "shared", "cross"):
             torch.manual_seed(2)
-            off = TEM(schema, {f"plug_{plug}": False}, pretrained=mem).to(device).eval()
+            off = TEM(schema, {**paper, f"plug_{plug}": False}, pretrained=mem).to(device).eval()
             assert plug not in off.gates
             off.load_state_dict(full.state_dict(), strict=False)
             assert not torch.allclose(off(t)["logit"], reference)

@@ -490,8 +490,8 @@ def test_artifact_holds_no_source_entity_parameters(trained: Trained, built: Bui
     mem = trained.mem
     source_only = [
         *mem.hfa[schema.source_entity].parameters(),
-        *mem.extractors.parameters(),
-        *mem.towers.parameters(),
+        *mem.extractors[schema.source_entity].parameters(),
+        *mem.towers[schema.source_entity].parameters(),
         *mem.cke.gates[schema.source_index].parameters(),
         *(mem.inputs.embeddings.tables[f].weight for f in source_specific),
     ]

@@ -92,8 +92,9 @@ def test_generated_data_through_spark_and_both_stages(
 
     # Stage 2 ran on the stage-1 MEM from its best checkpoint, and left it untouched: every MEM
     # tensor TEM holds (its `knowledge.` part, the target path only) equals the checkpoint's.
-    # Two names differ: the target's HFA sits under `hfa.<target>` in MEM and `hfa` in TEM, and
-    # the CKE keeps only the target gate, renumbered 0.
+    # Names differ: the target's HFA, TKE and tower sit under `hfa.<target>`, `extractors.<target>`
+    # and `towers.<target>` in MEM and `hfa`, `extractor`, `tower` in TEM, and the CKE keeps only
+    # the target gate, renumbered 0.
     schema = FeatureSchema.load(out / "feature_schema.json")
 
     def optimizer_state(stage: dict) -> dict:
@@ -115,8 +116,9 @@ def test_generated_data_through_spark_and_both_stages(
     knowledge |= {k: v for k, v in tem_weights.items() if k.startswith("inputs.embeddings.")}
 
     def in_mem(key: str) -> str:
-        if key.startswith("hfa."):
-            return f"hfa.{schema.target_entity}.{key.removeprefix('hfa.')}"
+        for part, modules in (("hfa", "hfa"), ("extractor", "extractors"), ("tower", "towers")):
+            if key.startswith(f"{part}."):
+                return f"{modules}.{schema.target_entity}.{key.removeprefix(part + '.')}"
         return key.replace("cke.gates.0.", f"cke.gates.{schema.target_index}.")
 
     assert "inputs.embeddings.tables.user_id.weight" in knowledge

@@ -235,18 +235,20 @@ class MEM(CTRModel):
             "pdl": pdl.detach(),
         }
 
-    def target_path(self) -> MEMTargetPath:
-        """The modules the target entity's knowledge needs, sharing this MEM's parameters."""
-        return MEMTargetPath(self)
+    def target_path(self, with_logit: bool = False) -> MEMTargetPath:
+        """The modules the target entity's knowledge needs, sharing this MEM's parameters;
+        `with_logit` adds those of its target prediction (the TKE and the target tower)."""
+        return MEMTargetPath(self, with_logit)
 
 
 class MEMTargetPath(nn.Module):
     """MEM restricted to the target entity (the grey MEM part of the paper's Figure 2):
     embeddings of user, shared and target-specific features, the sequence attention, the
-    target HFA and the CKE with the target gate. No source-specific table, HFA, gate, SKE,
-    TKE or tower. Returns the knowledge TEM plugs in: (v_u, v_seq, v_shared, g_com^t)."""
+    target HFA and the CKE with the target gate; no source-specific table, HFA, gate or SKE,
+    and the TKE and target tower only `with_logit`. Returns the knowledge TEM plugs in: (v_u,
+    v_seq, v_shared, g_com^t); `knowledge_and_logit` adds the MEM's target logit."""
 
-    def __init__(self, mem: MEM) -> None:
+    def __init__(self, mem: MEM, with_logit: bool = False) -> None:
         super().__init__()
         schema = mem.schema
         target = schema.target_entity
@@ -269,6 +271,8 @@ class MEMTargetPath(nn.Module):
         self.hfa = mem.hfa[target] if mem.params["hfa"] else None
         self.spec_widths = dict(mem.spec_widths)
         self.cke = mem.cke.select_gates([schema.target_index])
+        self.extractor = mem.extractors[target] if with_logit else None
+        self.tower = mem.towers[target] if with_logit else None
         self.out_dims = {
             "user": self.inputs.dim * len(self.inputs.user_names),
             "seq": self.inputs.dim * len(self.inputs.seq_names),
@@ -277,6 +281,13 @@ class MEMTargetPath(nn.Module):
         }
 
     def forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        user, seq, shared, g_com, _ = self.knowledge_and_logit(batch, with_logit=False)
+        return user, seq, shared, g_com
+
+    def knowledge_and_logit(
+        self, batch: Batch, with_logit: bool = True
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """(v_u, v_seq, v_shared, g_com^t, the MEM's target logit [B] or None)."""
         parts = self.inputs(batch)
         user, seq, shared = parts["user"], parts["seq"], parts["shared"]
         common = torch.cat([user, seq, shared], dim=1)
@@ -286,7 +297,13 @@ class MEMTargetPath(nn.Module):
         else:
             q = unaligned_q(common, {self.target: specific}, self.spec_widths)
         g_com = self.cke(q, torch.zeros_like(batch["entity_index"]))
-        return user, seq, shared, g_com
+        logit = None
+        if with_logit:
+            if self.extractor is None or self.tower is None:
+                raise ValueError("MEMTargetPath: built without with_logit, it has no target tower")
+            g_ind = self.extractor(torch.cat([common, specific], dim=1))  # eq. 8, TKE
+            logit = self.tower(torch.cat([g_com, g_ind], dim=1)).squeeze(-1)
+        return user, seq, shared, g_com, logit
 
 
 def check_params(model: str, p: dict[str, Any], positive: list[str], nonempty: list[str]) -> None:

@@ -55,6 +55,10 @@ class TEM(CTRModel):
         # MEM's frozen tables, `init_from_mem` starts its own tables as copies of them, `own`
         # starts its own tables afresh. TEM alone always has its own. docs/model.md, TEM choice 1.
         "embeddings": "frozen_mem",
+        # With a MEM plugged in, TEM's DNN learns a correction to the frozen MEM's own target
+        # logit (its output layer starts at 0, so training starts from the MEM's prediction)
+        # rather than the whole logit (False: the paper's eq. 13). docs/model.md, TEM choice 3.
+        "from_mem_logit": True,
     }
 
     def __init__(
@@ -81,7 +85,7 @@ class TEM(CTRModel):
             # Freeze the MEM: no gradients, and eval mode kept by `train()` below.
             pretrained.requires_grad_(False)
             pretrained.eval()
-            knowledge = pretrained.target_path()
+            knowledge = pretrained.target_path(with_logit=bool(p["from_mem_logit"]))
             if p["embeddings"] != "own" and knowledge.inputs.dim != dim:
                 raise ConfigError(
                     f"TEM.embedding_dim: {dim}, but embeddings={p['embeddings']!r} takes the "
@@ -109,7 +113,13 @@ class TEM(CTRModel):
         self.top = MLP(
             self.bottom.out_dim, [*p["hidden"][cut:], 1], p["dropout"], last_activation=False
         )
-        self.init_output_bias(self.top, target)
+        self.from_mem_logit = knowledge is not None and bool(p["from_mem_logit"])
+        if self.from_mem_logit:
+            logit_layer = [m for m in self.top.modules() if isinstance(m, nn.Linear)][-1]
+            nn.init.zeros_(logit_layer.weight)
+            nn.init.zeros_(logit_layer.bias)
+        else:
+            self.init_output_bias(self.top, target)
 
         self.knowledge = knowledge
         self.gates = nn.ModuleDict()
@@ -134,9 +144,11 @@ class TEM(CTRModel):
         parts = self.inputs(batch)
         user, seq, shared = parts["user"], parts["seq"], parts["shared"]
         specific = parts["specific"][self.target]
-        g_com = None
+        g_com = mem_logit = None
         if self.knowledge is not None:
-            mem_user, mem_seq, mem_shared, g_com = self.knowledge(batch)
+            mem_user, mem_seq, mem_shared, g_com, mem_logit = self.knowledge.knowledge_and_logit(
+                batch, with_logit=self.from_mem_logit
+            )
             if "user" in self.gates:
                 user = user + self.gates["user"](mem_user)
             if "seq" in self.gates:
@@ -146,7 +158,10 @@ class TEM(CTRModel):
         g_cross = self.bottom(torch.cat([user, seq, shared, specific], dim=1))
         if g_com is not None and "cross" in self.gates:
             g_cross = g_cross + self.gates["cross"](g_com)  # eq. 12
-        return {"logit": self.top(g_cross).squeeze(-1)}
+        logit = self.top(g_cross).squeeze(-1)
+        if mem_logit is not None:
+            logit = logit + mem_logit
+        return {"logit": logit}
 
     def serving_module(self) -> TEMServing:
         """The online-serving graph (grey in the paper's Figure 2), sharing this TEM's
