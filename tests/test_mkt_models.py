@@ -266,6 +266,16 @@ def trainable(model):
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def train_steps(model, optimizer, schema, device, steps, rows):
+    """`steps` optimiser steps on fresh toy target batches of `rows` rows."""
+    for step in range(steps):
+        b = target_rows(schema, on(toy_batch(schema, rows, seed=step), device))
+        loss = model.loss(b, model(b))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_tem_keeps_mem_frozen(schema, device):
     mem = mem_model(schema, dropout=0.5).to(device)
@@ -292,12 +302,7 @@ def test_tem_keeps_mem_frozen(schema, device):
     # Even an optimiser handed every parameter must leave the MEM untouched.
     opt = torch.optim.AdamW(tem.parameters(), lr=0.05, weight_decay=0.1)
     own_before = tem.bottom.net[0].weight.clone()
-    for step in range(5):
-        b = target_rows(schema, on(toy_batch(schema, 128, seed=step), device))
-        loss = tem.loss(b, tem(b))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(tem, opt, schema, device, steps=5, rows=128)
     for key, value in mem.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not torch.equal(tem.bottom.net[0].weight, own_before)
@@ -349,14 +354,8 @@ def test_tem_from_mem_logit_starts_at_the_mem_and_learns_a_correction(schema, de
     assert tem.knowledge.tower is mem.towers["post"] and tem.knowledge.extractor is not None
     assert TEM(schema, {"from_mem_logit": False}, pretrained=mem).knowledge.tower is None
     before = {k: v.clone() for k, v in mem.state_dict().items()}
-    opt = torch.optim.Adam(trainable(tem), lr=0.01)
     tem.train()
-    for step in range(20):
-        b = target_rows(schema, on(toy_batch(schema, 256, seed=step), device))
-        loss = tem.loss(b, tem(b))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_steps(tem, torch.optim.Adam(trainable(tem), lr=0.01), schema, device, steps=20, rows=256)
     with torch.no_grad():
         moved = tem.eval()(t)["logit"] - mem_logit
     assert moved.abs().max() > 1e-3  # the DNN learnt a correction on top of the MEM
