@@ -341,6 +341,31 @@ def test_tem_serving_module_is_target_only(schema, batch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_mem_wide_adds_each_entitys_first_order_term(schema, batch, device):
+    deep = mem_model(schema, seed=5).to(device).eval()
+    wide = mem_model(schema, seed=5, wide=True).to(device).eval()
+    assert set(wide.wide) == {"product", "post"}
+    assert "price" in wide.wide["product"].names and "price" not in wide.wide["post"].names
+    wide.load_state_dict(deep.state_dict(), strict=False)
+    b = on(batch, device)
+    with torch.no_grad():
+        assert torch.allclose(wide(b)["logit"], deep(b)["logit"])  # the weights start at 0
+        # A weight of the target's `quality` value moves exactly the target rows holding it.
+        value = int(b["quality"][b["entity_index"] == schema.target_index][0])
+        wide.wide["post"].weights.tables["quality"].weight[value] = 0.7
+        moved = wide(b)["logit"] - deep(b)["logit"]
+    holds = (b["entity_index"] == schema.target_index) & (b["quality"] == value)
+    assert torch.allclose(moved[holds], torch.full_like(moved[holds], 0.7), atol=1e-6)
+    assert torch.allclose(moved[~holds], torch.zeros_like(moved[~holds]), atol=1e-6)
+    # The TEM that starts from the MEM's logit starts from this one, first-order term included.
+    tem = TEM(schema, {"from_mem_logit": True}, pretrained=wide).to(device).eval()
+    t = target_rows(schema, b)
+    with torch.no_grad():
+        assert torch.allclose(tem(t)["logit"], wide(t)["logit"], atol=1e-6)
+        assert torch.allclose(tem.serving_module()(t), wide(t)["logit"], atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tem_from_mem_logit_starts_at_the_mem_and_learns_a_correction(schema, device):
     mem = mem_model(schema, seed=3).to(device).eval()
     torch.manual_seed(4)

@@ -104,7 +104,7 @@ def test_logistic_regression_is_its_bias_plus_one_weight_per_feature_value(schem
     prior = math.log(RATES["post"] / (1 - RATES["post"]))
     assert torch.allclose(lr(batch)["logit"], torch.full((50,), prior))  # weights start at 0
     with torch.no_grad():
-        lr.weights.tables["quality"].weight[5] = 1.5
+        lr.wide.weights.tables["quality"].weight[5] = 1.5
     expected = prior + 1.5 * (batch["quality"] == 5).float()
     assert torch.allclose(lr(batch)["logit"], expected)
     assert "seq_post" not in lr.names  # one-hot fields only, no bags

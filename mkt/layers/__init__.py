@@ -3,6 +3,7 @@
 from mkt.layers.attention import TargetAttention
 from mkt.layers.cross import CrossNetwork
 from mkt.layers.embedding import EmbeddingBank
+from mkt.layers.first_order import FirstOrder
 from mkt.layers.gate import GLUGate
 from mkt.layers.inputs import EntityInputs
 from mkt.layers.mlp import MLP
@@ -13,6 +14,7 @@ __all__ = [
     "CrossNetwork",
     "EmbeddingBank",
     "EntityInputs",
+    "FirstOrder",
     "GLUGate",
     "MMoE",
     "TargetAttention",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mkt.features import Batch
-from mkt.layers.embedding import EmbeddingBank
+from mkt.layers.first_order import FirstOrder
 from mkt.models.base import CTRModel
 from mkt.registry import register
 from mkt.schema import FeatureSchema
@@ -42,10 +42,8 @@ class LogisticRegression(CTRModel):
                 *schema.specific_features(self.entity),
             )
         ]
-        self.weights = EmbeddingBank(
-            schema, 1, self.names, init_std=self.params["embedding_init_std"]
-        )
+        self.wide = FirstOrder(schema, self.names, init_std=self.params["embedding_init_std"])
         self.bias = nn.Parameter(torch.tensor(self.prior_logit(self.entity)))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"logit": self.weights(batch, self.names).sum(dim=(1, 2)) + self.bias}
+        return {"logit": self.wide(batch) + self.bias}

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from mkt.contract import ConfigError
 from mkt.features import Batch
-from mkt.layers import MLP, CrossNetwork, EmbeddingBank, EntityInputs, MMoE, TargetAttention
+from mkt.layers import (
+    MLP,
+    CrossNetwork,
+    EmbeddingBank,
+    EntityInputs,
+    FirstOrder,
+    MMoE,
+    TargetAttention,
+)
 from mkt.models.base import CTRModel
 from mkt.registry import register
 from mkt.schema import FeatureSchema
@@ -118,6 +126,9 @@ class MEM(CTRModel):
         # choice 9): off, the source's labels never move the target items' embeddings.
         "source_reads_target_sequence": False,
         "dropout": 0.0,
+        # Each entity's logit adds a first-order term over its user, shared and specific
+        # features (one weight per value, as the regression's). docs/model.md, MEM choice 11.
+        "wide": False,
     }
 
     def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
@@ -185,6 +196,10 @@ class MEM(CTRModel):
         )
         for e, tower in self.towers.items():
             self.init_output_bias(tower, e)
+        self.wide = nn.ModuleDict()
+        if p["wide"]:
+            for e in self.entities:
+                self.wide[e] = FirstOrder(schema, entity_feature_names(schema, e))
 
     def common(self, parts: dict) -> Tensor:
         return torch.cat([parts["user"], parts["seq"], parts["shared"]], dim=1)
@@ -212,9 +227,14 @@ class MEM(CTRModel):
             lambda e, rows: self.extractors[e](torch.cat([common[rows], specific[e][rows]], dim=1)),
         )  # eq. 8
         tower_in = torch.cat([g_com, g_ind], dim=1)
-        logit = by_entity(
-            entity_index, self.entities, lambda e, rows: self.towers[e](tower_in[rows]).squeeze(-1)
-        )
+
+        def predict(entity: str, rows: Tensor) -> Tensor:
+            logit = self.towers[entity](tower_in[rows]).squeeze(-1)
+            if entity in self.wide:
+                logit = logit + self.wide[entity](batch)[rows]
+            return logit
+
+        logit = by_entity(entity_index, self.entities, predict)
         out.update(logit=logit, g_com=g_com, g_ind=g_ind)
         return out
 
@@ -252,18 +272,10 @@ class MEMTargetPath(nn.Module):
         super().__init__()
         schema = mem.schema
         target = schema.target_entity
-        names = [
-            f.name
-            for f in [
-                *schema.user_features,
-                *schema.shared_features,
-                *schema.specific_features(target),
-            ]
-        ]
         self.inputs = EntityInputs(
             schema,
             mem.inputs.dim,
-            embeddings=mem.inputs.embeddings.subset(names),
+            embeddings=mem.inputs.embeddings.subset(entity_feature_names(schema, target)),
             attention=mem.inputs.attention,
             entities=[target],
         )
@@ -273,6 +285,7 @@ class MEMTargetPath(nn.Module):
         self.cke = mem.cke.select_gates([schema.target_index])
         self.extractor = mem.extractors[target] if with_logit else None
         self.tower = mem.towers[target] if with_logit else None
+        self.wide = mem.wide[target] if with_logit and target in mem.wide else None
         self.out_dims = {
             "user": self.inputs.dim * len(self.inputs.user_names),
             "seq": self.inputs.dim * len(self.inputs.seq_names),
@@ -303,7 +316,15 @@ class MEMTargetPath(nn.Module):
                 raise ValueError("MEMTargetPath: built without with_logit, it has no target tower")
             g_ind = self.extractor(torch.cat([common, specific], dim=1))  # eq. 8, TKE
             logit = self.tower(torch.cat([g_com, g_ind], dim=1)).squeeze(-1)
+            if self.wide is not None:
+                logit = logit + self.wide(batch)
         return user, seq, shared, g_com, logit
+
+
+def entity_feature_names(schema: FeatureSchema, entity: str) -> list[str]:
+    """The non-sequence features a row of `entity` reads: user, shared, its own specific."""
+    features = [*schema.user_features, *schema.shared_features, *schema.specific_features(entity)]
+    return [f.name for f in features]
 
 
 def check_params(model: str, p: dict[str, Any], positive: list[str], nonempty: list[str]) -> None:
