@@ -341,7 +341,7 @@ def test_tem_serving_module_is_target_only(schema, batch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_mem_wide_adds_each_entitys_first_order_term(schema, batch, device):
+def test_wide_adds_each_entitys_first_order_term(schema, batch, device):
     deep = mem_model(schema, seed=5).to(device).eval()
     wide = mem_model(schema, seed=5, wide=True).to(device).eval()
     assert set(wide.wide) == {"product", "post"}
@@ -363,6 +363,14 @@ def test_mem_wide_adds_each_entitys_first_order_term(schema, batch, device):
     with torch.no_grad():
         assert torch.allclose(tem(t)["logit"], wide(t)["logit"], atol=1e-6)
         assert torch.allclose(tem.serving_module()(t), wide(t)["logit"], atol=1e-6)
+        # TEM's own first-order term (TEM alone here) reads the target's features the same way.
+        alone = TEM(schema, {"wide": True}).to(device).eval()
+        before = alone(t)["logit"]
+        alone.wide.weights.tables["quality"].weight[value] = -0.4
+        moved = alone(t)["logit"] - before
+    holds = t["quality"] == value
+    assert torch.allclose(moved[holds], torch.full_like(moved[holds], -0.4), atol=1e-6)
+    assert torch.allclose(moved[~holds], torch.zeros_like(moved[~holds]), atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -127,7 +127,7 @@ class MEM(CTRModel):
         "source_reads_target_sequence": False,
         "dropout": 0.0,
         # Each entity's logit adds a first-order term over its user, shared and specific
-        # features (one weight per value, as the regression's). docs/model.md, MEM choice 11.
+        # features (one weight per value, as the regression's). docs/model.md, MEM choice 12.
         "wide": False,
     }
 

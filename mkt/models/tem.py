@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from mkt.contract import ConfigError
 from mkt.features import Batch
-from mkt.layers import MLP, EmbeddingBank, EntityInputs, GLUGate, TargetAttention
+from mkt.layers import MLP, EmbeddingBank, EntityInputs, FirstOrder, GLUGate, TargetAttention
 from mkt.models._baselines import copy_tables
 from mkt.models.base import CTRModel
-from mkt.models.mem import MEM, check_params
+from mkt.models.mem import MEM, check_params, entity_feature_names
 from mkt.registry import register
 from mkt.schema import FeatureSchema
 
@@ -59,6 +59,9 @@ class TEM(CTRModel):
         # logit (its output layer starts at 0, so training starts from the MEM's prediction)
         # rather than the whole logit (False: the paper's eq. 13). docs/model.md, TEM choice 3.
         "from_mem_logit": True,
+        # The logit adds TEM's own first-order term over the target's user, shared and
+        # specific features (as MEM's `wide`; with `from_mem_logit`, a correction of it).
+        "wide": False,
     }
 
     def __init__(
@@ -94,8 +97,7 @@ class TEM(CTRModel):
         if knowledge is not None and p["embeddings"] == "frozen_mem":
             bank = knowledge.inputs.embeddings
         else:
-            own_tables = [f.name for f in schema.features if f.group in ("user", "shared")]
-            own_tables += [f.name for f in schema.specific_features(target)]
+            own_tables = entity_feature_names(schema, target)
             bank = EmbeddingBank(schema, dim, names=own_tables, init_std=p["embedding_init_std"])
             if knowledge is not None and p["embeddings"] == "init_from_mem":
                 copy_tables(knowledge.inputs.embeddings, bank, own_tables, "TEM")
@@ -121,6 +123,7 @@ class TEM(CTRModel):
         else:
             self.init_output_bias(self.top, target)
 
+        self.wide = FirstOrder(schema, entity_feature_names(schema, target)) if p["wide"] else None
         self.knowledge = knowledge
         self.gates = nn.ModuleDict()
         if self.knowledge is not None:
@@ -159,6 +162,8 @@ class TEM(CTRModel):
         if g_com is not None and "cross" in self.gates:
             g_cross = g_cross + self.gates["cross"](g_com)  # eq. 12
         logit = self.top(g_cross).squeeze(-1)
+        if self.wide is not None:
+            logit = logit + self.wide(batch)
         if mem_logit is not None:
             logit = logit + mem_logit
         return {"logit": logit}
