@@ -22,6 +22,9 @@ from mkt.registry import register
 class DIN(MLPModel):
     defaults: ClassVar[dict[str, Any]] = {
         **MLPModel.defaults,
+        # The MLP's 0.5 was chosen for the MLP alone; DIN and the models built on it
+        # (SourceDIN, Finetune) keep the measured recipe they had.
+        "dropout": 0.0,
         "attention_hidden": ATTENTION_HIDDEN,  # activation unit widths
     }
 
