@@ -20,8 +20,9 @@ register_pipeline(
     ),
 )
 # Ablations (Table 4): w/o MEM is TEM alone; w/o TEM is the MEM alone, its target tower. With
-# no TEM to hold rows out for, it trains on every target train row, as the paper's MEM does:
-# on MKT's 70% it lost 0.005 validation AUC (docs/model.md, TEM choice 2).
+# no TEM to hold rows out for, it trains on every target train row, as the paper's MEM does
+# (docs/model.md, TEM choice 2: on the 70% MKT's MEM had until stop 27 it lost 0.005
+# validation AUC).
 # (w/o PDL and w/o HFA are MKT with mem.gamma=0 / mem.hfa=false.)
 register_pipeline("tem_only", (Stage("tem", "tem", "target"),))
 register_pipeline("mem_only", (Stage("mem", "mem", "both"),))
