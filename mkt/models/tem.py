@@ -60,8 +60,9 @@ class TEM(CTRModel):
         # rather than the whole logit (False: the paper's eq. 13). docs/model.md, TEM choice 3.
         "from_mem_logit": True,
         # The logit adds TEM's own first-order term over the target's user, shared and
-        # specific features (as MEM's `wide`; with `from_mem_logit`, a correction of it).
-        "wide": False,
+        # specific features (as MEM's `wide`; with `from_mem_logit`, a correction of the
+        # MEM's logit beside the DNN's). docs/model.md, TEM choice 4.
+        "wide": True,
     }
 
     def __init__(
