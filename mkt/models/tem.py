@@ -10,6 +10,10 @@ own GLU gate and added to TEM's vector of the same meaning (eq. 12):
     g_cross_final = g_cross^TEM + gate_cross(g_com^t)     g_cross^TEM: the DNN's layer
                                                           `cross_layer` (64 units by default)
 
+Beside the paper (docs/model.md, TEM choices 3 and 4): with `from_mem_logit` the logit is
+the frozen MEM's own target logit plus the DNN's output, and with `wide` it adds TEM's own
+first-order term over the target's features.
+
 `TEM(schema, params, pretrained=None)` is the "w/o MEM" ablation: TEM alone.
 """
 
