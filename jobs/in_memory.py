@@ -68,8 +68,12 @@ class Samples:
         c = schema.columns
         self.schema = schema
         columns = [*model_columns(schema), c["line_no"], c["split"], c["user_key"]]
-        self.table = DeltaTable(str(samples_table(samples_dir))).to_pyarrow_table(
-            columns=list(dict.fromkeys(columns))
+        # In line order: the files' order changes with every rebuild of the same samples, and
+        # an epoch's shuffle permutes row positions, so without it a seed's numbers would too.
+        self.table = (
+            DeltaTable(str(samples_table(samples_dir)))
+            .to_pyarrow_table(columns=list(dict.fromkeys(columns)))
+            .sort_by([(c["entity"], "ascending"), (c["line_no"], "ascending")])
         )
         self.collate = ModelBatches(schema, keep=[c["user_key"]])
 

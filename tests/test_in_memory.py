@@ -1,5 +1,6 @@
 """jobs/in_memory.py on the ETL's samples of 400 generated users: MKT's two stages and TEM
-alone train in one process, the same seed gives the same numbers, the MEM can be held to the
+alone train in one process, the same seed gives the same numbers (whatever the order of the
+table's rows in its files), the MEM can be held to the
 target rows, and --compare pairs two output directories' test scores."""
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from deltalake import DeltaTable, write_deltalake
 from sklearn.metrics import roc_auc_score
 
 # The in-memory tables' evaluation starts an embedded Ray: bound to 127.0.0.1 only if this is
@@ -18,18 +21,38 @@ from sklearn.metrics import roc_auc_score
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 from jobs.in_memory import Samples, main, without_features
-from mkt.schema import load_samples_dir
+from mkt.schema import load_samples_dir, samples_table
 
 OVERRIDES = ["train.epochs=2", "train.batch_size=256", "train.embedding_l2=0"]
 DROPPED = ["gender", "age"]
+
+
+def reordered_copy(samples: Path, directory: Path) -> Path:
+    """The same samples with the table's rows written in reverse order (as a rebuild may
+    order them otherwise), same partitions."""
+    shutil.copytree(samples, directory)
+    table = samples_table(directory)
+    rows = DeltaTable(str(table)).to_pyarrow_table()
+    partitions = DeltaTable(str(table)).metadata().partition_columns
+    shutil.rmtree(table)
+    write_deltalake(
+        str(table), rows.take(list(range(rows.num_rows))[::-1]), partition_by=partitions or None
+    )
+    return directory
 
 
 @pytest.fixture(scope="module")
 def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("in_memory")
     out = {"mkt": root / "mkt", "again": root / "again", "target": root / "target"}
-    for name, extra in (("mkt", []), ("again", []), ("target", ["--mem-rows", "target"])):
-        args = ["--samples", str(generated_samples), "--output", str(out[name]), *extra]
+    # "again": the same seed on the same rows in another file order.
+    reordered = reordered_copy(generated_samples, root / "reordered")
+    for name, samples, extra in (
+        ("mkt", generated_samples, []),
+        ("again", reordered, []),
+        ("target", generated_samples, ["--mem-rows", "target"]),
+    ):
+        args = ["--samples", str(samples), "--output", str(out[name]), *extra]
         assert main([*args, *OVERRIDES]) == 0
     out["tem_only"] = root / "tem_only"
     args = ["--samples", str(generated_samples), "--output", str(out["tem_only"])]
