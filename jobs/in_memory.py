@@ -178,9 +178,12 @@ def train_stage(
     config: dict,
     seed: int,
     name: str,
+    score_start: bool = False,
 ) -> dict[str, Any]:
     """Train at most `train.epochs` epochs, stop after `train.early_stopping.patience` without
-    a better validation score (as train/run.py), keep the best; returns the history."""
+    a better validation score (as train/run.py), keep the best; returns the history. With
+    `score_start` (a stage built on a trained one) the untrained model is a candidate too, as
+    "epoch 0", outside the history (train/loop.py)."""
     opts = config["train"]
     optimizer = build_optimizer(model, opts)
     l2 = opts["embedding_l2"] if model.embedding_tables() else 0.0
@@ -193,6 +196,10 @@ def train_stage(
     patience = opts["early_stopping"]["patience"]
     history: list[dict[str, Any]] = []
     best_state, best = None, None
+    if score_start:
+        best = {"epoch": 0, **{k: metrics(model, b, user_key) for k, b in eval_sets.items()}}
+        best_state = copy.deepcopy(model.state_dict())
+        print(f"[{name}] before epoch 1: valid {best['valid']}", flush=True)
     step = 0
     for epoch in range(1, opts["epochs"] + 1):
         started = time.perf_counter()
@@ -243,7 +250,9 @@ def run_seed(
         # validation rows, as train/stage.py does.
         scored = source if stage.entities == "source" else target
         eval_sets = {"valid": samples.rows(scored, "valid"), "test": samples.rows(scored, "test")}
-        result[stage.name] = train_stage(model, parts, eval_sets, config, seed, stage.name)
+        result[stage.name] = train_stage(
+            model, parts, eval_sets, config, seed, stage.name, score_start=pretrained is not None
+        )
         result[stage.name]["train_rows"] = {e: rows_of(b) for e, b in parts.items()}
         result[stage.name]["scored_entity"] = scored
         trained[stage.name] = model

@@ -78,7 +78,11 @@ def test_mkt_stages_are_deterministic_and_recorded(runs):
             h["valid"] for h in again[stage]["history"]
         ]
         assert len(first[stage]["history"]) == 2
-        assert 1 <= first[stage]["best_epoch"] <= 2
+    assert 1 <= first["mem"]["best_epoch"] <= 2
+    # The TEM starts from its MEM's logit, so its start ("epoch 0") is a candidate too: it
+    # never ends below its MEM on validation.
+    assert 0 <= first["tem"]["best_epoch"] <= 2
+    assert first["tem"]["best"]["valid"]["auc"] >= first["mem"]["best"]["valid"]["auc"]
     assert set(first["mem"]["train_rows"]) == {"video", "article"}
     assert set(first["tem"]["train_rows"]) == {"article"}
     # MEM and TEM split the target train rows by train.tem_holdout.
@@ -116,7 +120,8 @@ def test_each_stage_trains_and_is_chosen_on_its_own_rows(runs):
     mem = np.load(runs["mkt"] / "stages" / "mem" / "seed0.npz")
     tem = np.load(runs["mkt"] / "seed0.npz")
     np.testing.assert_array_equal(mem["labels"], tem["labels"])
-    assert not np.array_equal(mem["scores"], tem["scores"])
+    # A TEM that kept its start scores as its MEM (it starts from the MEM's logit).
+    assert np.array_equal(mem["scores"], tem["scores"]) == (mkt["tem"]["best_epoch"] == 0)
     assert mkt["mem"]["best"]["test"]["auc"] == pytest.approx(
         roc_auc_score(mem["labels"], mem["scores"])
     )
@@ -202,3 +207,46 @@ def test_tables_in_memory_score_and_evaluate_as_the_runner(generated_samples, ru
     table = {row["key"]: row for row in summary["table2"]}
     assert table["mkt"]["auc_mean"] == pytest.approx(test["model"]["auc"])
     assert [row["key"] for row in summary["gains"]] == ["wo_mem"]
+
+
+def test_a_stage_built_on_a_trained_one_keeps_its_start(generated_samples):
+    """A TEM trained to invert the labels of the rows it is validated on gets worse every
+    epoch: with `score_start` early stopping keeps the untrained TEM (epoch 0, its MEM's
+    prediction), without it the least bad epoch."""
+    import torch
+
+    from jobs.in_memory import metrics, train_stage
+    from mkt.models import build_model
+    from train.checks import resolved_config
+    from train.config import load_run_config
+
+    schema = load_samples_dir(generated_samples)
+    samples = Samples(generated_samples, schema)
+    overrides = ["train.epochs=2", "train.lr=0.01", "train.early_stopping.metric=auc"]
+    config = resolved_config(load_run_config(None, overrides))
+    config["schema_user_key"] = schema.columns["user_key"]
+    valid = samples.rows(schema.target_entity, "valid")
+    inverted = {**valid, "label": 1.0 - valid["label"]}
+    user_key = config["schema_user_key"]
+    kept = {}
+    for score_start in (True, False):
+        torch.manual_seed(0)
+        mem = build_model("mem", schema, {})
+        start = metrics(mem, valid, user_key)
+        tem = build_model("tem", schema, {}, pretrained=mem)
+        result = train_stage(
+            tem,
+            {schema.target_entity: inverted},
+            {"valid": valid},
+            config,
+            0,
+            "tem",
+            score_start=score_start,
+        )
+        kept[score_start] = (result, start, metrics(tem, valid, user_key))
+    result, start, final = kept[True]
+    assert result["best_epoch"] == 0 and len(result["history"]) == 2
+    assert result["best"]["valid"] == final
+    assert final == pytest.approx(start)
+    result, start, final = kept[False]
+    assert result["best_epoch"] >= 1 and final["auc"] < start["auc"]

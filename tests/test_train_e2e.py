@@ -83,6 +83,10 @@ def test_generated_data_through_spark_and_both_stages(
             rf"\[{stage}\] epoch 1/2: \d+ rows, [\d,]+ rows/s, loss [\d.]+, valid auc [\d.]+",
             output,
         ), stage
+    # A stage built on a trained one is scored before its first epoch, a candidate for early
+    # stopping (train/loop.py); the first stage is not.
+    assert re.search(r"\[tem\] before epoch 1: valid auc [\d.]+ gauc [\d.]+", output)
+    assert "[mem] before epoch 1" not in output
     # TensorBoard (written by the first worker) holds each epoch's validation AUC and loss.
     events = list((run_dir / "tensorboard" / "tem").glob("events.out.tfevents.*"))
     assert len(events) == 1

@@ -99,10 +99,11 @@ def test_bad_sweep_configs_name_the_key(overrides: list[str], message: str) -> N
 def test_scheduler_horizon_covers_every_trial() -> None:
     """ASHA's max_t must not stop a trial before its last report, whatever epochs it draws."""
     swept = ["run.train.epochs=2", "search_space={train.epochs: {grid: [1, 5]}}"]
-    assert max_reports(load_sweep_config(None, swept)) == 2 * 5 + 1  # MEM + TEM epochs, + 1
-    load_sweep_config(None, [*swept, "scheduler.grace_period=11"])
+    # MEM and TEM epochs, the TEM's start, the pipeline's score
+    assert max_reports(load_sweep_config(None, swept)) == 2 * 5 + 1 + 1
+    load_sweep_config(None, [*swept, "scheduler.grace_period=12"])
     with pytest.raises(ConfigError, match=r"scheduler\.grace_period"):
-        load_sweep_config(None, [*swept, "scheduler.grace_period=12"])
+        load_sweep_config(None, [*swept, "scheduler.grace_period=13"])
 
 
 def test_stage1_key_is_what_mem_depends_on() -> None:

@@ -131,6 +131,34 @@ def _train_stage(config: dict[str, Any]) -> None:
     if opts["embedding_l2"] > 0 and model.embedding_tables():
         _count_embedding_rows(model, train_batches(0), config["stage"], rank, world)
 
+    def validate() -> tuple[dict[str, float], float]:
+        labels, probs, users = _predict(
+            model,
+            valid_shard.iter_torch_batches(
+                batch_size=opts["eval_batch_size"], collate_fn=collate_valid, device=device
+            ),
+            schema.columns["user_key"],
+        )
+        valid = _valid_metrics(labels, probs, users, world)
+        metric = valid[f"valid_{opts['early_stopping']['metric']}"]
+        return valid, (metric if math.isfinite(metric) else -1.0)
+
+    if config["score_start"] and checkpoint is None:
+        # A stage built on a trained one (a TEM on its MEM, a fine-tuning on its pre-training)
+        # is a candidate before its first step: early stopping keeps it when no epoch beats
+        # it, so the stage never ends below where it started on validation. Reported (for the
+        # checkpoint) but not an epoch of the history.
+        valid, score = validate()
+        state.best_score = score
+        if rank == 0:
+            log.info(
+                "[%s] before epoch 1: valid auc %.4f gauc %.4f",
+                config["stage"],
+                valid["valid_auc"],
+                valid["valid_gauc"],
+            )
+        _report({"epoch": 0, **valid, SCORE: score}, model, optimizer, state, rank)
+
     board = _tensorboard(config["tensorboard_dir"], rank)
     while state.epochs_done < opts["epochs"] and not state.stopped_early:
         epoch = state.epochs_done + 1
@@ -141,16 +169,7 @@ def _train_stage(config: dict[str, Any]) -> None:
         )
         state.global_step += int(train_stats.pop("steps"))
         _check_finite_weights(model, config["stage"], epoch, state.global_step)
-        labels, probs, users = _predict(
-            model,
-            valid_shard.iter_torch_batches(
-                batch_size=opts["eval_batch_size"], collate_fn=collate_valid, device=device
-            ),
-            schema.columns["user_key"],
-        )
-        valid = _valid_metrics(labels, probs, users, world)
-        metric = valid[f"valid_{opts['early_stopping']['metric']}"]
-        score = metric if math.isfinite(metric) else -1.0
+        valid, score = validate()
         state.epochs_done = epoch
         if score > state.best_score:
             state.best_score, state.best_epoch = score, epoch

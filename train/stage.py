@@ -74,6 +74,8 @@ def worker_config(
         "chain": [link.to_dict() for link in chain],
         "train": config["train"],
         "seed": config["seed"],
+        # Scored before its first epoch (train.loop): a stage that starts from a trained one.
+        "score_start": len(chain) > 1,
         "torch_threads": config["scaling"]["torch_threads"],
         "fault": {
             **config["fault"],

@@ -88,15 +88,17 @@ def load_sweep_config(
 
 
 def max_reports(sweep: Mapping[str, Any]) -> int:
-    """The most reports a trial can make: one per epoch of every stage, then the pipeline's
-    (with the most stages and epochs any search-space value gives `model` or `train.epochs`)."""
+    """The most reports a trial can make: one per epoch of every stage, one before the first
+    epoch of every stage after the first (train.loop scores a stage's start), then the
+    pipeline's (with the most stages and epochs any search-space value gives `model` or
+    `train.epochs`)."""
     configs = [sweep["run"]] + [
         trial_run_config(sweep["run"], {key: value}, sweep["metric"])
         for key, spec in sweep["search_space"].items()
         for value in _values_to_check(key, spec)
     ]
     stages = max(len(pipeline(c["model"])) for c in configs)
-    return stages * max(c["train"]["epochs"] for c in configs) + 1
+    return stages * max(c["train"]["epochs"] for c in configs) + (stages - 1) + 1
 
 
 def check_sweep(sweep: Mapping[str, Any]) -> None:
@@ -140,8 +142,8 @@ def check_sweep(sweep: Mapping[str, Any]) -> None:
     if scheduler["grace_period"] > max_reports(sweep):
         raise ConfigError(
             f"scheduler.grace_period: {scheduler['grace_period']} is more than the "
-            f"{max_reports(sweep)} reports a trial makes (an epoch of each stage, then the "
-            "pipeline's score)"
+            f"{max_reports(sweep)} reports a trial makes (an epoch of each stage, a later "
+            "stage's start, then the pipeline's score)"
         )
 
 
