@@ -36,6 +36,7 @@ DOCUMENTED = [
     rf"{STAGE} start: \w+, (?:\d+ \w+, )*\d+ \w+ train rows, \d+ worker\(s\) x [\d.]+ CPU"
     r"(?: \+ 1 GPU)?, up to \d+ epochs",
     rf"{STAGE} embedding rows counted for the L2 in \d+ s \(\d+ tables\)",
+    rf"{STAGE} before epoch 1: valid auc [\d.na/]+ gauc [\d.na/]+",
     rf"{STAGE} epoch \d+ step \d+: ~\d+ rows, ~\d+ rows/s, loss [\d.]+",
     rf"{STAGE} epoch \d+/\d+: \d+ rows, [\d,]+ rows/s, loss [\d.]+, valid auc [\d.na/]+ gauc "
     r"[\d.na/]+, best epoch \d+(?: \(early stop\))?",
@@ -87,6 +88,11 @@ def test_console_holds_only_the_documented_lines(run: dict) -> None:
     for stage in ("mem", "tem"):
         assert len(re.findall(rf"\[{stage}\] start: ", text)) == 1, stage
         assert len(re.findall(rf"\[{stage}\] epoch \d/2: ", text)) == 2, stage
+    # The TEM, built on the trained MEM, is scored once before its first epoch; the MEM is not.
+    assert [re.findall(rf"\[{s}\] before epoch 1: ", text) for s in ("mem", "tem")] == [
+        [],
+        ["[tem] before epoch 1: "],
+    ]
     assert re.search(r"\[mem\] epoch 1 step 8: ", text)
     assert "[eval] scoring the article test rows with tem's best checkpoint" in text
     assert out[-6].startswith("[run] mkt done in ")

@@ -86,7 +86,7 @@ def test_sweep_config_layers(tmp_path: Path) -> None:
         (["search_space={params.mem.gamma: {loguniform: [0, 1]}}"], "low must be > 0"),
         (["search_space={params.mem.d_hfa: {grid: [16, 'wide']}}"], "d_hfa"),
         (["metric=logloss"], "metric"),
-        (["run.train.epochs=1", "scheduler.grace_period=4"], "scheduler.grace_period"),
+        (["run.train.epochs=1", "scheduler.grace_period=5"], "scheduler.grace_period"),
         (["max_concurrent_trials=0"], "max_concurrent_trials"),
         (["num_samples=2"], "num_samples: 2 repeats of a grid-only search space"),
     ],
