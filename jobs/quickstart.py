@@ -45,7 +45,7 @@ RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 # positives) the AUC of one run moves by about +-0.02 from noise alone, as much as the
 # transfer gain itself (docs/training.md, "The quick start").
 DEFAULT_USERS = 24000
-PROGRESS_MARKS = ("[etl]", "] epoch ", "resuming after", "fault drill", "error")
+PROGRESS_MARKS = ("[etl]", "] epoch ", "] before epoch ", "resuming after", "fault drill", "error")
 RUNS = {
     "mkt": "TEM with MEM (MKT)",
     "tem_only": "TEM alone",
