@@ -25,18 +25,17 @@ import time
 from functools import reduce
 from pathlib import Path
 
+from pyspark import StorageLevel
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from etl.build_samples import CACHE_COMPRESSION, OFF_HEAP_SIZE
+from etl.config import load_config
+from etl.raw_lines import _numbered_lines, _parse_lines, _read_header, _union
+from etl.split import _split_rows
+from etl.storage import HadoopFs
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from pyspark import StorageLevel  # noqa: E402
-from pyspark.sql import SparkSession  # noqa: E402
-from pyspark.sql import functions as F  # noqa: E402
-
-from etl.build_samples import CACHE_COMPRESSION, OFF_HEAP_SIZE  # noqa: E402
-from etl.config import load_config  # noqa: E402
-from etl.raw_lines import _numbered_lines, _parse_lines, _read_header, _union  # noqa: E402
-from etl.split import _split_rows  # noqa: E402
-from etl.storage import HadoopFs  # noqa: E402
 
 
 def busy_cpu_s() -> float:
