@@ -43,7 +43,7 @@ from deltalake import DeltaTable
 from mkt.features import Batch
 from mkt.metrics import auc, gauc, paired_bootstrap
 from mkt.models import build_model
-from mkt.models.base import CTRModel
+from mkt.models.base import CTRModel, choose_start, start_note
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, load_samples_dir, samples_table
 from train.checks import resolved_config
@@ -182,8 +182,8 @@ def train_stage(
 ) -> dict[str, Any]:
     """Train at most `train.epochs` epochs, stop after `train.early_stopping.patience` without
     a better validation score (as train/run.py), keep the best; returns the history. With
-    `score_start` (a stage built on a trained one) the untrained model is a candidate too, as
-    "epoch 0", outside the history (train/loop.py)."""
+    `score_start` (a stage built on trained ones) the untrained model is a candidate too, as
+    "epoch 0", outside the history, from the best of its starts (train/loop.py)."""
     opts = config["train"]
     optimizer = build_optimizer(model, opts)
     l2 = opts["embedding_l2"] if model.embedding_tables() else 0.0
@@ -195,11 +195,16 @@ def train_stage(
     user_key, metric = config["schema_user_key"], opts["early_stopping"]["metric"]
     patience = opts["early_stopping"]["patience"]
     history: list[dict[str, Any]] = []
-    best_state, best = None, None
+    best_state, best, start = None, None, None
     if score_start:
-        best = {"epoch": 0, **{k: metrics(model, b, user_key) for k, b in eval_sets.items()}}
-        best_state = copy.deepcopy(model.state_dict())
-        print(f"[{name}] before epoch 1: valid {best['valid']}", flush=True)
+        start, starts = choose_start(
+            model,
+            lambda: {"epoch": 0, **{k: metrics(model, b, user_key) for k, b in eval_sets.items()}},
+            lambda scored: scored["valid"][metric],
+        )
+        best, best_state = starts[start], copy.deepcopy(model.state_dict())
+        note = start_note(start, {k: v["valid"]["auc"] for k, v in starts.items()})
+        print(f"[{name}] before epoch 1: valid {best['valid']}{note}", flush=True)
     step = 0
     for epoch in range(1, opts["epochs"] + 1):
         started = time.perf_counter()
@@ -222,7 +227,7 @@ def train_stage(
         elif epoch - best["epoch"] >= patience:
             break
     model.load_state_dict(best_state)
-    return {"best_epoch": best["epoch"], "best": best, "history": history}
+    return {"best_epoch": best["epoch"], "best": best, "history": history, "start": start}
 
 
 def run_seed(
@@ -237,7 +242,7 @@ def run_seed(
     for stage in pipeline(config["model"]):
         torch.manual_seed(seed + len(trained))
         params = config["params"].get(stage.name, {})
-        pretrained = trained.get(stage.pretrained_from) if stage.pretrained_from else None
+        pretrained = tuple(trained[name] for name in stage.built_on)
         model = build_model(stage.model, schema, params, pretrained=pretrained)
         entities = stage_entities(schema, stage.entities)
         if stage.entities == "both" and mem_rows == "target":
@@ -251,7 +256,7 @@ def run_seed(
         scored = source if stage.entities == "source" else target
         eval_sets = {"valid": samples.rows(scored, "valid"), "test": samples.rows(scored, "test")}
         result[stage.name] = train_stage(
-            model, parts, eval_sets, config, seed, stage.name, score_start=pretrained is not None
+            model, parts, eval_sets, config, seed, stage.name, score_start=bool(pretrained)
         )
         result[stage.name]["train_rows"] = {e: rows_of(b) for e, b in parts.items()}
         result[stage.name]["scored_entity"] = scored

@@ -1,7 +1,9 @@
 """Training recipes: which models are trained, in which order, on which entity's rows.
 
-MKT is two stages (section 3): MEM on mixed source + target rows, then TEM on target rows
-with the stage-1 MEM plugged in and frozen. Single-stage models are one-stage pipelines.
+MKT is MEM on mixed source + target rows, then TEM on target rows with the MEM plugged in and
+frozen (section 3); between them, the target's own model (TEM alone) on the MEM's target rows,
+which the TEM weighs against the MEM (docs/model.md, TEM choice 5). Single-stage models are
+one-stage pipelines.
 The trainer runs a pipeline stage by stage and never needs to know a model's internals.
 """
 
@@ -11,13 +13,22 @@ import mkt.models  # noqa: F401  (registers every model and the baselines' own p
 from mkt.contract import ConfigError
 from mkt.registry import MODELS, PIPELINES, Stage, register_pipeline
 
-# The paper's MKT (sections 3.2-3.3).
+# MKT (sections 3.2-3.3). The TEM learns, on target rows neither earlier stage fitted, how far
+# to trust the MEM against a model of the target's rows alone: where the source carries
+# nothing for the target, that is how the TEM shuts the MEM out (docs/model.md, TEM choice 5).
+_MEM = Stage("mem", "mem", "both", target_rows="pretrain")
 register_pipeline(
     "mkt",
     (
-        Stage("mem", "mem", "both", target_rows="pretrain"),
-        Stage("tem", "tem", "target", pretrained_from="mem", target_rows="holdout"),
+        _MEM,
+        Stage("tem_alone", "tem", "target", target_rows="pretrain"),
+        Stage("tem", "tem", "target", pretrained_from=("mem", "tem_alone"), target_rows="holdout"),
     ),
+)
+# The paper's two stages: the TEM on the MEM alone.
+register_pipeline(
+    "mkt_two_stage",
+    (_MEM, Stage("tem", "tem", "target", pretrained_from="mem", target_rows="holdout")),
 )
 # Ablations (Table 4): w/o MEM is TEM alone; w/o TEM is the MEM alone, its target tower. With
 # no TEM to hold rows out for, it trains on every target train row, as the paper's MEM does

@@ -1,9 +1,10 @@
 """Names of models and training pipelines. Model files register into this module; it imports
 no model, so no module registers into one that imports it back.
 
-A pipeline says which models are trained, in which order, on which entity's rows. MKT is two
-stages (section 3): MEM on mixed source + target rows, then TEM on target rows with the
-stage-1 MEM plugged in and frozen. A model alone is a one-stage pipeline.
+A pipeline says which models are trained, in which order, on which entity's rows. MKT is
+MEM on mixed source + target rows, then TEM on target rows with the MEM plugged in and frozen
+(section 3), with the target's own model trained in between (docs/model.md, TEM choice 5).
+A model alone is a one-stage pipeline.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class Stage:
     name: str  # stage name, also the key of its params in the run config
     model: str  # registry name of the model
     entities: str  # rows the stage trains on: "target", "source" or "both"
-    pretrained_from: str | None = None  # earlier stage whose model is passed as `pretrained`
+    # The earlier stage whose trained model is passed as `pretrained`, or several (a tuple,
+    # passed in this order): MKT's TEM takes its MEM and the target's own model.
+    pretrained_from: str | tuple[str, ...] | None = None
     # Which of the target entity's train rows: "all"; "pretrain", all but the share the run
     # config holds out for the second stage (`train.tem_holdout`); "holdout", that share only.
     # MKT's TEM learns how far to trust the frozen MEM's knowledge on rows the MEM never
@@ -33,6 +36,15 @@ class Stage:
     def __post_init__(self) -> None:
         if self.target_rows not in TARGET_ROWS:
             raise ValueError(f"stage {self.name!r}: target_rows must be one of {TARGET_ROWS}")
+
+    @property
+    def built_on(self) -> tuple[str, ...]:
+        """The earlier stages this one's model is built on, in the order it takes them."""
+        if self.pretrained_from is None:
+            return ()
+        if isinstance(self.pretrained_from, str):
+            return (self.pretrained_from,)
+        return self.pretrained_from
 
 
 MODELS: dict[str, type[CTRModel]] = {}

@@ -29,14 +29,15 @@ COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # Ray's prefix on a worker's lines, and its suffix on lines several workers printed alike.
 PREFIX = r"(?:\(\S+ pid=\d+(?:, ip=[\d.]+)?\) )?"
 SUFFIX = r"(?: \[repeated \d+x across cluster\])?"
-STAGE = r"\[(?:mem|tem)\]"
+STAGE = r"\[(?:mem|tem_alone|tem)\]"
 # The lines of docs/training.md, "Console output", in the order a run prints them.
 DOCUMENTED = [
     r"\[run\] \S+: \S+(?: then \S+)*, on \S+, into \S+",
     rf"{STAGE} start: \w+, (?:\d+ \w+, )*\d+ \w+ train rows, \d+ worker\(s\) x [\d.]+ CPU"
     r"(?: \+ 1 GPU)?, up to \d+ epochs",
     rf"{STAGE} embedding rows counted for the L2 in \d+ s \(\d+ tables\)",
-    rf"{STAGE} before epoch 1: valid auc [\d.na/]+ gauc [\d.na/]+",
+    rf"{STAGE} before epoch 1: valid auc [\d.na/]+ gauc [\d.na/]+"
+    r"(?: \(start: \w+; valid auc of each start: \w+ [\d.na/]+(?:, \w+ [\d.na/]+)+\))?",
     rf"{STAGE} epoch \d+ step \d+: ~\d+ rows, ~\d+ rows/s, loss [\d.]+",
     rf"{STAGE} epoch \d+/\d+: \d+ rows, [\d,]+ rows/s, loss [\d.]+, valid auc [\d.na/]+ gauc "
     r"[\d.na/]+, best epoch \d+(?: \(early stop\))?",
@@ -85,11 +86,14 @@ def test_console_holds_only_the_documented_lines(run: dict) -> None:
     # What must be there: a start line and one line per epoch of each stage, progress lines,
     # the evaluation, and the test table at the end.
     text = "\n".join(out + err)
-    for stage in ("mem", "tem"):
+    stages = ("mem", "tem_alone", "tem")
+    for stage in stages:
         assert len(re.findall(rf"\[{stage}\] start: ", text)) == 1, stage
         assert len(re.findall(rf"\[{stage}\] epoch \d/2: ", text)) == 2, stage
-    # The TEM, built on the trained MEM, is scored once before its first epoch; the MEM is not.
-    assert [re.findall(rf"\[{s}\] before epoch 1: ", text) for s in ("mem", "tem")] == [
+    # The TEM, built on the trained MEM and TEM alone, is scored once before its first epoch
+    # (one line for its starts); the others are not.
+    assert [re.findall(rf"\[{s}\] before epoch 1: ", text) for s in stages] == [
+        [],
         [],
         ["[tem] before epoch 1: "],
     ]
@@ -137,7 +141,7 @@ def test_mlflow_holds_the_run_and_both_stages(
 
     # Each stage: a run nested under the run, with its model parameters and every epoch.
     stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get(PARENT_TAG)}
-    assert set(stages) == {"mem", "tem"} and len(runs) == 3
+    assert set(stages) == {"mem", "tem_alone", "tem"} and len(runs) == 4
     for summary in metrics["stages"]:
         stage = stages[summary["name"]]
         assert stage.data.tags[PARENT_TAG] == top.info.run_id

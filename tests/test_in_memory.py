@@ -73,19 +73,22 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_mkt_stages_are_deterministic_and_recorded(runs):
     first = json.loads((runs["mkt"] / "seed0.json").read_text())
     again = json.loads((runs["again"] / "seed0.json").read_text())
-    for stage in ("mem", "tem"):
+    for stage in ("mem", "tem_alone", "tem"):
         assert [h["valid"] for h in first[stage]["history"]] == [
             h["valid"] for h in again[stage]["history"]
         ]
         assert len(first[stage]["history"]) == 2
-    assert 1 <= first["mem"]["best_epoch"] <= 2
-    # The TEM starts from its MEM's logit, so its start ("epoch 0") is a candidate too: it
-    # never ends below its MEM on validation.
+    assert 1 <= first["mem"]["best_epoch"] <= 2 and 1 <= first["tem_alone"]["best_epoch"] <= 2
+    # The TEM starts from its MEM's logit, TEM alone's or their mean, whichever validates
+    # best, and that start ("epoch 0") is a candidate too: it never ends below either.
+    assert first["tem"]["start"] in ("mean", "mem", "tem_alone")
     assert 0 <= first["tem"]["best_epoch"] <= 2
-    assert first["tem"]["best"]["valid"]["auc"] >= first["mem"]["best"]["valid"]["auc"]
+    for earlier in ("mem", "tem_alone"):
+        assert first["tem"]["best"]["valid"]["auc"] >= first[earlier]["best"]["valid"]["auc"]
     assert set(first["mem"]["train_rows"]) == {"video", "article"}
     assert set(first["tem"]["train_rows"]) == {"article"}
-    # MEM and TEM split the target train rows by train.tem_holdout.
+    # MEM and TEM split the target train rows by train.tem_holdout; TEM alone has the MEM's.
+    assert first["tem_alone"]["train_rows"] == {"article": first["mem"]["train_rows"]["article"]}
     held = first["tem"]["train_rows"]["article"]
     pretrain = first["mem"]["train_rows"]["article"]
     share = first["config"]["train"]["tem_holdout"]
@@ -120,8 +123,9 @@ def test_each_stage_trains_and_is_chosen_on_its_own_rows(runs):
     mem = np.load(runs["mkt"] / "stages" / "mem" / "seed0.npz")
     tem = np.load(runs["mkt"] / "seed0.npz")
     np.testing.assert_array_equal(mem["labels"], tem["labels"])
-    # A TEM that kept its start scores as its MEM (it starts from the MEM's logit).
-    assert np.array_equal(mem["scores"], tem["scores"]) == (mkt["tem"]["best_epoch"] == 0)
+    # A TEM that kept its start from the MEM scores as its MEM (its own terms start at 0).
+    kept_mem = mkt["tem"]["best_epoch"] == 0 and mkt["tem"]["start"] == "mem"
+    assert np.array_equal(mem["scores"], tem["scores"]) == kept_mem
     assert mkt["mem"]["best"]["test"]["auc"] == pytest.approx(
         roc_auc_score(mem["labels"], mem["scores"])
     )

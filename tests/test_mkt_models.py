@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 
 from mkt.features import select_rows
 from mkt.models import ConfigError, build_model
+from mkt.models.base import choose_start
 from mkt.models.mem import MEM
 from mkt.models.tem import TEM
 from mkt.pipelines import pipeline
@@ -404,6 +405,56 @@ def test_tem_from_mem_logit_starts_at_the_mem_and_learns_a_correction(schema, de
     serving = tem.serving_module().eval()
     with torch.no_grad():
         assert torch.allclose(serving(t), tem(t)["logit"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tem_weighs_its_mem_against_tem_alone(schema, device):
+    """MKT's TEM on (MEM, TEM alone), TEM choice 5: it starts from the mean of their logits,
+    or from either one, whichever `choose_start` scores best; the weights are then learnt and
+    both models stay frozen."""
+    mem = mem_model(schema, seed=3).to(device).eval()
+    torch.manual_seed(5)
+    alone = TEM(schema).to(device)
+    train_steps(alone, torch.optim.Adam(alone.parameters(), lr=0.01), schema, device, 5, 128)
+    alone.eval()
+    torch.manual_seed(6)
+    tem = TEM(schema, pretrained=(mem, alone)).to(device)
+    t = target_rows(schema, on(toy_batch(schema, 256, seed=11), device))
+    with torch.no_grad():
+        logits = {"mem": mem(t)["logit"], "tem_alone": alone(t)["logit"]}
+        logits["mean"] = (logits["mem"] + logits["tem_alone"]) / 2
+        assert tem.start_options() == ("mean", "mem", "tem_alone")
+        for start, expected in logits.items():
+            tem.use_start(start)
+            assert torch.allclose(tem.eval()(t)["logit"], expected, atol=1e-5), start
+
+        # The start that scores best is kept: here, the one closest to TEM alone's logit.
+        def closeness():
+            return -float((tem(t)["logit"] - logits["tem_alone"]).abs().max())
+
+        start, scored = choose_start(tem, closeness, lambda score: score)
+    assert start == "tem_alone" and set(scored) == set(logits)
+    assert torch.allclose(tem(t)["logit"], logits["tem_alone"], atol=1e-5)
+    with pytest.raises(ValueError, match="no start 'best'"):
+        tem.use_start("best")
+
+    def state():
+        return {(m, k): v.clone() for m in (mem, alone) for k, v in m.state_dict().items()}
+
+    frozen = state()
+    weights = tem.start_weights.detach().clone()
+    tem.train()
+    assert not alone.training and not mem.training
+    train_steps(tem, torch.optim.Adam(trainable(tem), lr=0.01), schema, device, steps=5, rows=256)
+    assert not torch.equal(tem.start_weights.detach(), weights)  # learnt
+    assert all(torch.equal(frozen[k], v) for k, v in state().items())
+    # A TEM alone with a MEM of its own, or the models in the other order, is refused.
+    with pytest.raises(ConfigError, match="a MEM and a TEM alone"):
+        TEM(schema, pretrained=(alone, mem))
+    with pytest.raises(ConfigError, match="a MEM and a TEM alone"):
+        TEM(schema, pretrained=(mem, TEM(schema, pretrained=mem)))
+    # On a MEM alone (the paper's two stages) there is one start, the MEM's logit as it is.
+    assert TEM(schema, pretrained=mem).start_options() == ("as built",)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -188,23 +188,26 @@ class Trained:
     artifact: Artifact
 
 
-def write_run_dir(run_dir: Path, samples_dir: Path, models: dict[str, torch.nn.Module]) -> None:
+def write_run_dir(
+    run_dir: Path, samples_dir: Path, models: dict[str, tuple[str, torch.nn.Module]]
+) -> None:
     """What export reads from a RUN_DIR of train/run.py: config.yaml (the runner's own
-    loader and writer), metrics.json's stages, and checkpoints (the runner's writer)."""
+    loader and writer), metrics.json's stages (name: (model, trained module)), and
+    checkpoints (the runner's writer)."""
     config = load_run_config(None, ["model=mkt"])
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(
         dump({"invocation": {"samples": str(samples_dir), "oracle": None}, **config})
     )
     stages = []
-    for name, model in models.items():
+    for name, (model_name, model) in models.items():
         checkpoint = run_dir / "checkpoints" / name / "checkpoint_000001"
         checkpoint.mkdir(parents=True)
         # A MEM under a TEM is frozen; the optimizer is only there to be saved.
         optimizer = torch.optim.Adam(model.parameters())
         save_checkpoint(checkpoint, model, optimizer, TrainState(epochs_done=1))
         stages.append(
-            {"name": name, "model": name, "params": {}, "best_checkpoint": str(checkpoint)}
+            {"name": name, "model": model_name, "params": {}, "best_checkpoint": str(checkpoint)}
         )
     metrics = {"model": "mkt", "stages": stages, "test": {"model": {"rows": 0, "auc": 0.5}}}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -219,10 +222,14 @@ def trained(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     torch.manual_seed(1)
     mem = MEM(schema)
     _fit(mem, schema, train_rows)
-    tem = TEM(schema, pretrained=mem)
-    _fit(tem, schema, train_rows[train_rows["entity"] == schema.target_entity])
+    target_rows = train_rows[train_rows["entity"] == schema.target_entity]
+    alone = TEM(schema)
+    _fit(alone, schema, target_rows)
+    tem = TEM(schema, pretrained=(mem, alone))
+    _fit(tem, schema, target_rows)
     run_dir = tmp_path_factory.mktemp("serving_run") / "run-7"
-    write_run_dir(run_dir, built.out, {"mem": mem, "tem": tem})
+    models = {"mem": ("mem", mem), "tem_alone": ("tem", alone), "tem": ("tem", tem)}
+    write_run_dir(run_dir, built.out, models)
     artifact_dir = run_dir.parent / "artifact"
     assert export_main(["--run", str(run_dir), "--output", str(artifact_dir)]) == 0
     return Trained(mem, tem, run_dir, artifact_dir, Artifact.load(artifact_dir))
@@ -597,7 +604,7 @@ def test_export_stamps_the_run_and_rejects_an_unfinished_one(
 
     run = trained.artifact.manifest["run"]
     assert run["run_id"].startswith("run-7-")
-    assert run["pipeline"] == "mkt" and [s["model"] for s in run["stages"]] == ["mem", "tem"]
+    assert run["pipeline"] == "mkt" and [s["model"] for s in run["stages"]] == ["mem", "tem", "tem"]
     assert len(run["config_sha256"]) == 64 and len(run["schema_sha256"]) == 64
     # The code's commit: HEAD of this checkout, or null outside a git checkout.
     head = subprocess.run(

@@ -50,9 +50,9 @@ def test_generated_data_through_spark_and_both_stages(
     assert "| mkt |" in done.stdout  # the summary table is printed
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert [s["name"] for s in metrics["stages"]] == ["mem", "tem"]
-    mem, tem = metrics["stages"]
-    assert mem["epochs_run"] >= 1 and tem["epochs_run"] >= 1
+    assert [s["name"] for s in metrics["stages"]] == ["mem", "tem_alone", "tem"]
+    mem, alone, tem = metrics["stages"]
+    assert mem["epochs_run"] >= 1 and alone["epochs_run"] >= 1 and tem["epochs_run"] >= 1
     assert metrics["num_workers"] == 2 and metrics["ray_nodes"] == ["127.0.0.1"]
     # Results say which test histories they were scored with (docs/etl.md).
     assert (metrics["history_mode"], metrics["seq_len"]) == ("frozen", 20)
@@ -69,24 +69,34 @@ def test_generated_data_through_spark_and_both_stages(
     assert config["params"]["mem"]["gamma"] == 0.01 == mem["params"]["gamma"]
     assert config["params"]["tem"]["embeddings"] == tem["params"]["embeddings"] == "frozen_mem"
     assert metrics["train"]["embedding_l2"] == config["train"]["embedding_l2"] == 0
-    # The TEM trained on the held-out share of the target train rows, the MEM on the rest.
+    # The TEM trained on the held-out share of the target train rows, the MEM and TEM alone on
+    # the rest.
     counts = json.loads((out / "feature_schema.json").read_text())["counts"]
     share = config["train"]["tem_holdout"]
     tem_rows = tem["history"][0]["train_rows"]
     assert tem_rows == pytest.approx(share * counts["article"]["train"], rel=0.15)
     mem_rows = mem["history"][0]["train_rows"] - counts[VIDEO]["train"]
     assert mem_rows == pytest.approx((1 - share) * counts["article"]["train"], rel=0.15)
+    assert alone["history"][0]["train_rows"] == mem_rows
     # Progress while it runs: one line per epoch with rows, rows/s, loss and validation metric.
     output = done.stdout + done.stderr
-    for stage in ("mem", "tem"):
+    for stage in ("mem", "tem_alone", "tem"):
         assert re.search(
             rf"\[{stage}\] epoch 1/2: \d+ rows, [\d,]+ rows/s, loss [\d.]+, valid auc [\d.]+",
             output,
         ), stage
-    # A stage built on a trained one is scored before its first epoch, a candidate for early
-    # stopping (train/loop.py); the first stage is not.
-    assert re.search(r"\[tem\] before epoch 1: valid auc [\d.]+ gauc [\d.]+", output)
-    assert "[mem] before epoch 1" not in output
+    # A stage built on trained ones is scored before its first epoch from each of its starts,
+    # the best a candidate for early stopping (train/loop.py); the others are not.
+    start = re.search(
+        r"\[tem\] before epoch 1: valid auc ([\d.]+) gauc [\d.]+ \(start: (\w+); valid auc of "
+        r"each start: mean ([\d.]+), mem ([\d.]+), tem_alone ([\d.]+)\)",
+        output,
+    )
+    assert start, output[-3000:]
+    each = dict(zip(("mean", "mem", "tem_alone"), map(float, start.groups()[2:]), strict=True))
+    assert float(start[1]) == max(each.values()) == each[start[2]]
+    assert (mem["start"], alone["start"], tem["start"]) == (None, None, start[2])  # recorded
+    assert "[mem] before epoch 1" not in output and "[tem_alone] before epoch 1" not in output
     # TensorBoard (written by the first worker) holds each epoch's validation AUC and loss.
     events = list((run_dir / "tensorboard" / "tem").glob("events.out.tfevents.*"))
     assert len(events) == 1
@@ -109,7 +119,16 @@ def test_generated_data_through_spark_and_both_stages(
     # TEM reads the frozen MEM's tables: none of its own to train, so one Adam.
     assert "param_groups" in optimizer_state(tem)
     mem_weights = load_file(str(Path(mem["best_checkpoint"]) / "model.safetensors"))
+    alone_weights = load_file(str(Path(alone["best_checkpoint"]) / "model.safetensors"))
     tem_weights = load_file(str(Path(tem["best_checkpoint"]) / "model.safetensors"))
+    # TEM alone, frozen inside the TEM, is its own stage's best checkpoint, untouched.
+    held = {
+        k.removeprefix("tem_alone."): v
+        for k, v in tem_weights.items()
+        if k.startswith("tem_alone.")
+    }
+    assert held.keys() == alone_weights.keys()
+    assert all(torch.equal(alone_weights[k], v) for k, v in held.items())
     knowledge = {
         k.removeprefix("knowledge."): v
         for k, v in tem_weights.items()

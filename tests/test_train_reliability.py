@@ -17,6 +17,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from mkt.contract import ConfigError
 from mkt.models import build_model
@@ -31,6 +32,7 @@ from train.checkpoints import (
     ModelLink,
     TrainState,
     build_chain,
+    chain_on,
     load_optimizer,
     load_weights,
     save_checkpoint,
@@ -141,6 +143,32 @@ def test_stage_two_refuses_a_corrupt_stage_one_model(checkpoint: Path) -> None:
     _flip_a_byte(mem_dir / MODEL_FILE)
     with pytest.raises(CheckpointError, match=str(mem_dir / MODEL_FILE)):
         build_chain(toy_schema(), chain)
+
+
+def test_a_chain_with_two_roots_builds_each_model_on_its_own(checkpoint: Path) -> None:
+    """MKT's TEM is built on the MEM and on TEM alone, two chains of their own (`chain_on`):
+    each model gets the ones it is built on, and the chain survives its dict form (the
+    workers' config)."""
+    schema = toy_schema()
+    saved = {}
+    for name, params in (("mem", {}), ("tem", {"dropout": 0.1})):
+        torch.manual_seed(len(saved))
+        model = build_model(name, schema, params)
+        saved[name] = checkpoint / name
+        saved[name].mkdir()
+        save_checkpoint(saved[name], model, torch.optim.Adam(model.parameters()), TrainState())
+    mem = [ModelLink("mem", {}, str(saved["mem"]))]
+    alone = [ModelLink("tem", {"dropout": 0.1}, str(saved["tem"]))]
+    chain = chain_on([mem, alone], ModelLink("tem", {}))
+    assert [link.built_on for link in chain] == [(), (), (0, 1)]
+    assert chain_on([mem], ModelLink("tem", {})) == [*mem, ModelLink("tem", {})]  # in a line
+    assert [ModelLink.from_dict(link.to_dict()) for link in chain] == chain
+    tem = build_chain(schema, chain)
+    stored = {name: load_file(str(path / MODEL_FILE)) for name, path in saved.items()}
+    user_table = "inputs.embeddings.tables.user_id.weight"
+    assert torch.equal(tem.knowledge.state_dict()[user_table], stored["mem"][user_table])
+    assert tem.tem_alone.params["dropout"] == 0.1 and tem.tem_alone.knowledge is None
+    assert all(torch.equal(stored["tem"][k], v) for k, v in tem.tem_alone.state_dict().items())
 
 
 def test_export_refuses_a_corrupt_checkpoint(

@@ -86,7 +86,7 @@ def test_sweep_config_layers(tmp_path: Path) -> None:
         (["search_space={params.mem.gamma: {loguniform: [0, 1]}}"], "low must be > 0"),
         (["search_space={params.mem.d_hfa: {grid: [16, 'wide']}}"], "d_hfa"),
         (["metric=logloss"], "metric"),
-        (["run.train.epochs=1", "scheduler.grace_period=5"], "scheduler.grace_period"),
+        (["run.train.epochs=1", "scheduler.grace_period=6"], "scheduler.grace_period"),
         (["max_concurrent_trials=0"], "max_concurrent_trials"),
         (["num_samples=2"], "num_samples: 2 repeats of a grid-only search space"),
     ],
@@ -99,11 +99,11 @@ def test_bad_sweep_configs_name_the_key(overrides: list[str], message: str) -> N
 def test_scheduler_horizon_covers_every_trial() -> None:
     """ASHA's max_t must not stop a trial before its last report, whatever epochs it draws."""
     swept = ["run.train.epochs=2", "search_space={train.epochs: {grid: [1, 5]}}"]
-    # MEM and TEM epochs, the TEM's start, the pipeline's score
-    assert max_reports(load_sweep_config(None, swept)) == 2 * 5 + 1 + 1
-    load_sweep_config(None, [*swept, "scheduler.grace_period=12"])
+    # MEM, TEM alone and TEM epochs, the TEM's start, the pipeline's score
+    assert max_reports(load_sweep_config(None, swept)) == 3 * 5 + 1 + 1
+    load_sweep_config(None, [*swept, "scheduler.grace_period=17"])
     with pytest.raises(ConfigError, match=r"scheduler\.grace_period"):
-        load_sweep_config(None, [*swept, "scheduler.grace_period=13"])
+        load_sweep_config(None, [*swept, "scheduler.grace_period=18"])
 
 
 def test_stage1_key_is_what_mem_depends_on() -> None:
@@ -192,7 +192,8 @@ def sweep(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     serves two trials), one epoch per stage, one trial at a time, interrupted by its fault drill
     once the first trial has ended, then resumed by rerunning the same command.
 
-    ASHA stops the lr = 1e-6 trials. With 3 reports per trial (MEM epoch, TEM epoch, score),
+    ASHA stops the lr = 1e-6 trials. With 5 reports per trial (MEM epoch, TEM alone epoch,
+    TEM start, TEM epoch, score),
     grace period 1 and reduction factor 4 give a single rung, at report 1: the MEM's epoch.
     The two lr = 0.01 trials run first (trial order) and share one MEM, so they tie there (a
     tie is not below the cutoff) and both finish; an lr = 1e-6 MEM barely leaves its
@@ -353,12 +354,16 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
         ]
     )
     assert done_run.returncode == 0, done_run.stdout[-4000:] + done_run.stderr[-4000:]
-    for stage in ("mem", "tem"):
+    for stage in ("mem", "tem_alone", "tem"):
         assert f"[{stage}] already trained in {run_dir}" in done_run.stdout
     assert (run_dir / "config.yaml").read_text() == trial_config
     metrics = json.loads((run_dir / "metrics.json").read_text())
     trial_metrics = json.loads((best_dir / "metrics.json").read_text())
-    assert [(s["name"], s["epochs_run"]) for s in metrics["stages"]] == [("mem", 1), ("tem", 1)]
+    assert [(s["name"], s["epochs_run"]) for s in metrics["stages"]] == [
+        ("mem", 1),
+        ("tem_alone", 1),
+        ("tem", 1),
+    ]
     scored, trial_scored = metrics["test"]["model"], trial_metrics["test"]["model"]
     assert scored["rows"] == trial_scored["rows"]
     for key in ("auc", "gauc", "logloss"):
@@ -406,12 +411,12 @@ def test_mlflow_holds_the_sweep_and_its_trials(
         assert trial.data.metrics["test_auc"] == pytest.approx(metrics["test"]["model"]["auc"])
         png = client.download_artifacts(trial.info.run_id, "curves.png", str(tmp_path))
         assert Path(png).read_bytes() == (run_dir / "curves.png").read_bytes()
-        # Both stages, the cached MEM too, each with its epoch's validation AUC.
-        assert sorted(r.data.tags["stage"] for r in stages) == ["mem", "tem"]
+        # Every stage, the cached MEM too, each with its epoch's validation AUC.
+        assert sorted(r.data.tags["stage"] for r in stages) == ["mem", "tem", "tem_alone"]
         for stage in stages:
             (history,) = [
                 s["history"] for s in metrics["stages"] if s["name"] == stage.data.tags["stage"]
             ]
             assert stage.data.metrics["valid_auc"] == pytest.approx(history[-1]["valid_auc"])
     in_sweep = [r for r in runs if not r.info.run_name.startswith("best_run")]
-    assert len(in_sweep) == 1 + len(rows) + 2 * 2  # the sweep, its trials, their stages
+    assert len(in_sweep) == 1 + len(rows) + 2 * 3  # the sweep, its trials, their stages

@@ -9,8 +9,9 @@ A checkpoint directory (one per epoch, written through `ray.train.report`):
   manifest or the file is missing, or the file is truncated or changed; a damaged checkpoint is
   never loaded. A checkpoint written before manifests existed is refused the same way.
 
-A model of a later stage is built on the model of the stage it continues from (`pretrained`,
-e.g. TEM on MEM), so rebuilding it means rebuilding that chain, oldest first.
+A model of a later stage is built on the model(s) of the stage(s) it continues from
+(`pretrained`, e.g. TEM on MEM and TEM alone), so rebuilding it means rebuilding that chain,
+oldest first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,8 @@ class TrainState:
     # Epochs from which a restarted worker group resumed (fault tolerance at work).
     resumed_after: list[int] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)
+    # The start chosen on validation where the model has several (`CTRModel.start_options`).
+    start: str | None = None
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=1))
@@ -143,28 +146,60 @@ def load_optimizer(optimizer: Optimizer, directory: str | Path) -> None:
 @dataclass(frozen=True)
 class ModelLink:
     """One model of a pipeline chain; `weights` is its checkpoint directory, or None for a
-    model about to be trained."""
+    model about to be trained. `built_on`: the chain positions of the models it is built on
+    (`pretrained`, in that order); None is the link before it (a chain in a line)."""
 
     model: str
     params: Mapping[str, Any]
     weights: str | None = None
+    built_on: tuple[int, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "params": dict(self.params), "weights": self.weights}
+        raw = {"model": self.model, "params": dict(self.params), "weights": self.weights}
+        return raw if self.built_on is None else {**raw, "built_on": list(self.built_on)}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelLink:
-        return cls(raw["model"], dict(raw["params"]), raw["weights"])
+        built_on = raw.get("built_on")
+        return cls(
+            raw["model"],
+            dict(raw["params"]),
+            raw["weights"],
+            None if built_on is None else tuple(built_on),
+        )
+
+
+def chain_on(bases: Sequence[Sequence[ModelLink]], link: ModelLink) -> list[ModelLink]:
+    """The chain of a model built on the models that end each of `bases` (the chains of the
+    stages it continues from, in the order it takes them)."""
+    if len(bases) <= 1:
+        return [*(bases[0] if bases else []), link]
+    links: list[ModelLink] = []
+    ends = []
+    for base in bases:
+        offset = len(links)
+        for i, earlier in enumerate(base):
+            inputs = earlier.built_on
+            if inputs is None:
+                inputs = (i - 1,) if i else ()
+            links.append(replace(earlier, built_on=tuple(offset + j for j in inputs)))
+        ends.append(len(links) - 1)
+    return [*links, replace(link, built_on=tuple(ends))]
 
 
 def build_chain(schema: FeatureSchema, links: Sequence[ModelLink]) -> CTRModel:
-    """Build each model on the previous one (`pretrained`), loading weights where given."""
+    """Build each model on the ones it is built on (`pretrained`), loading weights where
+    given."""
     if not links:
         raise ValueError("an empty model chain")
-    model: CTRModel | None = None
+    models: list[CTRModel] = []
     for link in links:
-        model = build_model(link.model, schema, link.params, pretrained=model)
+        built_on = link.built_on
+        if built_on is None:  # a chain in a line: the link before
+            built_on = (len(models) - 1,) if models else ()
+        pretrained = tuple(models[i] for i in built_on)
+        model = build_model(link.model, schema, link.params, pretrained=pretrained)
         if link.weights is not None:
             load_weights(model, link.weights)
-    assert model is not None
-    return model
+        models.append(model)
+    return models[-1]

@@ -32,7 +32,7 @@ from mkt.encoding import EncodingContractError, check_reserved_indices
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema, SchemaError
 from mkt.serving import ArtifactError, ProgramError, export_artifact
-from train.checkpoints import MODEL_FILE, CheckpointError, ModelLink, build_chain
+from train.checkpoints import MODEL_FILE, CheckpointError, ModelLink, build_chain, chain_on
 from train.config import code_commit
 
 CONFIG_FILE = "config.yaml"
@@ -79,19 +79,16 @@ def final_chain(config: dict[str, Any], metrics: dict[str, Any], run_dir: Path) 
     """The final stage's model and every model it is built on, oldest first."""
     stages = {s.name: s for s in pipeline(config["model"])}
     summaries = {s["name"]: s for s in metrics["stages"]}
-    names: list[str] = []
-    name: str | None = list(stages)[-1]
-    while name is not None:
-        names.insert(0, name)
-        name = stages[name].pretrained_from
-    links = []
-    for name in names:
+
+    def chain_of(name: str) -> list[ModelLink]:
         if name not in summaries:
             raise RunError(f"{METRICS_FILE}: no stage {name!r} (stages: {sorted(summaries)})")
         s = summaries[name]
         weights = checkpoint_dir(s["best_checkpoint"], run_dir, name)
-        links.append(ModelLink(s["model"], dict(s["params"]), str(weights)))
-    return links
+        link = ModelLink(s["model"], dict(s["params"]), str(weights))
+        return chain_on([chain_of(n) for n in stages[name].built_on], link)
+
+    return chain_of(list(stages)[-1])
 
 
 def run_stamp(

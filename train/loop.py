@@ -32,6 +32,7 @@ import torch.distributed as dist
 from mkt.contract import ConfigError
 from mkt.metrics import auc, gauc, log_loss
 from mkt.models import CTRModel
+from mkt.models.base import choose_start, start_note
 from mkt.schema import FeatureSchema
 from train.checkpoints import (
     CheckpointError,
@@ -144,20 +145,23 @@ def _train_stage(config: dict[str, Any]) -> None:
         return valid, (metric if math.isfinite(metric) else -1.0)
 
     if config["score_start"] and checkpoint is None:
-        # A stage built on a trained one (a TEM on its MEM, a fine-tuning on its pre-training)
+        # A stage built on trained ones (a TEM on its MEM, a fine-tuning on its pre-training)
         # is a candidate before its first step: early stopping keeps it when no epoch beats
-        # it, so the stage never ends below where it started on validation. Reported (for the
-        # checkpoint) but not an epoch of the history.
-        valid, score = validate()
-        state.best_score = score
+        # it, so the stage never ends below where it started on validation. Where the model
+        # can start in several ways (MKT's TEM: from its MEM, TEM alone or their mean), the
+        # best on validation is the start. Reported (for the checkpoint) but not an epoch of
+        # the history.
+        state.start, starts = choose_start(model, validate, lambda scored: scored[1])
+        valid, state.best_score = starts[state.start]
         if rank == 0:
             log.info(
-                "[%s] before epoch 1: valid auc %.4f gauc %.4f",
+                "[%s] before epoch 1: valid auc %.4f gauc %.4f%s",
                 config["stage"],
                 valid["valid_auc"],
                 valid["valid_gauc"],
+                start_note(state.start, {k: v["valid_auc"] for k, (v, _) in starts.items()}),
             )
-        _report({"epoch": 0, **valid, SCORE: score}, model, optimizer, state, rank)
+        _report({"epoch": 0, **valid, SCORE: state.best_score}, model, optimizer, state, rank)
 
     board = _tensorboard(config["tensorboard_dir"], rank)
     while state.epochs_done < opts["epochs"] and not state.stopped_early:

@@ -1,7 +1,7 @@
 """A whole run: every stage of the configured pipeline, then evaluation and the run's files.
 
-Stage by stage (mkt.pipelines): a stage that continues another (`pretrained_from`, e.g. TEM
-from MEM) trains its model on top of that stage's best checkpoint. A stage this RUN_DIR
+Stage by stage (mkt.pipelines): a stage that continues others (`pretrained_from`, e.g. TEM
+from MEM and TEM alone) trains its model on top of their best checkpoints. A stage this RUN_DIR
 already finished is not trained again, so rerunning an interrupted command resumes it.
 """
 
@@ -16,7 +16,7 @@ import yaml
 
 from mkt.pipelines import pipeline
 from mkt.schema import FeatureSchema
-from train.checkpoints import ModelLink
+from train.checkpoints import ModelLink, chain_on
 from train.config import code_commit
 from train.evaluate import evaluate_run, oracle_path
 from train.report import console_summary, write_outputs
@@ -82,14 +82,14 @@ def _run(
     results: list[StageResult] = []
     chains: dict[str, list[ModelLink]] = {}
     for stage in stages:
-        base = chains[stage.pretrained_from] if stage.pretrained_from else []
+        bases = [chains[name] for name in stage.built_on]
         result = finished(stage, config, run_dir)
         if result is None:
             link = ModelLink(stage.model, config["params"].get(stage.name, {}))
-            result = run_stage(stage, config, schema, samples_dir, run_dir, [*base, link])
+            result = run_stage(stage, config, schema, samples_dir, run_dir, chain_on(bases, link))
         else:
             print(f"[{stage.name}] already trained in {run_dir}; using its best checkpoint")
-        chains[stage.name] = [*base, result.link]
+        chains[stage.name] = chain_on(bases, result.link)
         results.append(result)
         if tracker is not None:
             tracker.log_stage(stage.name, stage.model, result.link.params, result.state.history)

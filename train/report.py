@@ -28,6 +28,7 @@ def stage_summary(result: StageResult) -> dict[str, Any]:
         "best_checkpoint": result.link.weights,
         "epochs_run": state.epochs_done,
         "best_epoch": state.best_epoch,
+        "start": state.start,
         "stopped_early": state.stopped_early,
         "resumed_after": state.resumed_after,
         "best_valid": {k: v for k, v in result.best_metrics.items() if k.startswith("valid_")},

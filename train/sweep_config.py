@@ -89,16 +89,19 @@ def load_sweep_config(
 
 def max_reports(sweep: Mapping[str, Any]) -> int:
     """The most reports a trial can make: one per epoch of every stage, one before the first
-    epoch of every stage after the first (train.loop scores a stage's start), then the
-    pipeline's (with the most stages and epochs any search-space value gives `model` or
+    epoch of every stage built on another (train.loop scores its start), then the pipeline's
+    (with the most stages and epochs any search-space value gives `model` or
     `train.epochs`)."""
     configs = [sweep["run"]] + [
         trial_run_config(sweep["run"], {key: value}, sweep["metric"])
         for key, spec in sweep["search_space"].items()
         for value in _values_to_check(key, spec)
     ]
-    stages = max(len(pipeline(c["model"])) for c in configs)
-    return stages * max(c["train"]["epochs"] for c in configs) + (stages - 1) + 1
+    epochs = max(c["train"]["epochs"] for c in configs)
+    return (
+        max(sum(epochs + bool(stage.built_on) for stage in pipeline(c["model"])) for c in configs)
+        + 1
+    )
 
 
 def check_sweep(sweep: Mapping[str, Any]) -> None:

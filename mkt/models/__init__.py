@@ -35,13 +35,16 @@ def build_model(
     name: str,
     schema: FeatureSchema,
     params: Mapping[str, Any] | None = None,
-    pretrained: CTRModel | None = None,
+    pretrained: CTRModel | tuple[CTRModel, ...] | None = None,
 ) -> CTRModel:
-    """Build a registered model. `pretrained` is the previous stage's model (two-stage
-    pipelines: MEM for TEM, the source model for Finetune / CTNet)."""
+    """Build a registered model. `pretrained` is the earlier stage's model (MEM for TEM, the
+    source model for Finetune / CTNet), or the earlier stages' models in the order the stage
+    names them (MKT's TEM: its MEM and the target's own model); a tuple of one is that model."""
     if name not in MODELS:
         raise ConfigError(f"model: unknown model {name!r}; known: {sorted(MODELS)}")
     cls = MODELS[name]
+    if isinstance(pretrained, tuple) and len(pretrained) <= 1:
+        pretrained = pretrained[0] if pretrained else None
     if pretrained is not None:
         return cls(schema, params, pretrained=pretrained)  # type: ignore[call-arg]
     return cls(schema, params)

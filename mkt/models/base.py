@@ -8,8 +8,8 @@ of the entity they are trained on (`train_entities`).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,17 @@ class CTRModel(nn.Module):
         with torch.no_grad():
             linear.bias.fill_(self.prior_logit(entity))
 
+    def start_options(self) -> tuple[str, ...]:
+        """The starts a stage built on trained models can take, each scored on validation
+        before its first epoch (the best is trained on); the first is the model as built."""
+        return ("as built",)
+
+    def use_start(self, name: str) -> None:
+        """Set the model to one of `start_options()` (a model with one start has nothing to
+        set)."""
+        if name not in self.start_options():
+            raise ValueError(f"{type(self).__name__}: no start {name!r} in {self.start_options()}")
+
     def embedding_banks(self) -> list[EmbeddingBank]:
         """The banks with trainable tables (a frozen pretrained stage's are left out)."""
         return [
@@ -102,6 +113,31 @@ class CTRModel(nn.Module):
         if not banks:
             return torch.zeros(())
         return torch.stack([bank.l2_penalty(batch) for bank in banks]).sum()
+
+
+Scored = TypeVar("Scored")
+
+
+def choose_start(
+    model: CTRModel, validate: Callable[[], Scored], score: Callable[[Scored], float]
+) -> tuple[str, dict[str, Scored]]:
+    """Validate each of the model's starts, leave the model at the best-scoring one; returns
+    its name and every start's validation (both runners' "epoch 0")."""
+    results = {}
+    for start in model.start_options():
+        model.use_start(start)
+        results[start] = validate()
+    best = max(results, key=lambda name: score(results[name]))
+    model.use_start(best)
+    return best, results
+
+
+def start_note(chosen: str, valid_auc: Mapping[str, float]) -> str:
+    """What the log adds when a start was chosen among several ('' for one)."""
+    if len(valid_auc) < 2:
+        return ""
+    each = ", ".join(f"{name} {value:.4f}" for name, value in valid_auc.items())
+    return f" (start: {chosen}; valid auc of each start: {each})"
 
 
 def resolve_params(cls: type[CTRModel], params: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ own GLU gate and added to TEM's vector of the same meaning (eq. 12):
     g_cross_final = g_cross^TEM + gate_cross(g_com^t)     g_cross^TEM: the DNN's layer
                                                           `cross_layer` (64 units by default)
 
-Beside the paper (docs/model.md, TEM choices 3 and 4): with `from_mem_logit` the logit is
-the frozen MEM's own target logit plus the DNN's output, and with `wide` it adds TEM's own
-first-order term over the target's features.
+Beside the paper (docs/model.md, TEM choices 3-5): with `from_mem_logit` the logit is the
+frozen MEM's own target logit plus the DNN's output; with `wide` it adds TEM's own
+first-order term over the target's features; given the target's own model too (a frozen TEM
+alone, `pretrained=(mem, tem_alone)`), the logit starts from a learnt weighting of the MEM's
+logit and that model's, so the TEM can shut out a MEM that predicts worse than no transfer.
 
 `TEM(schema, params, pretrained=None)` is the "w/o MEM" ablation: TEM alone.
 """
@@ -35,6 +37,8 @@ from mkt.registry import register
 from mkt.schema import FeatureSchema
 
 PLUGS = ("user", "seq", "shared", "cross")
+# The weights of (the MEM's logit, TEM alone's logit) the TEM can start from (TEM choice 5).
+START_WEIGHTS = {"mean": (0.5, 0.5), "mem": (1.0, 0.0), "tem_alone": (0.0, 1.0)}
 EMBEDDINGS = ("frozen_mem", "init_from_mem", "own")
 
 
@@ -73,7 +77,7 @@ class TEM(CTRModel):
         self,
         schema: FeatureSchema,
         params: Mapping[str, Any] | None = None,
-        pretrained: MEM | None = None,
+        pretrained: MEM | tuple[MEM, TEM] | None = None,
     ) -> None:
         super().__init__(schema, params)
         p = self.params
@@ -82,8 +86,7 @@ class TEM(CTRModel):
             raise ConfigError(
                 f"TEM.cross_layer: {p['cross_layer']} exceeds the {len(p['hidden'])} hidden layers"
             )
-        if pretrained is not None and not isinstance(pretrained, MEM):
-            raise ConfigError(f"TEM: pretrained must be a MEM, got {type(pretrained).__name__}")
+        pretrained, tem_alone = split_pretrained(pretrained)
         if p["embeddings"] not in EMBEDDINGS:
             raise ConfigError(f"TEM.embeddings: {p['embeddings']!r} is not one of {EMBEDDINGS}")
         dim = p["embedding_dim"]
@@ -121,7 +124,19 @@ class TEM(CTRModel):
             self.bottom.out_dim, [*p["hidden"][cut:], 1], p["dropout"], last_activation=False
         )
         self.from_mem_logit = knowledge is not None and bool(p["from_mem_logit"])
-        if self.from_mem_logit:
+        # The target's own model (TEM choice 5), frozen as the MEM is.
+        self.tem_alone = tem_alone
+        if tem_alone is not None:
+            tem_alone.requires_grad_(False)
+            tem_alone.eval()
+        starts_from = int(self.from_mem_logit) + int(tem_alone is not None)
+        # Two frozen predictions are weighed by weights learnt on rows neither model fitted
+        # (the holdout), starting from whichever of START_WEIGHTS validates best; one is
+        # taken as it is.
+        self.start_weights = (
+            nn.Parameter(torch.tensor(START_WEIGHTS["mean"])) if starts_from == 2 else None
+        )
+        if starts_from:
             logit_layer = [m for m in self.top.modules() if isinstance(m, nn.Linear)][-1]
             nn.init.zeros_(logit_layer.weight)
             nn.init.zeros_(logit_layer.bias)
@@ -142,10 +157,20 @@ class TEM(CTRModel):
                 if p[f"plug_{name}"]:
                     self.gates[name] = GLUGate(self.knowledge.out_dims[name], own_dims[name])
 
+    def start_options(self) -> tuple[str, ...]:
+        return tuple(START_WEIGHTS) if self.start_weights is not None else super().start_options()
+
+    def use_start(self, name: str) -> None:
+        super().use_start(name)
+        if self.start_weights is not None:
+            with torch.no_grad():
+                self.start_weights.copy_(torch.tensor(START_WEIGHTS[name]))
+
     def train(self, mode: bool = True) -> TEM:
         super().train(mode)
-        if self.knowledge is not None:
-            self.knowledge.eval()
+        for frozen in (self.knowledge, self.tem_alone):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
@@ -169,14 +194,35 @@ class TEM(CTRModel):
         logit = self.top(g_cross).squeeze(-1)
         if self.wide is not None:
             logit = logit + self.wide(batch)
-        if mem_logit is not None:
-            logit = logit + mem_logit
+        alone_logit = self.tem_alone(batch)["logit"] if self.tem_alone is not None else None
+        start = [s for s in (mem_logit, alone_logit) if s is not None]
+        if self.start_weights is not None:
+            logit = logit + torch.stack(start, dim=1) @ self.start_weights
+        elif start:
+            logit = logit + start[0]
         return {"logit": logit}
 
     def serving_module(self) -> TEMServing:
         """The online-serving graph (grey in the paper's Figure 2), sharing this TEM's
         parameters; call `.eval()` on it before exporting."""
         return TEMServing(self)
+
+
+def split_pretrained(pretrained: Any) -> tuple[MEM | None, TEM | None]:
+    """`pretrained`: nothing (TEM alone), a MEM, or a MEM and the target's own model (a TEM
+    alone trained on the same target rows as the MEM)."""
+    if pretrained is None:
+        return None, None
+    models = pretrained if isinstance(pretrained, tuple) else (pretrained,)
+    mem, alone = models[0], models[1] if len(models) > 1 else None
+    if (
+        len(models) > 2
+        or not isinstance(mem, MEM)
+        or (alone is not None and not (isinstance(alone, TEM) and alone.knowledge is None))
+    ):
+        names = [type(m).__name__ for m in models]
+        raise ConfigError(f"TEM: pretrained must be a MEM, or a MEM and a TEM alone; got {names}")
+    return mem, alone
 
 
 class TEMServing(nn.Module):
