@@ -186,7 +186,7 @@ def test_mlflow_ui_serves_the_store(run: dict) -> None:
         (experiment,) = [e for e in experiments if e["name"] == "console"]
         found = call("runs/search", {"experiment_ids": [experiment["experiment_id"]]})
         names = sorted(r["info"]["run_name"] for r in found["runs"])
-        assert names == ["run", "run/mem", "run/tem"]
+        assert names == ["run", "run/mem", "run/tem", "run/tem_alone"]
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=60)

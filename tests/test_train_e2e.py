@@ -77,7 +77,8 @@ def test_generated_data_through_spark_and_both_stages(
     assert tem_rows == pytest.approx(share * counts["article"]["train"], rel=0.15)
     mem_rows = mem["history"][0]["train_rows"] - counts[VIDEO]["train"]
     assert mem_rows == pytest.approx((1 - share) * counts["article"]["train"], rel=0.15)
-    assert alone["history"][0]["train_rows"] == mem_rows
+    # The same rows, up to one a worker that an equal split of each entity's rows leaves out.
+    assert alone["history"][0]["train_rows"] == pytest.approx(mem_rows, abs=2)
     # Progress while it runs: one line per epoch with rows, rows/s, loss and validation metric.
     output = done.stdout + done.stderr
     for stage in ("mem", "tem_alone", "tem"):

@@ -321,7 +321,7 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
         assert cells[:3] == [r["trial"], r["params.tem.dropout"], r["train.lr"]]
         assert cells[3].startswith(r["status"]) and cells[4:6] == [r["reports"], r["stage1"]]
         if r["status"] == "finished":
-            assert cells[6] == "mem 1, tem 1"
+            assert cells[6] == "mem 1, tem_alone 1, tem 1"
             assert cells[7:] == [f"{float(r[k]):.4f}" for k in ("valid_gauc", "valid_auc")]
         else:
             assert cells[3] == f"stopped (last report {float(r['last_score']):.4f})"
