@@ -7,6 +7,7 @@ of the entity they are trained on (`train_entities`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -147,7 +148,9 @@ def resolve_params(cls: type[CTRModel], params: Mapping[str, Any]) -> dict[str, 
         raise ConfigError(
             f"{cls.__name__}: unknown parameter(s) {unknown}; accepted: {sorted(defaults)}"
         )
-    resolved = dict(defaults)
+    # Copies: a model's params must not alias the class's defaults (or another stage's params,
+    # which a config dump would write as YAML anchors).
+    resolved = copy.deepcopy(defaults)
     for key, value in params.items():
         default = defaults[key]
         if default is not None and value is not None and not _compatible(default, value):
