@@ -287,10 +287,16 @@ def test_sweep_outputs_shared_mem_and_best_config(sweep: dict) -> None:
     done = [r for r in rows if r["status"] == "finished"]
     assert {r["train.lr"] for r in done} == {str(GOOD_LR)}
     # One MEM per lr: the two finished trials share the lr = 0.01 one (trained by one, taken
-    # from the cache by the other); the stopped trials' lr = 1e-6 MEM is the second entry.
-    assert len(list((sweep_dir / STAGE1_DIR).glob(f"*/{STAGE1_KEY_FILE}"))) == 2
-    mems = {(sweep_dir / TRIALS_DIR / r["trial"] / "checkpoints" / "mem").resolve() for r in done}
-    assert len(mems) == 1 and next(iter(mems)).parent.parent.parent == sweep_dir / STAGE1_DIR
+    # from the cache by the other); the stopped trials' lr = 1e-6 MEM is the second entry. The
+    # finished trials share their TEM alone too (it is built on no other stage), the third.
+    assert len(list((sweep_dir / STAGE1_DIR).glob(f"*/{STAGE1_KEY_FILE}"))) == 3
+    for stage in ("mem", "tem_alone"):
+        shared = {
+            (sweep_dir / TRIALS_DIR / r["trial"] / "checkpoints" / stage).resolve() for r in done
+        }
+        assert (
+            len(shared) == 1 and next(iter(shared)).parent.parent.parent == sweep_dir / STAGE1_DIR
+        )
     assert sorted(r["stage1"] for r in done) == ["cached", "trained"]
 
     # Rows come best first, finished ones before stopped ones; the best config is the first

@@ -1,4 +1,5 @@
-"""The stage-1 cache: a pipeline's first stage trained once for every run that would train it
+"""The stage-1 cache: a pipeline's first stage (and, in a sweep, every stage before the first
+one built on another: MKT's TEM alone) trained once for every run that would train it
 identically (the sweep's trials with the same MEM settings, the tables' rows that share one),
 then linked into each run's RUN_DIR, where the pipeline finds it finished.
 

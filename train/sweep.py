@@ -8,13 +8,15 @@ pipeline's score (the last stage's best-checkpoint validation metric).
 
 Stage 1 (MEM) depends on fewer settings than the pipeline: trials that agree on all of them
 (e.g. that differ only in TEM parameters) share one, trained once in SWEEP_DIR/stage1/<key>
-under a file lock and linked into each trial's RUN_DIR. Epochs a trial takes from there (or
+under a file lock and linked into each trial's RUN_DIR; so does every stage before the first
+one built on another (MKT's TEM alone). Epochs a trial takes from there (or
 from its own RUN_DIR, after an interruption) are reported again before training goes on, so a
 trial's k-th report means the same whether its epochs were trained now or earlier.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -63,7 +65,7 @@ def _replay(history: Sequence[Mapping[str, Any]]) -> None:
         tune.report(dict(metrics))
 
 
-def shared_first_stage(
+def shared_stage(
     stage: Stage,
     config: dict[str, Any],
     schema: FeatureSchema,
@@ -71,8 +73,8 @@ def shared_first_stage(
     run_dir: Path,
     context: Mapping[str, Any],
 ) -> str:
-    """The trial's first stage from the sweep's stage-1 cache, its epochs reported to Tune
-    again; returns "trained" or "cached"."""
+    """A stage of the trial from the sweep's stage-1 cache, its epochs reported to Tune again;
+    returns "trained" or "cached"."""
     return cached_first_stage(
         stage,
         config,
@@ -109,8 +111,13 @@ def pipeline_trial(sampled: dict[str, Any], context: dict[str, Any]) -> None:
     stage1 = "none"
     if len(stages) > 1:
         schema = FeatureSchema.load(samples_dir)
-        stage1 = shared_first_stage(stages[0], config, schema, samples_dir, run_dir, context)
-        stages = stages[1:]
+        # The stages before the first one built on another train on nothing a trial's later
+        # stages change: trials that agree on their settings share them (MKT: the MEM and
+        # TEM alone). The column reports the first.
+        shared = list(itertools.takewhile(lambda s: not s.built_on, stages[:-1]))
+        got = [shared_stage(s, config, schema, samples_dir, run_dir, context) for s in shared]
+        stage1 = got[0]
+        stages = stages[len(shared) :]
     for stage in stages:
         _replay(recorded_history(run_dir / CHECKPOINTS_DIR / stage.name))
     metrics = run_pipeline(
