@@ -41,6 +41,7 @@ import torch
 from deltalake import DeltaTable
 
 from mkt.features import Batch
+from mkt.item_attributes import attribute_features, item_attribute_maps
 from mkt.metrics import auc, gauc, paired_bootstrap
 from mkt.models import build_model
 from mkt.models.base import CTRModel, choose_start, start_note
@@ -76,6 +77,18 @@ class Samples:
             .sort_by([(c["entity"], "ascending"), (c["line_no"], "ascending")])
         )
         self.collate = ModelBatches(schema, keep=[c["user_key"]])
+        self._item_attributes: dict[str, torch.Tensor] | None = None
+
+    def item_attributes(self) -> dict[str, torch.Tensor]:
+        """The item -> attribute maps of the train rows (train.data.train_item_attributes)."""
+        if self._item_attributes is None:
+            c = self.schema.columns
+            train = self.table.filter(pc.equal(self.table[c["split"]], "train"))
+            names = [self.schema.item_feature, *attribute_features(self.schema)]
+            self._item_attributes = item_attribute_maps(
+                [{n: train[n].to_numpy() for n in names}], self.schema
+            )
+        return self._item_attributes
 
     def partition(self, entity: str, split: str) -> pa.Table:
         c = self.schema.columns
@@ -244,6 +257,8 @@ def run_seed(
         params = config["params"].get(stage.name, {})
         pretrained = tuple(trained[name] for name in stage.built_on)
         model = build_model(stage.model, schema, params, pretrained=pretrained)
+        if config["train"]["item_attributes"]:
+            model.use_item_attributes(samples.item_attributes())
         entities = stage_entities(schema, stage.entities)
         if stage.entities == "both" and mem_rows == "target":
             entities = [target]

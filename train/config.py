@@ -73,6 +73,7 @@ class Train:
     embedding_l2_warmup_steps: int
     sparse_embeddings: bool
     sparse_min_rows: int
+    item_attributes: bool
     tem_holdout: float
     early_stopping: EarlyStopping
     shuffle_buffer_rows: int

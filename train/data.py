@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import ray.data
 import torch
+from deltalake import DeltaTable
 from ray.data import FileShuffleConfig
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.data.expressions import Expr, col
 
 from mkt.features import Batch, to_tensors
+from mkt.item_attributes import attribute_features, item_attribute_maps
 from mkt.schema import FeatureSchema, samples_table
 
 
@@ -124,6 +127,19 @@ def entity_rows(out_dir: str | Path, schema: FeatureSchema, entity: str, split: 
     if known is not None:
         return int(known)
     return read_samples(out_dir, schema, [entity], split, [schema.columns["line_no"]]).count()
+
+
+def train_item_attributes(out_dir: str | Path, schema: FeatureSchema) -> dict[str, torch.Tensor]:
+    """`mkt.item_attributes.item_attribute_maps` of the samples' train rows, read in Arrow
+    batches of the item and attribute columns alone (memory: the distinct pairs)."""
+    names = [schema.item_feature, *attribute_features(schema)]
+    dataset = DeltaTable(str(samples_table(out_dir))).to_pyarrow_dataset()
+    batches = dataset.to_batches(
+        columns=names, filter=pds.field(schema.columns["split"]) == "train"
+    )
+    return item_attribute_maps(
+        ({n: b.column(n).to_numpy(zero_copy_only=False) for n in names} for b in batches), schema
+    )
 
 
 def train_dataset_name(entity: str) -> str:

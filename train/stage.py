@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 from ray.data import RandomSeedConfig
@@ -35,10 +36,13 @@ from train.data import (
     stage_target_share,
     target_rows_filter,
     train_dataset_name,
+    train_item_attributes,
 )
 from train.loop import SCORE, STAGE_ERRORS, stage_worker
 
 CHECKPOINTS_DIR = "checkpoints"
+# The run's item -> attribute maps (train.item_attributes), read once off the samples.
+ITEM_ATTRIBUTES_FILE = "item_attributes.npz"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -65,10 +69,13 @@ def worker_config(
     run_dir: Path,
     rows: dict[str, int],
     in_sweep: bool,
+    item_attributes: Path | None = None,
 ) -> dict[str, Any]:
     """Everything `stage_worker` needs, as plain data (it crosses process boundaries)."""
     return {
         "stage": stage.name,
+        # The maps the stage's new model reads its items' attributes from (None: off).
+        "item_attributes": None if item_attributes is None else str(item_attributes),
         "train_rows": rows,
         "schema": schema.to_dict(),
         "chain": [link.to_dict() for link in chain],
@@ -86,6 +93,22 @@ def worker_config(
         # A sweep's trials are recorded by Tune's logger callbacks (train/sweep.py).
         "tensorboard_dir": None if in_sweep else str(run_dir / TENSORBOARD_DIR / stage.name),
     }
+
+
+def item_attributes_file(
+    samples_dir: Path, schema: FeatureSchema, run_dir: Path, config: dict[str, Any]
+) -> Path | None:
+    """The run's item attribute maps (`train.data.train_item_attributes`), written once into
+    RUN_DIR for every stage's workers; None when `train.item_attributes` is off."""
+    if not config["train"]["item_attributes"]:
+        return None
+    path = run_dir / ITEM_ATTRIBUTES_FILE
+    if not path.is_file():
+        maps = train_item_attributes(samples_dir, schema)
+        partial = path.with_suffix(".tmp.npz")
+        np.savez(partial, **{name: m.numpy() for name, m in maps.items()})
+        partial.replace(path)  # a crash never leaves half a file for the next invocation
+    return path
 
 
 def error_file(run_dir: Path, stage: Stage) -> Path:
@@ -220,7 +243,10 @@ def run_stage(
     # A trial of a sweep (train/tune.py): TuneReportCallback hands every epoch to the trial
     # and its scheduler.
     in_sweep = _in_tune_session()
-    train_loop_config = worker_config(stage, config, schema, chain, run_dir, rows, in_sweep)
+    attributes = item_attributes_file(samples_dir, schema, run_dir, config)
+    train_loop_config = worker_config(
+        stage, config, schema, chain, run_dir, rows, in_sweep, attributes
+    )
     print(
         f"[{stage.name}] start: {stage.model}, {', '.join(f'{n} {e}' for e, n in rows.items())} "
         f"train rows, {scaling['num_workers']} worker(s) x {scaling['cpus_per_worker']} CPU"

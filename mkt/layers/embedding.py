@@ -24,9 +24,18 @@ entry per distinct row, not one per cell: the item table's sparse gradient shrin
 what DDP all-reduces (docs/BENCHMARKS.md, "Training throughput"). It equals the per-feature
 lookups (`lookup`, `sequence`, tested with gradients), which traced graphs keep: a lookup
 of distinct rows has data-dependent shapes.
+
+With item attributes (`use_item_attributes`), an item's vector, as a candidate and in every
+behaviour sequence, is its id row plus the rows of its attributes (its categories), as DIN
+embeds goods with their category and EGES items with their side information: a liked item
+seen a handful of times still says which categories the user likes (docs/model.md,
+"Item attributes"). The item -> attribute maps are buffers, so checkpoints and exported
+graphs carry them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +46,8 @@ from mkt.features import Batch
 from mkt.schema import FeatureSchema
 
 INIT_STD = 0.05
+# An item attribute's map (item index -> the attribute's index) is the buffer of this name.
+ATTRIBUTE_BUFFER = "item_attribute__"
 
 
 class BatchEmbeddings:
@@ -98,6 +109,62 @@ class EmbeddingBank(nn.Module):
         self.range_guard = True
         # The training forward's `gather`, which `l2_penalty` of the same batch reads once.
         self.last_gathered: tuple[Batch, BatchEmbeddings] | None = None
+        # Features whose rows add to their item's row (`use_item_attributes`).
+        self.item_attributes: list[str] = []
+
+    def use_item_attributes(self, maps: Mapping[str, torch.Tensor]) -> list[str]:
+        """From now on an item's vector is its id row plus, per attribute this bank holds a
+        table for, the row `maps[attribute][item]` (0, the padding row, where the item has no
+        single value). Returns the attributes taken; none without the item table."""
+        if self.item_feature not in self.tables:
+            return []
+        items = self.tables[self.item_feature].num_embeddings
+        taken = []
+        for name, values in maps.items():
+            if name not in self.tables:
+                continue
+            if tuple(values.shape) != (items,):
+                raise ValueError(
+                    f"EmbeddingBank.use_item_attributes: the map of {name!r} has shape "
+                    f"{tuple(values.shape)}, the item table {items} rows"
+                )
+            size = self.tables[name].num_embeddings
+            if len(values) and (int(values.min()) < 0 or int(values.max()) >= size):
+                raise ValueError(
+                    f"EmbeddingBank.use_item_attributes: the map of {name!r} holds indices "
+                    f"outside its table of {size} rows"
+                )
+            self._attribute(name, values)
+            taken.append(name)
+        return taken
+
+    def _attribute(self, name: str, values: torch.Tensor) -> None:
+        self.register_buffer(ATTRIBUTE_BUFFER + name, values.to(torch.long).clone())
+        if name not in self.item_attributes:
+            self.item_attributes.append(name)
+
+    def with_attributes(self, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """`vectors` (the item table's rows `rows`) plus their items' attribute rows."""
+        for name in self.item_attributes:
+            attribute = getattr(self, ATTRIBUTE_BUFFER + name)[rows]
+            vectors = vectors + self.tables[name](attribute)
+        return vectors
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        prefix: str,
+        *args: object,
+    ) -> None:
+        # A checkpoint of a bank with item attributes: take its maps' buffers first, so they
+        # load as expected keys (their values come with the rest of the state).
+        for key, value in state_dict.items():
+            name = key[len(prefix) :]
+            if key.startswith(prefix) and name.startswith(ATTRIBUTE_BUFFER):
+                name = name[len(ATTRIBUTE_BUFFER) :]
+                if name in self.tables and name not in self.item_attributes:
+                    self._attribute(name, torch.zeros_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     @property
     def sparse_gradients(self) -> bool:
@@ -113,8 +180,11 @@ class EmbeddingBank(nn.Module):
     def lookup(self, name: str, index: torch.Tensor) -> torch.Tensor:
         if name not in self.tables:
             raise KeyError(f"EmbeddingBank has no table for feature {name!r}")
-        table = self.tables[name]
-        return table(self.clamp(name, index) if self.range_guard else index)
+        index = self.clamp(name, index) if self.range_guard else index
+        vectors = self.tables[name](index)
+        if name == self.item_feature:
+            vectors = self.with_attributes(index, vectors)
+        return vectors
 
     def clamp(self, name: str, index: torch.Tensor) -> torch.Tensor:
         """`index` with what the table cannot hold read as OOV."""
@@ -152,6 +222,8 @@ class EmbeddingBank(nn.Module):
             rows, inverse = torch.unique(index, return_inverse=True)
             vectors = self.tables[name](rows)  # [m, dim]: the table's only lookup this step
             tables[name] = (rows, vectors)
+            if name == self.item_feature:
+                vectors = self.with_attributes(rows, vectors)
             for (column, _), where in zip(
                 parts, inverse.split([len(c) for _, c in parts]), strict=True
             ):
@@ -258,6 +330,9 @@ class EmbeddingBank(nn.Module):
         missing = [n for n in names if n not in self.tables]
         if missing:
             raise KeyError(f"EmbeddingBank.subset: no tables for {missing}")
+        # An item's vector keeps its attributes: their tables come with the item table.
+        attributes = self.item_attributes if self.item_feature in names else []
+        names = list(dict.fromkeys([*names, *attributes]))
         bank = EmbeddingBank.__new__(EmbeddingBank)
         nn.Module.__init__(bank)
         bank.dim = self.dim
@@ -270,4 +345,7 @@ class EmbeddingBank(nn.Module):
         bank.touch_counts = self.touch_counts
         bank.range_guard = self.range_guard
         bank.last_gathered = None
+        bank.item_attributes = []
+        for name in attributes:
+            bank._attribute(name, getattr(self, ATTRIBUTE_BUFFER + name))
         return bank

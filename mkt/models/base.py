@@ -19,6 +19,7 @@ from torch import nn
 from mkt.contract import ConfigError
 from mkt.features import Batch
 from mkt.layers.embedding import INIT_STD, EmbeddingBank
+from mkt.layers.first_order import FirstOrder
 from mkt.schema import FeatureSchema
 
 # Parameters every model accepts, with these defaults unless its own `defaults` say otherwise
@@ -84,6 +85,18 @@ class CTRModel(nn.Module):
             for m in self.modules()
             if isinstance(m, EmbeddingBank) and any(p.requires_grad for p in m.parameters())
         ]
+
+    def use_item_attributes(self, maps: Mapping[str, torch.Tensor]) -> list[str]:
+        """Item vectors with their attributes (`EmbeddingBank.use_item_attributes`) in every
+        trainable bank, before training: a frozen pretrained model keeps the item vectors it
+        was trained with, and a first-order term (one weight per value, as a logistic
+        regression's) stays one weight per item. Returns the attributes taken."""
+        first_order = {id(m.weights) for m in self.modules() if isinstance(m, FirstOrder)}
+        taken: list[str] = []
+        for bank in self.embedding_banks():
+            if id(bank) not in first_order:
+                taken += bank.use_item_attributes(maps)
+        return sorted(set(taken))
 
     def embedding_tables(self) -> list[nn.Parameter]:
         """The trainable embedding tables: the parameters a row-wise optimiser takes."""
