@@ -91,9 +91,7 @@ def _train_stage(config: dict[str, Any]) -> None:
     model = build_chain(schema, [ModelLink.from_dict(link) for link in config["chain"]])
     if config["item_attributes"] is not None:
         with np.load(config["item_attributes"]) as maps:
-            taken = model.use_item_attributes({n: torch.from_numpy(maps[n]) for n in maps.files})
-        if rank == 0:
-            log.info("[%s] item attributes: %s", config["stage"], ", ".join(taken) or "none")
+            model.use_item_attributes({n: torch.from_numpy(maps[n]) for n in maps.files})
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
