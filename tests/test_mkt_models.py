@@ -383,6 +383,41 @@ def test_wide_adds_each_entitys_first_order_term(schema, batch, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_interest_adds_the_dot_product_of_user_fields_and_candidate(schema, batch, device):
+    plain = mem_model(schema, seed=3).to(device).eval()
+    mem = mem_model(schema, seed=3, interest=True).to(device).eval()
+    mem.load_state_dict(plain.state_dict(), strict=False)
+    b = on(batch, device)
+    with torch.no_grad():
+        parts = mem.inputs(b)
+        dim = mem.inputs.dim
+        fields = torch.cat([parts["user"], parts["seq"]], dim=1).view(len(b["label"]), -1, dim)
+        item_slot = mem.inputs.shared_names.index(schema.item_feature)
+        item = parts["shared"].view(len(b["label"]), -1, dim)[:, item_slot]
+        # W_f starts at the identity: the term is the plain sum of dot products, on both entities.
+        by_hand = (fields * item.unsqueeze(1)).sum((1, 2))
+        assert by_hand.abs().max() > 0
+        assert torch.allclose(mem(b)["logit"] - plain(b)["logit"], by_hand, atol=1e-5)
+        # A W_f of 0 removes that field's share and no other.
+        mem.interest.weight[0].zero_()
+        share_0 = (fields[:, 0] * item).sum(1)
+        assert torch.allclose(mem(b)["logit"] - plain(b)["logit"], by_hand - share_0, atol=1e-5)
+        # The frozen MEM's target logit the TEM starts from holds the term too.
+        t = target_rows(schema, b)
+        tem = TEM(schema, {"from_mem_logit": True}, pretrained=mem).to(device).eval()
+        assert torch.allclose(tem(t)["logit"], mem(t)["logit"], atol=1e-5)
+        # TEM's own term reads its own user fields and candidate.
+        alone_plain = TEM(schema).to(device).eval()
+        alone = TEM(schema, {"interest": True}).to(device).eval()
+        alone.load_state_dict(alone_plain.state_dict(), strict=False)
+        own = alone.inputs(t)
+        own_fields = torch.cat([own["user"], own["seq"]], dim=1).view(len(t["label"]), -1, dim)
+        own_item = own["shared"].view(len(t["label"]), -1, dim)[:, item_slot]
+        expected = (own_fields * own_item.unsqueeze(1)).sum((1, 2))
+        assert torch.allclose(alone(t)["logit"] - alone_plain(t)["logit"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_tem_from_mem_logit_starts_at_the_mem_and_learns_a_correction(schema, device):
     mem = mem_model(schema, seed=3).to(device).eval()
     torch.manual_seed(4)

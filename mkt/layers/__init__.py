@@ -6,6 +6,7 @@ from mkt.layers.embedding import EmbeddingBank
 from mkt.layers.first_order import FirstOrder
 from mkt.layers.gate import GLUGate
 from mkt.layers.inputs import EntityInputs
+from mkt.layers.interest import InterestTerm
 from mkt.layers.mlp import MLP
 from mkt.layers.mmoe import MMoE
 
@@ -16,6 +17,7 @@ __all__ = [
     "EntityInputs",
     "FirstOrder",
     "GLUGate",
+    "InterestTerm",
     "MMoE",
     "TargetAttention",
 ]

@@ -70,6 +70,19 @@ class EntityInputs(nn.Module):
         """`[B, n_spec(entity) * dim]`; rows of another entity hold index 0, i.e. zeros."""
         return self.embeddings(batch, self.specific_names[entity]).flatten(1)
 
+    def interest_fields(self, user: Tensor, seq: Tensor, shared: Tensor) -> tuple[Tensor, Tensor]:
+        """What `InterestTerm` reads, from the flat parts: the user's fields (profile features,
+        pooled sequences) `[B, F, d]` and the candidate item's vector `[B, d]`."""
+        fields = torch.cat([user, seq], dim=1).view(user.shape[0], -1, self.dim)
+        item = shared.view(shared.shape[0], -1, self.dim)[
+            :, self.shared_names.index(self.item_feature)
+        ]
+        return fields, item
+
+    @property
+    def num_interest_fields(self) -> int:
+        return len(self.user_names) + len(self.seq_names)
+
     def forward(self, batch: Batch) -> dict:
         """All four parts; one lookup per table (`EmbeddingBank.gather`) where the shapes may
         depend on the data, the per-feature lookups of the methods above in a traced graph."""

@@ -31,6 +31,7 @@ from mkt.layers import (
     EmbeddingBank,
     EntityInputs,
     FirstOrder,
+    InterestTerm,
     MMoE,
     TargetAttention,
 )
@@ -129,6 +130,11 @@ class MEM(CTRModel):
         # Each entity's logit adds a first-order term over its user, shared and specific
         # features (one weight per value, as the regression's). docs/model.md, MEM choice 12.
         "wide": False,
+        # Each entity's logit adds the factorised interest term <v_f W_f, v_item> of the
+        # user's fields and the candidate (mkt/layers/interest.py), W_f shared by the
+        # entities: the user's rows of either entity teach the same user vector.
+        # docs/model.md, MEM choice 13.
+        "interest": False,
     }
 
     def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
@@ -200,6 +206,9 @@ class MEM(CTRModel):
         if p["wide"]:
             for e in self.entities:
                 self.wide[e] = FirstOrder(schema, entity_feature_names(schema, e))
+        self.interest = (
+            InterestTerm(self.inputs.num_interest_fields, dim) if p["interest"] else None
+        )
 
     def common(self, parts: dict) -> Tensor:
         return torch.cat([parts["user"], parts["seq"], parts["shared"]], dim=1)
@@ -235,6 +244,10 @@ class MEM(CTRModel):
             return logit
 
         logit = by_entity(entity_index, self.entities, predict)
+        if self.interest is not None:
+            logit = logit + self.interest(
+                *self.inputs.interest_fields(parts["user"], parts["seq"], parts["shared"])
+            )
         out.update(logit=logit, g_com=g_com, g_ind=g_ind)
         return out
 
@@ -286,6 +299,7 @@ class MEMTargetPath(nn.Module):
         self.extractor = mem.extractors[target] if with_logit else None
         self.tower = mem.towers[target] if with_logit else None
         self.wide = mem.wide[target] if with_logit and target in mem.wide else None
+        self.interest = mem.interest if with_logit else None
         self.out_dims = {
             "user": self.inputs.dim * len(self.inputs.user_names),
             "seq": self.inputs.dim * len(self.inputs.seq_names),
@@ -318,6 +332,8 @@ class MEMTargetPath(nn.Module):
             logit = self.tower(torch.cat([g_com, g_ind], dim=1)).squeeze(-1)
             if self.wide is not None:
                 logit = logit + self.wide(batch)
+            if self.interest is not None:
+                logit = logit + self.interest(*self.inputs.interest_fields(user, seq, shared))
         return user, seq, shared, g_com, logit
 
 

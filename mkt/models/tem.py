@@ -29,7 +29,15 @@ from torch import Tensor, nn
 
 from mkt.contract import ConfigError
 from mkt.features import Batch
-from mkt.layers import MLP, EmbeddingBank, EntityInputs, FirstOrder, GLUGate, TargetAttention
+from mkt.layers import (
+    MLP,
+    EmbeddingBank,
+    EntityInputs,
+    FirstOrder,
+    GLUGate,
+    InterestTerm,
+    TargetAttention,
+)
 from mkt.models._baselines import copy_tables
 from mkt.models.base import CTRModel
 from mkt.models.mem import MEM, check_params, entity_feature_names
@@ -71,6 +79,9 @@ class TEM(CTRModel):
         # specific features (as MEM's `wide`; with `from_mem_logit`, a correction of the
         # MEM's logit beside the DNN's). docs/model.md, TEM choice 4.
         "wide": True,
+        # The logit adds the factorised interest term of TEM's final user fields (eq. 12's
+        # v_u and v_seq) and the candidate (as MEM's `interest`). docs/model.md, TEM choice 6.
+        "interest": False,
     }
 
     def __init__(
@@ -144,6 +155,9 @@ class TEM(CTRModel):
             self.init_output_bias(self.top, target)
 
         self.wide = FirstOrder(schema, entity_feature_names(schema, target)) if p["wide"] else None
+        self.interest = (
+            InterestTerm(self.inputs.num_interest_fields, dim) if p["interest"] else None
+        )
         self.knowledge = knowledge
         self.gates = nn.ModuleDict()
         if self.knowledge is not None:
@@ -194,6 +208,8 @@ class TEM(CTRModel):
         logit = self.top(g_cross).squeeze(-1)
         if self.wide is not None:
             logit = logit + self.wide(batch)
+        if self.interest is not None:
+            logit = logit + self.interest(*self.inputs.interest_fields(user, seq, shared))
         alone_logit = self.tem_alone(batch)["logit"] if self.tem_alone is not None else None
         start = [s for s in (mem_logit, alone_logit) if s is not None]
         if self.start_weights is not None:
