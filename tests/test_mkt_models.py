@@ -398,9 +398,9 @@ def test_interest_adds_the_dot_product_of_user_fields_and_candidate(schema, batc
         by_hand = (fields * item.unsqueeze(1)).sum((1, 2))
         assert by_hand.abs().max() > 0
         assert torch.allclose(mem(b)["logit"] - plain(b)["logit"], by_hand, atol=1e-5)
-        # A W_f of 0 removes that field's share and no other.
-        mem.interest.weight[0].zero_()
-        share_0 = (fields[:, 0] * item).sum(1)
+        # The target's W_f of 0 removes that field's share on target rows and no other.
+        mem.interest["post"].weight[0].zero_()
+        share_0 = (fields[:, 0] * item).sum(1) * (b["entity_index"] == schema.target_index)
         assert torch.allclose(mem(b)["logit"] - plain(b)["logit"], by_hand - share_0, atol=1e-5)
         # The frozen MEM's target logit the TEM starts from holds the term too.
         t = target_rows(schema, b)

@@ -130,10 +130,11 @@ class MEM(CTRModel):
         # Each entity's logit adds a first-order term over its user, shared and specific
         # features (one weight per value, as the regression's). docs/model.md, MEM choice 12.
         "wide": False,
-        # Each entity's logit adds the factorised interest term <v_f W_f, v_item> of the
-        # user's fields and the candidate (mkt/layers/interest.py), W_f shared by the
-        # entities: the user's rows of either entity teach the same user vector.
-        # docs/model.md, MEM choice 13.
+        # Each entity's logit adds the factorised interest term <v_f W_f^e, v_item> of the
+        # user's fields and the candidate (mkt/layers/interest.py), W_f^e the entity's own:
+        # the user's vectors are shared, what each entity reads of them is not (one W for
+        # both let the source's own tastes into the target's term). docs/model.md, MEM
+        # choice 13.
         "interest": False,
     }
 
@@ -206,9 +207,10 @@ class MEM(CTRModel):
         if p["wide"]:
             for e in self.entities:
                 self.wide[e] = FirstOrder(schema, entity_feature_names(schema, e))
-        self.interest = (
-            InterestTerm(self.inputs.num_interest_fields, dim) if p["interest"] else None
-        )
+        self.interest = nn.ModuleDict()
+        if p["interest"]:
+            for e in self.entities:
+                self.interest[e] = InterestTerm(self.inputs.num_interest_fields, dim)
 
     def common(self, parts: dict) -> Tensor:
         return torch.cat([parts["user"], parts["seq"], parts["shared"]], dim=1)
@@ -236,18 +238,18 @@ class MEM(CTRModel):
             lambda e, rows: self.extractors[e](torch.cat([common[rows], specific[e][rows]], dim=1)),
         )  # eq. 8
         tower_in = torch.cat([g_com, g_ind], dim=1)
+        if self.interest:
+            fields, item = self.inputs.interest_fields(parts["user"], parts["seq"], parts["shared"])
 
         def predict(entity: str, rows: Tensor) -> Tensor:
             logit = self.towers[entity](tower_in[rows]).squeeze(-1)
             if entity in self.wide:
                 logit = logit + self.wide[entity](batch)[rows]
+            if entity in self.interest:
+                logit = logit + self.interest[entity](fields[rows], item[rows])
             return logit
 
         logit = by_entity(entity_index, self.entities, predict)
-        if self.interest is not None:
-            logit = logit + self.interest(
-                *self.inputs.interest_fields(parts["user"], parts["seq"], parts["shared"])
-            )
         out.update(logit=logit, g_com=g_com, g_ind=g_ind)
         return out
 
@@ -299,7 +301,7 @@ class MEMTargetPath(nn.Module):
         self.extractor = mem.extractors[target] if with_logit else None
         self.tower = mem.towers[target] if with_logit else None
         self.wide = mem.wide[target] if with_logit and target in mem.wide else None
-        self.interest = mem.interest if with_logit else None
+        self.interest = mem.interest[target] if with_logit and target in mem.interest else None
         self.out_dims = {
             "user": self.inputs.dim * len(self.inputs.user_names),
             "seq": self.inputs.dim * len(self.inputs.seq_names),
