@@ -95,10 +95,11 @@ def paired_gains(
     """The `reference` model against every other model of `runs` (model -> its RUN_DIRs, one
     per training seed) on the same target test rows, with the spread the test set alone causes
     (mkt.metrics.paired_bootstrap: users are drawn, so a user's rows move together; a model of
-    several runs is compared by its runs' mean metric)."""
+    several runs is compared by its runs' mean metric). Each result adds `gauc_support`, what
+    the test rows' GAUC rests on (mkt.metrics.gauc_support)."""
     from deltalake import DeltaTable
 
-    from mkt.metrics import paired_bootstrap
+    from mkt.metrics import gauc_support, paired_bootstrap
     from mkt.schema import FeatureSchema
 
     schema = FeatureSchema.load(samples)
@@ -141,14 +142,13 @@ def paired_gains(
     def scores(model: str) -> Any:
         return scored[columns[model]].to_numpy().T
 
+    labels, users = scored["label"].to_numpy(), scored["user_key"].to_numpy()
+    support = gauc_support(labels, users)
     return {
-        other: paired_bootstrap(
-            scored["label"].to_numpy(),
-            scores(reference),
-            scores(other),
-            scored["user_key"].to_numpy(),
-            resamples=resamples,
-        )
+        other: {
+            **paired_bootstrap(labels, scores(reference), scores(other), users, resamples),
+            "gauc_support": support,
+        }
         for other in runs
         if other != reference
     }

@@ -114,11 +114,21 @@ def results_table(runs: dict[str, dict[str, Any]], gains: dict[str, dict[str, An
         for metric in ("auc", "gauc"):
             g = gain[metric]
             low, high = g["interval_95"]
+            verdict = "beyond the noise" if low > 0 or high < 0 else "the test set cannot tell"
             lines.append(
                 f"  {metric.upper():<4} {g['difference']:+.4f}  (standard error "
                 f"{g['standard_error']:.4f}, 95% interval [{low:+.4f}, {high:+.4f}], MKT better "
-                f"in {100 * g['a_better_share']:.0f}% of resamples)"
+                f"in {100 * g['a_better_share']:.0f}% of resamples): {verdict}"
             )
+    if gains:
+        support = next(iter(gains.values()))["gauc_support"]
+        lines += [
+            "",
+            f"GAUC reads {support['groups']} test users ({support['rows']} rows), worth about "
+            f"{support['effective_groups']:.0f} users by their weights: a GAUC difference within "
+            'about two standard errors of 0 is noise on these rows (docs/training.md, "What '
+            "the quick start's GAUC can resolve\").",
+        ]
     return "\n".join(lines)
 
 

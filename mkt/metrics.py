@@ -132,6 +132,25 @@ def gauc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[fl
     )
 
 
+def gauc_support(labels: np.ndarray, groups: np.ndarray) -> dict[str, float]:
+    """What a GAUC on these rows rests on: the groups with both classes (`groups`), their rows
+    (`rows`) and the effective number of groups, (sum of weights)^2 / sum of squared weights
+    with each group weighted by its rows as in eq. 14 (`effective_groups`): a GAUC is about as
+    noisy as a plain mean of that many per-group AUCs. A few heavy users make it far fewer than
+    `groups` (docs/training.md, "What the quick start's GAUC can resolve")."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups {groups.shape} and labels {labels.shape} differ")
+    if not len(labels):
+        return {"groups": 0, "rows": 0, "effective_groups": 0.0}
+    codes, n_codes = _group_codes(groups)
+    rows = np.bincount(codes, minlength=n_codes)
+    positives = np.bincount(codes, weights=(labels == 1).astype(np.float64), minlength=n_codes)
+    weights = rows[(positives > 0) & (positives < rows)].astype(np.float64)
+    effective = weights.sum() ** 2 / (weights**2).sum() if len(weights) else 0.0
+    return {"groups": len(weights), "rows": int(weights.sum()), "effective_groups": effective}
+
+
 def log_loss(labels: np.ndarray, scores_prob: np.ndarray, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy; probabilities clipped to [eps, 1 - eps]. NaN with no rows."""
     labels, p = np.asarray(labels), np.asarray(scores_prob, dtype=np.float64)

@@ -12,6 +12,7 @@ from mkt.metrics import (
     auc,
     evaluate,
     gauc,
+    gauc_support,
     log_loss,
     paired_bootstrap,
     user_activity,
@@ -80,6 +81,20 @@ def test_gauc_weights_users_by_impressions():
     assert value == pytest.approx(3 / 5)
     assert covered == pytest.approx(5 / 7)
     assert np.isnan(gauc(np.ones(3), np.ones(3) * 0.5, np.arange(3))[0])
+
+
+def test_gauc_support_counts_the_users_gauc_reads():
+    labels = np.array([1, 0, 0, 0, 1, 1, 1, 0, 0, 1])
+    groups = np.array([7, 7, 7, 3, 3, 5, 5, 9, 9, 9])
+    # Users 7 (3 rows), 3 (2 rows) and 9 (3 rows) have both classes; user 5 has likes only.
+    support = gauc_support(labels, groups)
+    assert support["groups"] == 3 and support["rows"] == 8
+    assert support["effective_groups"] == pytest.approx(8**2 / (9 + 4 + 9))
+    # One heavy user among light ones: the effective count falls toward 1.
+    heavy = np.r_[np.tile([1, 0], 50), np.tile([1, 0], 3)]
+    users = np.r_[np.zeros(100, int), np.repeat([1, 2, 3], 2)]
+    assert gauc_support(heavy, users)["effective_groups"] < 1.2
+    assert gauc_support(np.ones(4), np.arange(4))["groups"] == 0
 
 
 def test_log_loss_matches_sklearn():
