@@ -174,18 +174,6 @@ def _integer_id(feature: Feature, config: DataConfig) -> bool:
     return all(column in ids for column in feature.columns.values())
 
 
-def _quarantine_reasons(quarantine: DataFrame, config: DataConfig) -> dict[str, dict[str, int]]:
-    """Quarantined lines per entity and reason kind (the text before ':')."""
-    reasons: dict[str, dict[str, int]] = {e: {} for e in config.entity_names}
-    for r in (
-        quarantine.groupBy("entity", F.substring_index("reason", ":", 1).alias("kind"))
-        .count()
-        .collect()
-    ):
-        reasons[r.entity][r.kind] = r["count"]
-    return reasons
-
-
 def _raw(feature: Feature) -> str:
     return f"raw__{feature.name}"
 
