@@ -98,6 +98,9 @@ CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 ADAPTIVE = "spark.sql.adaptive.enabled"
 SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+MIN_SPLITS = "spark.sql.files.minPartitionNum"
+# Input splits per task slot, unless the session sets MIN_SPLITS (docs/etl.md, "Command").
+SPLITS_PER_SLOT = 4
 # Off-heap execution memory of a local run (docs/etl.md, "Command"); the heap keeps the cache.
 OFF_HEAP_SIZE = "2g"
 
@@ -166,9 +169,17 @@ def build_samples(
     # shuffle is a small aggregation, as many partitions as files. Adaptive execution re-planned
     # each query stage at run time (driver work, generated code to compile) for nothing to
     # gain: 1M rows, 25.7 -> 23.3 CPU s in a warm JVM (docs/BENCHMARKS.md).
-    session_conf = {key: spark.conf.get(key) for key in (ADAPTIVE, SHUFFLE_PARTITIONS)}
+    session_conf = {
+        key: spark.conf.get(key, None) for key in (ADAPTIVE, SHUFFLE_PARTITIONS, MIN_SPLITS)
+    }
     spark.conf.set(ADAPTIVE, "false")
     spark.conf.set(SHUFFLE_PARTITIONS, str(config.files_per_partition))
+    # Spark cuts the raw files into one split per task slot (at most 128 MB): 5M raw rows
+    # gave 3 parse tasks on 2 slots, one slot idle for the last. Smaller splits share the
+    # parsing out evenly; a split costs one file open and a line count.
+    if session_conf[MIN_SPLITS] is None:
+        slots = spark.sparkContext.defaultParallelism
+        spark.conf.set(MIN_SPLITS, str(SPLITS_PER_SLOT * slots))
     try:
         phase(2, "numbering raw lines")
         numbered, input_lines = _numbered_lines(spark, paths)
@@ -244,7 +255,10 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema.to_dict(), indent=2) + "\n")
     finally:
         for key, value in session_conf.items():
-            spark.conf.set(key, value)
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
         for frame in cached:
             frame.unpersist()
         _discard_run(fs, output_dir, run_id)
