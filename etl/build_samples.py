@@ -60,9 +60,8 @@ from etl.vocab import (
     _bucket_boundaries,
     _bucket_vocab,
     _categorical_vocab,
-    _rare_ids,
+    _count_summary,
     _train_counts,
-    _vocab_sizes,
 )
 from mkt.contract import (
     ACTIVITY_BOUNDARIES,
@@ -206,13 +205,16 @@ def build_samples(
         train = kept.where(F.col("split") == "train")
         boundaries = _bucket_boundaries(train, config)
         counts = persist(_train_counts(train, boundaries, config).coalesce(files))
+        # One job for all the driver needs of the counts; the vocabulary's numbering runs in
+        # the jobs that broadcast it, which share its one shuffle (phase 5).
+        counted = _count_summary(counts, config)
+        sizes = counted.sizes
+        summary["rare_ids"] = counted.rare_ids
         vocab = persist(
             _categorical_vocab(counts, config).unionByName(
-                _bucket_vocab(spark, counts, boundaries, config)
+                _bucket_vocab(spark, counted.per_bucket, boundaries, config)
             )
         )
-        sizes = _vocab_sizes(vocab)
-        summary["rare_ids"] = _rare_ids(counts, config)
 
         phase(5, f"encoding; liked-item sequences (seq_len {config.seq_len}); writing samples")
         encoded = _encode(kept, vocab, sizes, boundaries, config)
