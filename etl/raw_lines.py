@@ -153,7 +153,9 @@ def _parse_lines(
 
     lines = lines.withColumn("reason", reason)
     return lines.select(
-        F.lit(entity).alias("entity"),
+        # Nullable (a literal is not), as the tables' `entity` column was when these rows
+        # were staged as Parquet, which reads back nullable: the tables keep their schema.
+        F.when(F.col("line_no").isNotNull(), F.lit(entity)).alias("entity"),
         "line_no",
         "reason",
         # A string column must hold UTF-8: a line that is not is quarantined with its bad
