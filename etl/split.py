@@ -50,8 +50,11 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
     order, and what the sequence window, one per user whose frames are counted in likes,
     needs without a sort of its own.
     """
-    user = Window.partitionBy(*USER)
-    running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    # Both frames under one order: Spark evaluates them in one window operator, which buffers
+    # each (user, entity)'s rows once; an unordered whole-partition window was a second one.
+    in_order = Window.partitionBy(*USER).orderBy("line_no")
+    running = in_order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    user = in_order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
     rows = parsed.withColumn("user_hash", F.xxhash64("user_key")).repartition(files, "user_hash")
     good = F.col("reason").isNull()
     if config.duplicates == "drop":
