@@ -100,6 +100,7 @@ SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
 MIN_SPLITS = "spark.sql.files.minPartitionNum"
 # Input splits per task slot, unless the session sets MIN_SPLITS (docs/etl.md, "Command").
 SPLITS_PER_SLOT = 4
+DATAFRAME_DEBUGGING = "spark.python.sql.dataFrameDebugging.enabled"
 # Off-heap execution memory of a local run (docs/etl.md, "Command"); the heap keeps the cache.
 OFF_HEAP_SIZE = "2g"
 
@@ -374,6 +375,12 @@ def _spark_session() -> SparkSession:
     master = submitted.get("spark.master", "local[*]")
     if not submitted.contains("spark.master"):
         builder = builder.master(master)
+    # PySpark's DataFrame debugging sends every column function's Python call site to the JVM
+    # (only for the messages of analysis errors): 22.6k py4j round trips per run instead of
+    # 10.0k, about 2.5 s of the driver's time in a fresh JVM while the executors wait
+    # (docs/BENCHMARKS.md). Opt in with --conf spark.python.sql.dataFrameDebugging.enabled=true.
+    if not submitted.contains(DATAFRAME_DEBUGGING):
+        builder = builder.config(DATAFRAME_DEBUGGING, "false")
     if master.startswith("local"):
         local_defaults = {
             "spark.driver.host": "127.0.0.1",
