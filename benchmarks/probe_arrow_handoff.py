@@ -7,8 +7,9 @@ phase 5's Spark operators (the encoding joins, the sequence window, the sort and
 row-by-row Parquet writer) by one `mapInArrow` pass per partition: numpy for the encoding and
 the sequences, pyarrow writing the files. Its floor is the hand-off itself: Spark converting
 every row to Arrow, the Python worker reading it. This runs phases 2 and 3 as
-etl/build_samples.py does (conf/data/tenrec.yaml: the raw lines parsed and staged as Parquet,
-then the split rows, 23 columns, cached), and then, timed on those cached rows, `rounds` times
+etl/build_samples.py did when it was measured (commit ab3d851; conf/data/tenrec.yaml: the raw
+lines parsed and staged as Parquet, then the split rows, 23 columns, cached; the job stages
+nothing since branch etl14, and its cached rows carry the quarantined lines too), and then, timed on those cached rows, `rounds` times
 each: the cached rows to Spark's `noop` sink (reading the cache alone), and the same rows
 through `mapInArrow` with one count per Arrow batch back (the hand-off alone). Wall time and
 the machine's busy CPU seconds (all processes, from /proc/stat: run it on an idle machine).

@@ -9,10 +9,11 @@ embeddings) and ``etl_summary.json``. Python entry: :func:`build_samples`.
 Phases (each logs one line), with the module that holds each; this one runs them in order:
  1. check the config and the raw files' headers (fails before anything is written):
     etl/raw_lines.py;
- 2. number every raw line (line_no), parse and validate it; bad lines -> quarantine:
-    etl/raw_lines.py;
- 3. one shuffle by user: split each user's rows of an entity in line order (train / valid /
-    test), count likes; the summary's counts, checked to reconcile: etl/split.py;
+ 2. number every raw line (line_no): etl/raw_lines.py;
+ 3. parse and validate every line (bad lines -> quarantine: etl/raw_lines.py), in the map
+    tasks of the one shuffle by user; split each user's rows of an entity in line order
+    (train / valid / test), count likes; the summary's counts, checked to reconcile:
+    etl/split.py;
  4. vocabularies and bucket boundaries from the train split: etl/vocab.py;
  5. encode every feature as an index; liked-item sequences, bounded per user by seq_len; write
     the samples' files: etl/encode.py;
@@ -43,7 +44,6 @@ from etl.raw_lines import (
     InputError,
     _numbered_lines,
     _parse_lines,
-    _quarantine_reasons,
     _read_header,
     _union,
 )
@@ -60,9 +60,8 @@ from etl.vocab import (
     _bucket_boundaries,
     _bucket_vocab,
     _categorical_vocab,
-    _rare_ids,
+    _count_summary,
     _train_counts,
-    _vocab_sizes,
 )
 from mkt.contract import (
     ACTIVITY_BOUNDARIES,
@@ -88,7 +87,9 @@ log = logging.getLogger("etl.build_samples")
 SUMMARY_FILE = "etl_summary.json"
 # Each table of OUT_DIR with its partition columns.
 TABLES = {SAMPLES_TABLE: ["entity", "split"], VOCAB_TABLE: [], QUARANTINE_TABLE: []}
+# The marker directory of a run in progress (build_samples).
 STAGING_PREFIX = "_staging-"
+QUARANTINE_COLUMNS = ["entity", "line_no", "raw_line", "reason"]
 # A tiny input gets fewer samples files than files_per_partition: at most one per this many
 # input lines, so a few hundred lines are not cut into a dozen near-empty files.
 MIN_LINES_PER_FILE = 256
@@ -96,6 +97,10 @@ CACHE_COMPRESSION = "spark.sql.inMemoryColumnarStorage.compressed"
 CONCURRENT_WRITERS = "spark.sql.maxConcurrentOutputFileWriters"
 ADAPTIVE = "spark.sql.adaptive.enabled"
 SHUFFLE_PARTITIONS = "spark.sql.shuffle.partitions"
+MIN_SPLITS = "spark.sql.files.minPartitionNum"
+# Input splits per task slot, unless the session sets MIN_SPLITS (docs/etl.md, "Command").
+SPLITS_PER_SLOT = 4
+DATAFRAME_DEBUGGING = "spark.python.sql.dataFrameDebugging.enabled"
 # Off-heap execution memory of a local run (docs/etl.md, "Command"); the heap keeps the cache.
 OFF_HEAP_SIZE = "2g"
 
@@ -134,13 +139,16 @@ def build_samples(
     paths = {e.name: f"{input_dir}/{e.file}" for e in config.entities}
     headers = {e: _read_header(fs, config, e, paths[e]) for e in config.entity_names}
 
-    # A run killed before its `finally` leaves its staging dir behind, and maybe table files it
+    # A run killed before its `finally` leaves its marker dir behind, and maybe table files it
     # never committed; a job owns its OUT_DIR (one writer at a time), so they are garbage.
     for leftover in fs.glob(f"{output_dir}/{STAGING_PREFIX}*"):
         log.info("removing %s and its uncommitted files, left by an interrupted run", leftover)
         _discard_run(fs, output_dir, leftover.rsplit(STAGING_PREFIX, 1)[1])
     run_id = uuid.uuid4().hex[:12]
-    stage = _Stager(spark, f"{output_dir}/{STAGING_PREFIX}{run_id}")
+    # The run's marker: a run killed before its `finally` leaves it behind, and the next run
+    # finds there which table files nobody committed. Named as when the parsed lines were staged
+    # in it, so a run of today's code cleans up after one of older code too.
+    fs.mkdirs(f"{output_dir}/{STAGING_PREFIX}{run_id}")
     cached: list[DataFrame] = []
 
     def persist(frame: DataFrame) -> DataFrame:
@@ -161,44 +169,53 @@ def build_samples(
     # shuffle is a small aggregation, as many partitions as files. Adaptive execution re-planned
     # each query stage at run time (driver work, generated code to compile) for nothing to
     # gain: 1M rows, 25.7 -> 23.3 CPU s in a warm JVM (docs/BENCHMARKS.md).
-    session_conf = {key: spark.conf.get(key) for key in (ADAPTIVE, SHUFFLE_PARTITIONS)}
+    session_conf = {
+        key: spark.conf.get(key, None) for key in (ADAPTIVE, SHUFFLE_PARTITIONS, MIN_SPLITS)
+    }
     spark.conf.set(ADAPTIVE, "false")
     spark.conf.set(SHUFFLE_PARTITIONS, str(config.files_per_partition))
+    # Spark cuts the raw files into one split per task slot (at most 128 MB): 5M raw rows
+    # gave 3 parse tasks on 2 slots, one slot idle for the last. Smaller splits share the
+    # parsing out evenly; a split costs one file open and a line count.
+    if session_conf[MIN_SPLITS] is None:
+        slots = spark.sparkContext.defaultParallelism
+        spark.conf.set(MIN_SPLITS, str(SPLITS_PER_SLOT * slots))
     try:
-        phase(2, "numbering, parsing and validating raw lines")
+        phase(2, "numbering raw lines")
         numbered, input_lines = _numbered_lines(spark, paths)
-        parsed = stage(
-            "parsed",
-            reduce(
-                _union,
-                [_parse_lines(numbered[e], config, e, headers[e]) for e in config.entity_names],
-            ),
+        parsed = reduce(
+            _union, [_parse_lines(numbered[e], config, e, headers[e]) for e in config.entity_names]
         )
-        quarantine = parsed.where(F.col("reason").isNotNull()).select(
-            "entity", "line_no", "raw_line", "reason"
-        )
-        reasons = _quarantine_reasons(quarantine, config)
-
         files = min(
             config.files_per_partition, max(1, sum(input_lines.values()) // MIN_LINES_PER_FILE)
         )
         spark.conf.set(SHUFFLE_PARTITIONS, str(files))
-        phase(3, f"splitting users' rows in {files} groups (history mode {config.history_mode})")
+        phase(
+            3,
+            f"parsing and validating lines; splitting users' rows in {files} groups "
+            f"(history mode {config.history_mode})",
+        )
+        # Lines are parsed in the shuffle's map tasks, quarantined ones included: the cache
+        # then holds every line once, and the quarantine and its counts read it (docs/etl.md).
         rows = persist(_split_rows(parsed, config, files))
+        quarantine = rows.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
         kept = rows.where(F.col("kept"))
-        summary = _summarize(rows, kept, input_lines, reasons, config)
+        summary = _summarize(rows, kept, input_lines, config)
 
         phase(4, "vocabularies and buckets on the train split")
         train = kept.where(F.col("split") == "train")
         boundaries = _bucket_boundaries(train, config)
         counts = persist(_train_counts(train, boundaries, config).coalesce(files))
+        # One job for all the driver needs of the counts; the vocabulary's numbering runs in
+        # the jobs that broadcast it, which share its one shuffle (phase 5).
+        counted = _count_summary(counts, config)
+        sizes = counted.sizes
+        summary["rare_ids"] = counted.rare_ids
         vocab = persist(
             _categorical_vocab(counts, config).unionByName(
-                _bucket_vocab(spark, counts, boundaries, config)
+                _bucket_vocab(spark, counted.per_bucket, boundaries, config)
             )
         )
-        sizes = _vocab_sizes(vocab)
-        summary["rare_ids"] = _rare_ids(counts, config)
 
         phase(5, f"encoding; liked-item sequences (seq_len {config.seq_len}); writing samples")
         encoded = _encode(kept, vocab, sizes, boundaries, config)
@@ -220,7 +237,10 @@ def build_samples(
             spark.conf.set(CONCURRENT_WRITERS, writers)
 
         phase(6, f"writing vocab and quarantine; committing ({chosen_writer} writer) {output_dir}")
-        for table, frame in ((VOCAB_TABLE, vocab.coalesce(1)), (QUARANTINE_TABLE, quarantine)):
+        # One quarantine file in line order; its one task reads only the cache's columns that
+        # the quarantine needs (0.3-0.5 CPU s at 5M raw rows).
+        quarantined = quarantine.coalesce(1).sortWithinPartitions("entity", "line_no")
+        for table, frame in ((VOCAB_TABLE, vocab.coalesce(1)), (QUARANTINE_TABLE, quarantined)):
             writes[table] = write_table(
                 frame, f"{output_dir}/{table}", TABLES[table], chosen_writer, run_id
             )
@@ -238,7 +258,10 @@ def build_samples(
         fs.write_text(f"{output_dir}/{SCHEMA_FILE}", json.dumps(schema.to_dict(), indent=2) + "\n")
     finally:
         for key, value in session_conf.items():
-            spark.conf.set(key, value)
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
         for frame in cached:
             frame.unpersist()
         _discard_run(fs, output_dir, run_id)
@@ -248,7 +271,7 @@ def build_samples(
 
 
 def _discard_run(fs: HadoopFs, output_dir: str, run_id: str) -> None:
-    """A run's staging dir, and the table files it wrote but did not commit."""
+    """A run's marker dir, and the table files it wrote but did not commit."""
     for table in TABLES:
         discard_uncommitted(fs, f"{output_dir}/{table}", run_id)
     fs.delete(f"{output_dir}/{STAGING_PREFIX}{run_id}")
@@ -345,31 +368,6 @@ def _qualify(path: str | Path) -> str:
     return text if "://" in text or text.startswith("file:") else os.path.abspath(text)
 
 
-class _Stager:
-    """Writes an intermediate frame as Parquet under the run's staging dir and reads it back.
-
-    Cutting the lineage after parsing makes the shuffle, the quarantine and its counts read
-    fixed data (line numbers are computed exactly once, every line parsed once).
-    """
-
-    def __init__(self, spark: SparkSession, root: str) -> None:
-        self._spark = spark
-        self._root = root
-
-    def path(self, name: str) -> str:
-        return f"{self._root}/{name}"
-
-    def __call__(self, name: str, frame: DataFrame) -> DataFrame:
-        context = self._spark.sparkContext
-        phase = context.getLocalProperty("spark.job.description")
-        context.setJobDescription(f"{phase} | stage {name}")
-        try:
-            frame.write.mode("overwrite").parquet(self.path(name))
-        finally:
-            context.setJobDescription(phase)
-        return self._spark.read.parquet(self.path(name))
-
-
 def _spark_session() -> SparkSession:
     """The script's session: spark-submit's --master/--conf win; local runs bind to 127.0.0.1."""
     submitted = SparkConf()
@@ -377,6 +375,12 @@ def _spark_session() -> SparkSession:
     master = submitted.get("spark.master", "local[*]")
     if not submitted.contains("spark.master"):
         builder = builder.master(master)
+    # PySpark's DataFrame debugging sends every column function's Python call site to the JVM
+    # (only for the messages of analysis errors): 22.6k py4j round trips per run instead of
+    # 10.0k, about 2.5 s of the driver's time in a fresh JVM while the executors wait
+    # (docs/BENCHMARKS.md). Opt in with --conf spark.python.sql.dataFrameDebugging.enabled=true.
+    if not submitted.contains(DATAFRAME_DEBUGGING):
+        builder = builder.config(DATAFRAME_DEBUGGING, "false")
     if master.startswith("local"):
         local_defaults = {
             "spark.driver.host": "127.0.0.1",

@@ -35,10 +35,12 @@ ROWS_BEFORE, LIKES_BEFORE = "rows_before", "likes_before"
 
 
 def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
-    """Every good line, shuffled into `files` groups of users, with its split and like count.
+    """Every line, shuffled into `files` groups of users, with its split and like count.
 
     The groups are the samples table's files (rows of one user stay in one file); every later
-    step runs per user inside them. Per (entity, user), rows in line order; n rows, n_test =
+    step runs per user inside them. A quarantined line (`reason` not null) comes along, so that
+    the lines are parsed in the shuffle's map tasks and nothing is staged; it is not `kept`,
+    and counts for nothing below. Per (entity, user), kept rows in line order; n rows, n_test =
     floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
     floor(valid_fraction * n_fit + 0.5) are valid. HISTORY_KEY holds the entity and the
     user's likes on earlier lines of it. An exact duplicate is `kept` = false when they are
@@ -48,27 +50,27 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
     order, and what the sequence window, one per user whose frames are counted in likes,
     needs without a sort of its own.
     """
-    user = Window.partitionBy(*USER)
-    running = user.orderBy("line_no").rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    rows = (
-        parsed.where(F.col("reason").isNull())
-        .drop("reason", "raw_line")
-        .withColumn("user_hash", F.xxhash64("user_key"))
-        .repartition(files, "user_hash")
-    )
+    # Both frames under one order: Spark evaluates them in one window operator, which buffers
+    # each (user, entity)'s rows once; an unordered whole-partition window was a second one.
+    in_order = Window.partitionBy(*USER).orderBy("line_no")
+    running = in_order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    user = in_order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
+    rows = parsed.withColumn("user_hash", F.xxhash64("user_key")).repartition(files, "user_hash")
+    good = F.col("reason").isNull()
     if config.duplicates == "drop":
+        # Identical lines are all good or all quarantined: a good line's copies are good lines.
         copies = Window.partitionBy(*USER, "line_hash").orderBy("line_no")
-        rows = rows.withColumn("kept", F.row_number().over(copies) == 1)
+        rows = rows.withColumn("kept", good & (F.row_number().over(copies) == 1))
     else:
-        rows = rows.withColumn("kept", F.lit(True))
+        rows = rows.withColumn("kept", good)
     counted = F.col("kept").cast("long")
+    # A quarantined line's label may be null: its term is null, which sum skips.
+    liked = counted * F.col("label")
     rows = rows.select(
         "*",
         F.sum(counted).over(running).alias("rank"),
         F.sum(counted).over(user).alias("n"),
-        (F.sum(counted * F.col("label")).over(running) - counted * F.col("label")).alias(
-            "likes_before"
-        ),
+        (F.sum(liked).over(running) - F.coalesce(liked, F.lit(0))).alias("likes_before"),
     )
     n_test = F.floor(F.col("n") * config.test_fraction + 0.5)
     n_fit = F.col("n") - n_test
@@ -84,6 +86,8 @@ def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
         "label",
         "kept",
         "line_hash",
+        "reason",
+        "raw_line",
         split.alias("split"),
         _history_key(config).alias(HISTORY_KEY),
         *[_raw(f) for f in config.features],
@@ -108,14 +112,14 @@ def _summarize(
     rows: DataFrame,
     kept: DataFrame,
     input_lines: dict[str, int],
-    reasons: dict[str, dict[str, int]],
     config: DataConfig,
 ) -> dict[str, Any]:
     """Counts per entity and split; raises if input lines != samples + quarantined + removed.
 
     Two jobs, each aggregating per user first, inside the shuffled groups (no further
     shuffle): one gives the users per set of entities (the overlap) with their rows, likes
-    and users per (entity, split); the other the exact duplicates.
+    and users per (entity, split); the other the exact duplicates among the good lines and
+    the quarantined lines per reason kind (the text before ':').
     """
     parts = [(e, s) for e in config.entity_names for s in SPLITS]
 
@@ -151,13 +155,24 @@ def _summarize(
     def total(key: str) -> int:
         return sum(r[key] or 0 for r in by_entities)
 
-    copies = rows.groupBy(*USER, "line_hash").agg(F.count(F.lit(1)).alias("copies"))
-    duplicates = {
-        r.entity: r.duplicates
-        for r in copies.groupBy("entity")
-        .agg(F.sum(F.col("copies") - 1).alias("duplicates"))
+    # Copies of a line share its reason: grouped by it too, the good lines' groups (kind
+    # null) give the duplicates, the quarantined lines' the count per reason kind.
+    kind = F.substring_index("reason", ":", 1).alias("kind")
+    copies = rows.groupBy(*USER, "line_hash", kind).agg(F.count(F.lit(1)).alias("copies"))
+    duplicates: dict[str, int] = {}
+    reasons: dict[str, dict[str, int]] = {e: {} for e in config.entity_names}
+    for r in (
+        copies.groupBy("entity", "kind")
+        .agg(
+            F.sum(F.col("copies") - 1).alias("duplicates"),
+            F.sum("copies").alias("lines"),
+        )
         .collect()
-    }
+    ):
+        if r.kind is None:
+            duplicates[r.entity] = r.duplicates
+        else:
+            reasons[r.entity][r.kind] = r.lines
 
     entities = {}
     for e in config.entity_names:

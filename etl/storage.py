@@ -81,6 +81,10 @@ class HadoopFs:
         jpath, fs = self._resolve(pattern)
         return [str(status.getPath().toString()) for status in fs.globStatus(jpath) or []]
 
+    def mkdirs(self, path: str) -> None:
+        jpath, fs = self._resolve(path)
+        fs.mkdirs(jpath)
+
     def delete(self, path: str) -> None:
         jpath, fs = self._resolve(path)
         fs.delete(jpath, True)

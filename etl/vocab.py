@@ -8,6 +8,7 @@ bucket's vocab count is exactly the train rows encoded with its index.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -112,30 +113,52 @@ def _categorical_vocab(counts: DataFrame, config: DataConfig) -> DataFrame:
     )
 
 
-def _rare_ids(counts: DataFrame, config: DataConfig) -> dict[str, dict[str, int]]:
-    """Per categorical feature with `min_count` > 1: its threshold, and the distinct train
-    values and train rows below it (folded into OOV), for the job's summary."""
-    trimmed = [f for f in config.features if f.kind == "categorical" and f.min_count > 1]
-    if not trimmed:
-        return {}
-    below = {
-        r.feature: (r.values, r.rows)
-        for r in counts.where(
-            F.col("feature").isin(*(f.name for f in trimmed))
-            & (F.col("count") < _min_count(config))
+@dataclass(frozen=True)
+class CountSummary:
+    """What the driver needs of the train counts, from one job (:func:`_count_summary`)."""
+
+    # Embedding rows per categorical feature with an index for some value (its largest
+    # index + 1), for the encoding's join plan and the schema.
+    sizes: dict[str, int]
+    # Train rows per (bucketized feature, bucket index), for the bucket vocabulary.
+    per_bucket: dict[tuple[str, int], int]
+    # Per categorical feature with `min_count` > 1, for the job's summary: its threshold, and
+    # the distinct train values and train rows below it (folded into OOV).
+    rare_ids: dict[str, dict[str, int]]
+
+
+def _count_summary(counts: DataFrame, config: DataConfig) -> CountSummary:
+    """One small aggregation of the train counts: a row per bucket of every bucketized
+    feature, and a row per categorical feature with its values above and below `min_count`
+    (the categorical vocabulary indexes exactly those above, FIRST_INDEX.. in order)."""
+    bucketized = F.col("feature").isin(*(f.name for f in _bucketized(config)))
+    below = F.col("count") < _min_count(config)
+    rows = (
+        counts.groupBy("feature", F.when(bucketized, F.col("value")).alias("bucket"))
+        .agg(
+            F.sum("count").alias("rows"),
+            F.count(F.when(~below, 1)).alias("indexed"),
+            F.count(F.when(below, 1)).alias("oov_values"),
+            F.sum(F.when(below, F.col("count"))).alias("oov_rows"),
         )
-        .groupBy("feature")
-        .agg(F.count(F.lit(1)).alias("values"), F.sum("count").alias("rows"))
         .collect()
-    }
-    return {
-        f.name: {
-            "min_count": f.min_count,
-            "oov_values": int(below.get(f.name, (0, 0))[0]),
-            "oov_train_rows": int(below.get(f.name, (0, 0))[1]),
-        }
-        for f in trimmed
-    }
+    )
+    categorical = {r.feature: r for r in rows if r.bucket is None}
+    return CountSummary(
+        sizes={name: FIRST_INDEX + r.indexed for name, r in categorical.items() if r.indexed},
+        per_bucket={(r.feature, int(r.bucket)): r.rows for r in rows if r.bucket is not None},
+        rare_ids={
+            f.name: {
+                "min_count": f.min_count,
+                "oov_values": categorical[f.name].oov_values if f.name in categorical else 0,
+                "oov_train_rows": (categorical[f.name].oov_rows or 0)
+                if f.name in categorical
+                else 0,
+            }
+            for f in config.features
+            if f.kind == "categorical" and f.min_count > 1
+        },
+    )
 
 
 def _bucketized(config: DataConfig) -> list[Feature]:
@@ -168,32 +191,16 @@ def _bucket_boundaries(train: DataFrame, config: DataConfig) -> dict[str, list[f
 
 def _bucket_vocab(
     spark: SparkSession,
-    counts: DataFrame,
+    per_bucket: dict[tuple[str, int], int],
     boundaries: dict[str, list[float]],
     config: DataConfig,
 ) -> DataFrame:
     """One vocab row per bucket: raw_value = the bucket's lower bound, count = train rows."""
-    features = _bucketized(config)
-    per_bucket = {}
-    if features:
-        names = [f.name for f in features]
-        per_bucket = {
-            (r.feature, int(r.value)): r["count"]
-            for r in counts.where(F.col("feature").isin(*names)).collect()
-        }
     rows = []
-    for f in features:
+    for f in _bucketized(config):
         for i, lower in enumerate([float("-inf"), *boundaries[f.name]]):
             index = FIRST_INDEX + i
             rows.append((f.name, None, repr(lower), index, per_bucket.get((f.name, index), 0)))
     return _local_frame(
         spark, rows, "feature string, entity string, raw_value string, index long, count long"
     )
-
-
-def _vocab_sizes(vocab: DataFrame) -> dict[str, int]:
-    """Embedding rows per feature (its largest index + 1): the encoding and the schema use it."""
-    return {
-        r.feature: r.size
-        for r in vocab.groupBy("feature").agg((F.max("index") + 1).alias("size")).collect()
-    }

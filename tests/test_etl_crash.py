@@ -1,8 +1,8 @@
 """A spark-submit run of etl/build_samples.py killed (SIGKILL) mid-write loses nothing committed.
 
 The job runs as a real spark-submit process group (JVM and Python driver) and is killed at two
-points: while it stages Parquet (before any commit), and right after the first Delta table
-commit (inside the window where the three tables are at different versions). Each time the
+points: while it writes the samples files (before any commit), and right after the first Delta
+table commit (inside the window where the three tables are at different versions). Each time the
 previous version stays intact and readable, the schema file names the table versions that
 belong together, and a re-run gives exactly what the undisturbed first run gave
 (docs/RELIABILITY.md).
@@ -105,8 +105,9 @@ def test_killed_runs_keep_the_previous_version_and_a_rerun_recovers(spark, tmp_p
     previous, previous_schema = read_tables(out), schema_file(out)
     assert previous_schema["table_versions"] == dict.fromkeys(TABLES, 0)
 
-    # 1. Killed while staging: nothing committed, the staging dir is left behind.
-    kill_when(out, "_staging-*/parsed/_SUCCESS", tmp_path)
+    # 1. Killed while writing the samples files: nothing committed, the run's marker dir is
+    # left behind.
+    kill_when(out, "samples/run-*/_temporary", tmp_path)
     assert {t: DeltaTable(str(out / t)).version() for t in TABLES} == dict.fromkeys(TABLES, 0)
     assert_same_tables(read_tables(out), previous)
     assert schema_file(out) == previous_schema
