@@ -583,3 +583,42 @@ def test_model_params_doc_lists_every_default() -> None:
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "model-params.md"
     assert doc.read_text() == markdown(), "regenerate: python -m mkt.models --markdown"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_entity_user_rows_add_to_the_shared_vector_on_their_entitys_rows_only(
+    schema, batch, device
+):
+    mem = mem_model(schema, seed=3, entity_user=True).to(device)
+    b = on(batch, device)
+    source, target = schema.source_entity, schema.target_entity
+    own = mem.entity_user[target]
+    user_id = schema.user_features[0].name
+    assert own.tables[user_id].weight.abs().max() == 0  # the shared-vector model at first
+    with torch.no_grad():
+        own.tables[user_id].weight[1:].normal_()  # row 0 is the padding
+    mem.eval()
+    # Target rows read shared + the target's row; source rows the shared + the source's (0).
+    added = own(b, mem.inputs.user_names).flatten(1)
+    is_target = b["entity_index"] == schema.target_index
+    assert added[~is_target].abs().max() == 0 and added[is_target].abs().max() > 0
+    # The target path (every row the target's) reads the same user vector as the MEM.
+    t = target_rows(schema, b)
+    with torch.no_grad():
+        user, _, _, g_com = mem.target_path()(t)
+        assert torch.allclose(g_com, mem(t)["g_com"], atol=1e-6)
+        expected = mem.inputs(t)["user"] + own(t, mem.inputs.user_names).flatten(1)
+        assert torch.allclose(user, expected)
+    # A source row's loss moves the source's own rows and never the target's.
+    mem.train()
+    rows = (b["entity_index"] == schema.source_index).nonzero().squeeze(1)
+    only_source = {k: v[rows] for k, v in b.items()}
+    mem.zero_grad()
+    mem.loss(only_source, mem(only_source))["loss"].backward()
+    grad = own.tables[user_id].weight.grad
+    assert grad is None or grad.abs().max() == 0
+    assert mem.entity_user[source].tables[user_id].weight.grad.abs().max() > 0
+    # The L2's counting pass leaves the other entity's rows out.
+    mem.count_embedding_rows([only_source])
+    assert own.touch_counts[user_id].sum() == 0
+    assert mem.entity_user[source].touch_counts[user_id].sum() > 0

@@ -119,6 +119,28 @@ def test_dense_optimizer_is_one_adam_with_two_groups() -> None:
     assert lrs == [0.01, 0.1]
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_first_order_weights_take_wide_lr(sparse: bool) -> None:
+    torch.manual_seed(0)
+    model = build_model("tem", toy_schema(), {"wide": True})
+    wide = {id(p) for p in model.wide.parameters()}
+    assert wide
+    if sparse:
+        use_sparse_embeddings(model, torch.device("cpu"), world=1)
+    opts = {**OPTS, "embedding_lr": 0.1, "wide_lr": 0.05, "sparse_embeddings": sparse}
+    optimizer = build_optimizer(model, opts)
+    parts = optimizer.parts.values() if sparse else [optimizer]
+    step_of = {id(p): g["lr"] for part in parts for g in part.param_groups for p in g["params"]}
+    assert sorted(step_of) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+    tables = {id(p) for p in model.embedding_tables()}
+    for key, lr in step_of.items():
+        assert lr == (0.05 if key in wide else 0.1 if key in tables else 0.01)
+    # null: the tables' step
+    optimizer = build_optimizer(model, {**opts, "wide_lr": None})
+    parts = optimizer.parts.values() if sparse else [optimizer]
+    assert {g["lr"] for part in parts for g in part.param_groups} == {0.01, 0.1}
+
+
 def test_sparse_embeddings_refused_on_several_gpu_workers() -> None:
     model = build_model("mem", toy_schema(), {})
     with pytest.raises(ConfigError, match=r"train.sparse_embeddings: NCCL"):

@@ -56,6 +56,8 @@ def test_override_values_are_yaml() -> None:
         (["train=3"], "'train' must be a mapping"),
         (["eval.driver_scoring_rows=-1"], "eval.driver_scoring_rows"),
         (["train.embedding_l2_warmup_steps=-1"], "train.embedding_l2_warmup_steps"),
+        (["train.wide_lr=0"], r"train\.wide_lr: null or a number > 0"),
+        (["train.embedding_lr=-1"], r"train\.embedding_lr: null or a number > 0"),
     ],
 )
 def test_bad_overrides_name_the_key(

@@ -68,6 +68,7 @@ class Train:
     batch_size: int
     lr: float
     embedding_lr: float | None
+    wide_lr: float | None
     weight_decay: float
     embedding_l2: float
     embedding_l2_warmup_steps: int
@@ -206,13 +207,12 @@ def check(config: Mapping[str, Any]) -> None:
             raise ConfigError(f"train.{key}: must be >= 1, got {train[key]}")
     if train["lr"] <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {train['lr']}")
-    embedding_lr = train["embedding_lr"]
-    if embedding_lr is not None and (
-        isinstance(embedding_lr, bool)
-        or not isinstance(embedding_lr, int | float)
-        or embedding_lr <= 0
-    ):
-        raise ConfigError(f"train.embedding_lr: null or a number > 0, got {embedding_lr!r}")
+    for key in ("embedding_lr", "wide_lr"):
+        step = train[key]
+        if step is not None and (
+            isinstance(step, bool) or not isinstance(step, int | float) or step <= 0
+        ):
+            raise ConfigError(f"train.{key}: null or a number > 0, got {step!r}")
     for key in ("weight_decay", "embedding_l2"):
         if train[key] < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {train[key]}")

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mkt.contract import ConfigError
+from mkt.layers import FirstOrder
 from mkt.models import CTRModel
 
 
@@ -135,9 +136,12 @@ def sparse_tables(model: CTRModel) -> list[torch.nn.Parameter]:
 
 def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> Optimizer:
     """The embedding tables (step `embedding_lr`, no weight decay: their L2 is `embedding_l2`,
-    on the rows a batch touches) and the dense layers (step `lr`, L2 `weight_decay`): one Adam
-    with two parameter groups; the tables switched to sparse gradients (`use_sparse_embeddings`)
-    go to a RowAdam of their own instead."""
+    on the rows a batch touches), the first-order weights (step `wide_lr`: a convex term that
+    converges at the regression's step, not at the deep layers') and the dense layers (step
+    `lr`, L2 `weight_decay`): one Adam with three parameter groups; the tables switched to
+    sparse gradients (`use_sparse_embeddings`) go to a RowAdam of their own instead, with the
+    same steps."""
+    wide = {id(p) for m in model.modules() if isinstance(m, FirstOrder) for p in m.parameters()}
     tables = {
         id(p)
         for m in model.modules()
@@ -147,17 +151,30 @@ def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> Optimizer:
     }
     sparse = {id(p) for p in sparse_tables(model)}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    dense = {"params": [p for p in trainable if id(p) not in tables]}
-    dense["weight_decay"] = opts["weight_decay"]
-    table_params = [p for p in trainable if id(p) in tables and id(p) not in sparse]
     table_lr = opts["embedding_lr"] or opts["lr"]
-    groups = [dense, {"params": table_params, "lr": table_lr, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    steps = {"tables": table_lr, "wide": opts.get("wide_lr") or table_lr}
+
+    def kind(p: torch.nn.Parameter) -> str:
+        if id(p) not in tables:
+            return "dense"
+        return "wide" if id(p) in wide else "tables"
+
+    def groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+        by_kind: dict[str, list[torch.nn.Parameter]] = {"dense": [], "tables": [], "wide": []}
+        for p in params:
+            by_kind[kind(p)].append(p)
+        out = [{"params": by_kind["dense"], "weight_decay": opts["weight_decay"]}]
+        out += [{"params": by_kind[k], "lr": steps[k], "weight_decay": 0.0} for k in steps]
+        return [g for g in out if g["params"]]
+
+    dense_groups = groups([p for p in trainable if id(p) not in sparse])
     if not sparse:
-        return torch.optim.Adam(groups, lr=opts["lr"], fused=True)
-    parts: dict[str, torch.optim.Optimizer] = {
-        "tables": RowAdam([p for p in trainable if id(p) in sparse], lr=table_lr)
-    }
-    if groups:
-        parts["dense"] = torch.optim.Adam(groups, lr=opts["lr"], fused=True)
+        return torch.optim.Adam(dense_groups, lr=opts["lr"], fused=True)
+    sparse_groups = [
+        {k: v for k, v in g.items() if k != "weight_decay"}
+        for g in groups([p for p in trainable if id(p) in sparse])
+    ]
+    parts: dict[str, torch.optim.Optimizer] = {"tables": RowAdam(sparse_groups, lr=table_lr)}
+    if dense_groups:
+        parts["dense"] = torch.optim.Adam(dense_groups, lr=opts["lr"], fused=True)
     return SplitOptimizer(parts)

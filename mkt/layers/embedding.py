@@ -96,6 +96,9 @@ class EmbeddingBank(nn.Module):
         # Per sequence, the entity indices whose rows read it (`read_sequences`); absent:
         # every row reads it.
         self.sequence_readers: dict[str, tuple[int, ...]] = {}
+        # The entity indices whose rows read this bank's feature columns (`read_by`); None:
+        # every row.
+        self.feature_readers: tuple[int, ...] | None = None
         self.tables = nn.ModuleDict(
             {f.name: nn.Embedding(f.vocab_size, dim, padding_idx=PAD) for f in scalar}
         )
@@ -195,7 +198,21 @@ class EmbeddingBank(nn.Module):
         """`[B, len(names), dim]`: the embeddings of the named features, in that order."""
         if not names:
             return self.no_features(batch)
-        return torch.stack([self.lookup(n, batch[n]) for n in names], dim=1)
+        return torch.stack([self.lookup(n, self.column(batch, n)) for n in names], dim=1)
+
+    def column(self, batch: Batch, name: str) -> torch.Tensor:
+        """A feature column as this bank reads it: padding on the rows `read_by` leaves out."""
+        if self.feature_readers is None:
+            return batch[name]
+        entity = batch["entity_index"]
+        reads = torch.isin(entity, entity.new_tensor(self.feature_readers))
+        return torch.where(reads, batch[name], torch.full_like(batch[name], PAD))
+
+    def read_by(self, entity_indices: list[int]) -> None:
+        """Only rows of these entities read this bank's feature columns; on the others they
+        embed to zeros and pass no gradient (nor count for the L2): a table of an entity's own
+        part of a vector another table shares."""
+        self.feature_readers = tuple(entity_indices)
 
     def no_features(self, batch: Batch) -> torch.Tensor:
         rows = batch["entity_index"].shape[0]
@@ -206,7 +223,7 @@ class EmbeddingBank(nn.Module):
         column, and for the item table every real slot of every sequence."""
         cells: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for name in self.tables:
-            parts = [(name, batch[name].reshape(-1))] if name in batch else []
+            parts = [(name, self.column(batch, name).reshape(-1))] if name in batch else []
             if name == self.item_feature:
                 parts += [(s, batch[s][self.sequence_mask(batch, s)]) for s in self.length_columns]
             if parts:
@@ -341,6 +358,7 @@ class EmbeddingBank(nn.Module):
         # A subset serves one entity's rows (a target path, a serving graph): every row reads
         # every sequence, with no dependence on `entity_index`.
         bank.sequence_readers = {}
+        bank.feature_readers = None
         bank.tables = nn.ModuleDict({n: self.tables[n] for n in names})
         bank.touch_counts = self.touch_counts
         bank.range_guard = self.range_guard

@@ -136,6 +136,10 @@ class MEM(CTRModel):
         # both let the source's own tastes into the target's term). docs/model.md, MEM
         # choice 13.
         "interest": False,
+        # Each user feature's vector is a common row plus a row of the row's entity (the
+        # generator's c_u + s_u^e): the source's own tastes get a place of their own instead of
+        # the vector the target reads. docs/model.md, MEM choice 14.
+        "entity_user": False,
     }
 
     def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
@@ -207,6 +211,13 @@ class MEM(CTRModel):
         if p["wide"]:
             for e in self.entities:
                 self.wide[e] = FirstOrder(schema, entity_feature_names(schema, e))
+        # Start at zero: the model starts as the one with shared user vectors.
+        self.entity_user = nn.ModuleDict()
+        if p["entity_user"]:
+            for index, e in enumerate(self.entities):
+                bank = EmbeddingBank(schema, dim, self.inputs.user_names, init_std=0.0)
+                bank.read_by([index])
+                self.entity_user[e] = bank
         self.interest = nn.ModuleDict()
         if p["interest"]:
             for e in self.entities:
@@ -217,6 +228,8 @@ class MEM(CTRModel):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         parts = self.inputs(batch)
+        for bank in self.entity_user.values():
+            parts["user"] = parts["user"] + bank(batch, self.inputs.user_names).flatten(1)
         common, specific = self.common(parts), parts["specific"]
         entity_index = batch["entity_index"]
         out: dict[str, Tensor] = {}
@@ -302,6 +315,12 @@ class MEMTargetPath(nn.Module):
         self.tower = mem.towers[target] if with_logit else None
         self.wide = mem.wide[target] if with_logit and target in mem.wide else None
         self.interest = mem.interest[target] if with_logit and target in mem.interest else None
+        # Every row of a target path is the target's: its own user rows read on all of them.
+        self.entity_user = (
+            mem.entity_user[target].subset(self.inputs.user_names)
+            if target in mem.entity_user
+            else None
+        )
         self.out_dims = {
             "user": self.inputs.dim * len(self.inputs.user_names),
             "seq": self.inputs.dim * len(self.inputs.seq_names),
@@ -319,6 +338,8 @@ class MEMTargetPath(nn.Module):
         """(v_u, v_seq, v_shared, g_com^t, the MEM's target logit [B] or None)."""
         parts = self.inputs(batch)
         user, seq, shared = parts["user"], parts["seq"], parts["shared"]
+        if self.entity_user is not None:
+            user = user + self.entity_user(batch, self.inputs.user_names).flatten(1)
         common = torch.cat([user, seq, shared], dim=1)
         specific = parts["specific"][self.target]
         if self.hfa is not None:
