@@ -251,12 +251,16 @@ def test_without_tem_pipeline_is_mem_target_tower(schema, batch, device):
     # No TEM follows, so no target row is held out for one (MKT's MEM: "pretrain" only).
     assert stages[0].target_rows == "all"
     assert pipeline("mkt")[0].target_rows == "pretrain"
-    mem = mem_model(schema).to(device).eval()
+    mem = mem_model(schema, interest=False).to(device).eval()
     t = target_rows(schema, on(batch, device))
     with torch.no_grad():
         out = mem(t)
         tower = mem.towers["post"](torch.cat([out["g_com"], out["g_ind"]], dim=1)).squeeze(1)
-    assert torch.allclose(out["logit"], tower)
+        assert torch.allclose(out["logit"], tower)
+        # With the defaults' interest term too, the target path's logit is the MEM's.
+        mem = mem_model(schema).to(device).eval()
+        path_logit = mem.target_path(with_logit=True).knowledge_and_logit(t)[4]
+        assert torch.allclose(mem(t)["logit"], path_logit, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -384,7 +388,7 @@ def test_wide_adds_each_entitys_first_order_term(schema, batch, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_interest_adds_the_dot_product_of_user_fields_and_candidate(schema, batch, device):
-    plain = mem_model(schema, seed=3).to(device).eval()
+    plain = mem_model(schema, seed=3, interest=False).to(device).eval()
     mem = mem_model(schema, seed=3, interest=True).to(device).eval()
     mem.load_state_dict(plain.state_dict(), strict=False)
     b = on(batch, device)
@@ -589,7 +593,7 @@ def test_model_params_doc_lists_every_default() -> None:
 def test_entity_user_rows_add_to_the_shared_vector_on_their_entitys_rows_only(
     schema, batch, device
 ):
-    mem = mem_model(schema, seed=3, entity_user=True).to(device)
+    mem = mem_model(schema, seed=3).to(device)  # entity_user: the default
     b = on(batch, device)
     source, target = schema.source_entity, schema.target_entity
     own = mem.entity_user[target]

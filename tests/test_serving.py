@@ -501,6 +501,8 @@ def test_artifact_holds_no_source_entity_parameters(trained: Trained, built: Bui
         *mem.towers[schema.source_entity].parameters(),
         *mem.cke.gates[schema.source_index].parameters(),
         *(mem.inputs.embeddings.tables[f].weight for f in source_specific),
+        *mem.entity_user[schema.source_entity].parameters(),
+        *mem.interest[schema.source_entity].parameters(),
     ]
     for p in source_only:
         same_shape = [w for w in weights.values() if w.shape == p.shape]

@@ -134,12 +134,12 @@ class MEM(CTRModel):
         # user's fields and the candidate (mkt/layers/interest.py), W_f^e the entity's own:
         # the user's vectors are shared, what each entity reads of them is not (one W for
         # both let the source's own tastes into the target's term). docs/model.md, MEM
-        # choice 13.
-        "interest": False,
+        # choice 13; on by default with `entity_user` (choice 14, chosen on validation).
+        "interest": True,
         # Each user feature's vector is a common row plus a row of the row's entity (the
         # generator's c_u + s_u^e): the source's own tastes get a place of their own instead of
         # the vector the target reads. docs/model.md, MEM choice 14.
-        "entity_user": False,
+        "entity_user": True,
     }
 
     def __init__(self, schema: FeatureSchema, params: Mapping[str, Any] | None = None) -> None:
