@@ -310,12 +310,12 @@ def plot(rows: list[dict[str, Any]], base: str, path: Path) -> None:
     for ax, metric in zip(axes, ("auc", "gauc"), strict=True):
         means = [r[metric][0] for r in rows]
         ax.barh(names, means, xerr=[r[metric][1] for r in rows], color="tab:blue")
-        ax.set_xlim(min(means) - 0.02, max(means) + 0.045)
-        ax.set_title(f"target test {metric.upper()} (seed mean)")
+        ax.set_xlim(min(means) - 0.02, max(means) + 0.05)
+        ax.set_title(f"target test {metric.upper()} (seed mean)\n{base} minus each [95%]")
         for y, r in enumerate(rows):
             gain = r.get(f"{metric}_gain")
             label = f"{r[metric][0]:.4f}" + (
-                f"  {base} - it {gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}]" if gain else ""
+                f"\n{gain[0]:+.4f} [{gain[1]:+.4f}, {gain[2]:+.4f}]" if gain else ""
             )
             ax.text(r[metric][0] + r[metric][1] + 0.001, y, label, va="center", fontsize=7)
     axes[0].invert_yaxis()  # the axes share y: the base on top
