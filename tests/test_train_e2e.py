@@ -140,7 +140,14 @@ def test_generated_data_through_spark_and_both_stages(
     knowledge |= {k: v for k, v in tem_weights.items() if k.startswith("inputs.embeddings.")}
 
     def in_mem(key: str) -> str:
-        for part, modules in (("hfa", "hfa"), ("extractor", "extractors"), ("tower", "towers")):
+        per_entity = (
+            ("hfa", "hfa"),
+            ("extractor", "extractors"),
+            ("tower", "towers"),
+            ("entity_user", "entity_user"),
+            ("interest", "interest"),
+        )
+        for part, modules in per_entity:
             if key.startswith(f"{part}."):
                 return f"{modules}.{schema.target_entity}.{key.removeprefix(part + '.')}"
         return key.replace("cke.gates.0.", f"cke.gates.{schema.target_index}.")
