@@ -20,6 +20,15 @@ DATA_CONFIG = REPO / "conf" / "data" / "tenrec.yaml"
 LR_RECIPE = ("train.lr=0.01", "train.embedding_l2=10", "train.epochs=10")
 
 
+def shown_path(path: Path) -> str:
+    """`path` relative to the repository when it lies inside it: tables written for the docs
+    name no machine's directory."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def spark_submit() -> str:
     """spark-submit of this interpreter's environment (pip's pyspark), else the one on PATH."""
     beside = Path(sys.executable).parent / "spark-submit"

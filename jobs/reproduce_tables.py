@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import build_samples_command, paired_gains, run_echoed
+from jobs.common import build_samples_command, paired_gains, run_echoed, shown_path
 from jobs.paper_tables import (
     ENTRIES,
     FINETUNE,
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     text = "\n\n".join(
         [
             f"Target-entity test metrics; mean ± sample std over training seeds {args.seeds} "
-            f"(data fixed). Samples: {samples_dir}",
+            f"(data fixed). Samples: {shown_path(samples_dir)}",
             "## Table 2: every model",
             table2_markdown(t2),
             (

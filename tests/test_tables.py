@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from jobs.common import shown_path
 from jobs.paper_tables import (
     ENTRIES,
     FLOOR,
@@ -139,3 +140,8 @@ def test_select_entries_keeps_the_tables_order_and_needs_mkt() -> None:
         select_entries(["mkt", "nope"])
     with pytest.raises(ConfigError, match="mkt must be among them"):
         select_entries(["lr", "ple"])
+
+
+def test_tables_name_samples_inside_the_repository_by_a_relative_path(tmp_path: Path) -> None:
+    assert shown_path(REPO / "data" / "quickstart" / "samples") == "data/quickstart/samples"
+    assert shown_path(tmp_path / "samples") == str(tmp_path / "samples")
