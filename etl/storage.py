@@ -240,7 +240,10 @@ def _arrow_schema(frame: DataFrame) -> pa.Schema:
 
 def _add_actions(table_path: str, files_dir: str, partition_by: list[str]) -> list[Any]:
     """An add action per Parquet file under table_path/files_dir: size, partition values (from
-    the key=value directories Spark wrote) and statistics read from the file's footer."""
+    the key=value directories Spark wrote) and statistics read from the file's footer. In path
+    order: readers list a table's files in its log's order, and Ray's seeded file shuffle
+    permutes that list, so a rebuild of the same rows (new file names, a directory listed in
+    another order) must log them in the same order for training to repeat."""
     import pyarrow.parquet as pq
     from deltalake.transaction import AddAction
     from pyarrow import fs as pafs
@@ -248,7 +251,7 @@ def _add_actions(table_path: str, files_dir: str, partition_by: list[str]) -> li
     filesystem, root = pafs.FileSystem.from_uri(table_path)
     selector = pafs.FileSelector(f"{root}/{files_dir}", recursive=True)
     actions = []
-    for info in filesystem.get_file_info(selector):
+    for info in sorted(filesystem.get_file_info(selector), key=lambda info: info.path):
         relative = info.path[len(root) + 1 :]
         name = relative.rsplit("/", 1)[-1]
         if info.type != pafs.FileType.File or name.startswith(("_", ".")):
