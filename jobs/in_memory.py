@@ -26,7 +26,6 @@ each other run's; `--plot PATH` draws it as a PNG.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import time
@@ -56,7 +55,7 @@ from train.data import (
     model_columns,
     stage_entities,
 )
-from train.optim import build_optimizer, embedding_l2_weight
+from train.optim import BestEpoch, build_optimizer, embedding_l2_weight
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDOUT_BUCKETS = 10000
@@ -194,7 +193,8 @@ def train_stage(
     score_start: bool = False,
 ) -> dict[str, Any]:
     """Train at most `train.epochs` epochs, stop after `train.early_stopping.patience` without
-    a better validation score (as train/run.py), keep the best; returns the history. With
+    a better validation score, going back to the best after each of them at a decayed step
+    (`plateau_lr_factor`), as train/run.py; keep the best; returns the history. With
     `score_start` (a stage built on trained ones) the untrained model is a candidate too, as
     "epoch 0", outside the history, from the best of its starts (train/loop.py)."""
     opts = config["train"]
@@ -207,15 +207,17 @@ def train_stage(
     generator = torch.Generator().manual_seed(seed)
     user_key, metric = config["schema_user_key"], opts["early_stopping"]["metric"]
     patience = opts["early_stopping"]["patience"]
+    lr_factor = opts["early_stopping"]["plateau_lr_factor"]
     history: list[dict[str, Any]] = []
-    best_state, best, start = None, None, None
+    best, start, kept = None, None, BestEpoch()
     if score_start:
         start, starts = choose_start(
             model,
             lambda: {"epoch": 0, **{k: metrics(model, b, user_key) for k, b in eval_sets.items()}},
             lambda scored: scored["valid"][metric],
         )
-        best, best_state = starts[start], copy.deepcopy(model.state_dict())
+        best = starts[start]
+        kept.keep(model, optimizer)
         note = start_note(start, {k: v["valid"]["auc"] for k, v in starts.items()})
         print(f"[{name}] before epoch 1: valid {best['valid']}{note}", flush=True)
     step = 0
@@ -236,10 +238,15 @@ def train_stage(
         history.append(record)
         print(f"[{name}] epoch {epoch}: valid {record['valid']}, {record['seconds']} s", flush=True)
         if best is None or record["valid"][metric] > best["valid"][metric]:
-            best, best_state = record, copy.deepcopy(model.state_dict())
-        elif epoch - best["epoch"] >= patience:
+            best = record
+            kept.keep(model, optimizer)
+            continue
+        if lr_factor < 1:
+            kept.restore(model, optimizer, lr_factor)
+            record["restored_epoch"] = best["epoch"]
+        if epoch - best["epoch"] >= patience:
             break
-    model.load_state_dict(best_state)
+    kept.restore(model, optimizer, 1.0)
     return {"best_epoch": best["epoch"], "best": best, "history": history, "start": start}
 
 

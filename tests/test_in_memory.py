@@ -59,7 +59,7 @@ def runs(generated_samples: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     assert main([*args, *OVERRIDES, "--model", "tem_only", "--seeds", "0", "1"]) == 0
     out["patience"] = root / "patience"
     args = ["--samples", str(generated_samples), "--output", str(out["patience"])]
-    early = ["train.epochs=6", "train.early_stopping.patience=1"]
+    early = ["train.epochs=6", "train.early_stopping.patience=2"]
     assert main([*args, *OVERRIDES, *early, "--model", "tem_only"]) == 0
     out["dropped"] = root / "dropped"
     args = ["--samples", str(generated_samples), "--output", str(out["dropped"])]
@@ -104,10 +104,23 @@ def test_early_stopping_as_the_runner(runs):
     scores = [h["valid"]["auc"] for h in tem["history"]]
     best = tem["best_epoch"]
     assert scores[best - 1] == max(scores)
-    # It ran every epoch, or stopped one epoch (the patience) after the best.
-    assert len(scores) == 6 or len(scores) == best + 1
-    if len(scores) < 6:
-        assert scores[-1] <= scores[best - 1]
+    # It ran every epoch, or stopped two epochs (the patience) after the best.
+    assert len(scores) == 6 or len(scores) == best + 2
+    # Each epoch that did not beat the best so far went back to it (plateau_lr_factor).
+    plateaus = 0
+    for epoch, record in enumerate(tem["history"], start=1):
+        so_far = max(range(1, epoch), key=lambda e: scores[e - 1], default=None)
+        if so_far is not None and scores[epoch - 1] <= scores[so_far - 1]:
+            plateaus += 1
+            assert record["restored_epoch"] == so_far
+        else:
+            assert "restored_epoch" not in record
+    assert plateaus >= 1
+    # The scores kept are the best epoch's, whatever came after it.
+    kept = np.load(runs["patience"] / "seed0.npz")
+    assert roc_auc_score(kept["labels"], kept["scores"]) == pytest.approx(
+        tem["best"]["test"]["auc"]
+    )
 
 
 def test_each_stage_trains_and_is_chosen_on_its_own_rows(runs):

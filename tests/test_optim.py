@@ -11,10 +11,12 @@ from mkt.contract import ConfigError
 from mkt.models import build_model
 from mkt.synthetic import toy_batch, toy_schema
 from train.optim import (
+    BestEpoch,
     RowAdam,
     SplitOptimizer,
     build_optimizer,
     embedding_l2_weight,
+    optimizer_parts,
     use_sparse_embeddings,
 )
 
@@ -154,3 +156,44 @@ def test_embedding_prior_ramps_up_over_its_warmup_steps() -> None:
     weights = [embedding_l2_weight(opts, step) for step in (1, 250, 500, 501, 10_000)]
     assert weights == pytest.approx([30.0 / 500, 15.0, 30.0, 30.0, 30.0])
     assert embedding_l2_weight({**opts, "embedding_l2_warmup_steps": 0}, 1) == 30.0
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_a_plateau_goes_back_to_the_best_epoch_at_a_decayed_step(sparse: bool) -> None:
+    schema = toy_schema()
+    torch.manual_seed(0)
+    model = build_model("mem", schema, {})
+    if sparse:
+        use_sparse_embeddings(model, torch.device("cpu"), world=1)
+    optimizer = build_optimizer(model, {**OPTS, "embedding_lr": 0.1, "sparse_embeddings": sparse})
+
+    def train(steps: int) -> None:
+        for step in range(steps):
+            batch = toy_batch(schema, 64, seed=step)
+            optimizer.zero_grad()
+            model.loss(batch, model(batch))["loss"].backward()
+            optimizer.step()
+
+    def moments() -> list[torch.Tensor]:
+        return [
+            s["exp_avg"].clone() for part in optimizer_parts(optimizer) for s in part.state.values()
+        ]
+
+    def steps() -> list[float]:
+        return [g["lr"] for part in optimizer_parts(optimizer) for g in part.param_groups]
+
+    train(3)
+    kept, best = BestEpoch(), {k: v.clone() for k, v in model.state_dict().items()}
+    kept.keep(model, optimizer)
+    best_moments = moments()
+    train(3)  # an epoch that did not improve
+    assert not all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    kept.restore(model, optimizer, 0.1)
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(moments(), best_moments, strict=True))
+    assert sorted(steps()) == pytest.approx([0.001, 0.01])
+    # A second plateau decays the decayed step again; the kept state is not consumed.
+    train(2)
+    kept.restore(model, optimizer, 0.1)
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+    assert sorted(steps()) == pytest.approx([0.0001, 0.001])

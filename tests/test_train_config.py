@@ -58,6 +58,7 @@ def test_override_values_are_yaml() -> None:
         (["train.embedding_l2_warmup_steps=-1"], "train.embedding_l2_warmup_steps"),
         (["train.wide_lr=0"], r"train\.wide_lr: null or a number > 0"),
         (["train.embedding_lr=-1"], r"train\.embedding_lr: null or a number > 0"),
+        (["train.early_stopping.plateau_lr_factor=0"], r"plateau_lr_factor: must be in \(0, 1\]"),
     ],
 )
 def test_bad_overrides_name_the_key(

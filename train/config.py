@@ -60,6 +60,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 class EarlyStopping:
     metric: Literal["auc", "gauc"]
     patience: int
+    plateau_lr_factor: float
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,11 @@ def check(config: Mapping[str, Any]) -> None:
         )
     if stopping["patience"] < 1:
         raise ConfigError("train.early_stopping.patience: must be >= 1")
+    if not 0.0 < stopping["plateau_lr_factor"] <= 1.0:
+        raise ConfigError(
+            "train.early_stopping.plateau_lr_factor: must be in (0, 1] (1 turns it off), "
+            f"got {stopping['plateau_lr_factor']}"
+        )
     scaling = config["scaling"]
     if scaling["num_workers"] < 1:
         raise ConfigError("scaling.num_workers: must be >= 1")

@@ -46,7 +46,13 @@ from train.checkpoints import (
 from train.data import ModelBatches, entity_batch_sizes, mixed_batches, train_dataset_name
 from train.errors import NonFiniteLossError
 from train.faults import check_kill_fired, kill_drill, poisons_step
-from train.optim import Optimizer, build_optimizer, embedding_l2_weight, use_sparse_embeddings
+from train.optim import (
+    BestEpoch,
+    Optimizer,
+    build_optimizer,
+    embedding_l2_weight,
+    use_sparse_embeddings,
+)
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -147,6 +153,14 @@ def _train_stage(config: dict[str, Any]) -> None:
         metric = valid[f"valid_{opts['early_stopping']['metric']}"]
         return valid, (metric if math.isfinite(metric) else -1.0)
 
+    # With plateau_lr_factor < 1 every checkpoint holds the best weights so far (an epoch
+    # without improvement goes back to them before its checkpoint), so a resumed group's best
+    # is the checkpoint it resumed from.
+    lr_factor = opts["early_stopping"]["plateau_lr_factor"]
+    kept = BestEpoch()
+    if checkpoint is not None and lr_factor < 1:
+        kept.keep(model, optimizer)
+
     if config["score_start"] and checkpoint is None:
         # A stage built on trained ones (a TEM on its MEM, a fine-tuning on its pre-training)
         # is a candidate before its first step: early stopping keeps it when no epoch beats
@@ -164,6 +178,8 @@ def _train_stage(config: dict[str, Any]) -> None:
                 valid["valid_gauc"],
                 start_note(state.start, {k: v["valid_auc"] for k, (v, _) in starts.items()}),
             )
+        if lr_factor < 1:
+            kept.keep(model, optimizer)
         _report({"epoch": 0, **valid, SCORE: state.best_score}, model, optimizer, state, rank)
 
     board = _tensorboard(config["tensorboard_dir"], rank)
@@ -178,16 +194,22 @@ def _train_stage(config: dict[str, Any]) -> None:
         _check_finite_weights(model, config["stage"], epoch, state.global_step)
         valid, score = validate()
         state.epochs_done = epoch
+        metrics = {"epoch": epoch, **train_stats, **valid, SCORE: score}
         if score > state.best_score:
             state.best_score, state.best_epoch = score, epoch
             state.epochs_without_improvement = 0
+            if lr_factor < 1:
+                kept.keep(model, optimizer)
         else:
             state.epochs_without_improvement += 1
+            if lr_factor < 1:
+                kept.restore(model, optimizer, lr_factor)
+                # The checkpoint holds the best epoch's weights: it is ranked by their score.
+                metrics.update(restored_epoch=state.best_epoch, **{SCORE: state.best_score})
         state.stopped_early = (
             state.epochs_without_improvement >= opts["early_stopping"]["patience"]
             and epoch < opts["epochs"]
         )
-        metrics = {"epoch": epoch, **train_stats, **valid, SCORE: score}
         state.history.append(metrics)
         if rank == 0:
             log.info(_epoch_line(config["stage"], opts["epochs"], metrics, state))
@@ -399,6 +421,8 @@ def _check_finite_weights(model: CTRModel, stage: str, epoch: int, global_step: 
 
 def _epoch_line(stage: str, epochs: int, m: dict[str, float], state: TrainState) -> str:
     stop = " (early stop)" if state.stopped_early else ""
+    if "restored_epoch" in m and not state.stopped_early:
+        stop += f", back to epoch {int(m['restored_epoch'])} at a smaller step"
     return (
         f"[{stage}] epoch {int(m['epoch'])}/{epochs}: {int(m['train_rows'])} rows, "
         f"{m['rows_per_s']:,.0f} rows/s, loss {m['train_loss']:.4f}, "

@@ -19,6 +19,7 @@ instead of a loop over them, which was 14% of a MEM step on a CPU core (docs/BEN
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -178,3 +179,35 @@ def build_optimizer(model: CTRModel, opts: dict[str, Any]) -> Optimizer:
     if dense_groups:
         parts["dense"] = torch.optim.Adam(dense_groups, lr=opts["lr"], fused=True)
     return SplitOptimizer(parts)
+
+
+def optimizer_parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
+    return list(optimizer.parts.values()) if isinstance(optimizer, SplitOptimizer) else [optimizer]
+
+
+class BestEpoch:
+    """The model's and optimizer's state at the best epoch so far, for
+    `train.early_stopping.plateau_lr_factor`: after an epoch without improvement, training goes
+    back to it and goes on with every step size multiplied by the factor. A copy in memory
+    (the model's tables and Adam's two moments: three times the tables' size), not a reread
+    of the checkpoint, which another node's worker cannot read."""
+
+    def __init__(self) -> None:
+        self.model: dict[str, torch.Tensor] | None = None
+        self.optimizer: dict[str, Any] | None = None
+
+    def keep(self, model: torch.nn.Module, optimizer: Optimizer) -> None:
+        self.model = copy.deepcopy(model.state_dict())
+        self.optimizer = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, model: torch.nn.Module, optimizer: Optimizer, lr_factor: float) -> None:
+        """Back to the kept state, every parameter group's step size `lr_factor` times the one
+        it had (not the kept one's: a second plateau decays the first's step again)."""
+        if self.model is None or self.optimizer is None:
+            raise RuntimeError("BestEpoch.restore before any keep")
+        steps = [[g["lr"] for g in part.param_groups] for part in optimizer_parts(optimizer)]
+        model.load_state_dict(self.model)
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer))
+        for part, lrs in zip(optimizer_parts(optimizer), steps, strict=True):
+            for group, lr in zip(part.param_groups, lrs, strict=True):
+                group["lr"] = lr * lr_factor
