@@ -8,9 +8,15 @@ the target validation AUC and log loss of each epoch, MEM and TEM, both runs in 
 
 - `recipe`: conf/run/quickstart.yaml as it is (docs/training.md, "The training recipe");
 - `recipe off`: the same with the pieces a config can switch off: `train.embedding_l2=0` (no
-  embedding prior), `train.tem_holdout=0` (TEM on the rows its MEM fitted) and
-  `params.tem.embeddings=own` (TEM's own fresh tables). The output bias starting at the prior
-  and the ETL's validation rules have no switch: both runs have them.
+  embedding prior), `train.tem_holdout=0` (TEM on the rows its MEM fitted),
+  `params.tem.embeddings=own` (TEM's own fresh tables) and
+  `train.early_stopping.plateau_lr_factor=1` (each epoch goes on from the one before, at the
+  same step). The output bias starting at the prior and the ETL's validation rules have no
+  switch: both runs have them.
+
+An epoch after which training went back to the best epoch (docs/training.md, "Plateaus") is
+plotted with its own weights' score and marked with a cross; the next epoch starts from the
+best.
 
 DIR receives `recipe/` and `recipe_off/` (train/run.py RUN_DIRs), `recipe_curves.png` and
 `recipe_curves.json` (the per-epoch numbers). A finished run is not retrained.
@@ -31,8 +37,15 @@ from jobs.common import REPO, train_command
 RUN_CONFIG = REPO / "conf" / "run" / "quickstart.yaml"
 VARIANTS = {
     "recipe": (),
-    "recipe_off": ("train.embedding_l2=0", "train.tem_holdout=0", "params.tem.embeddings=own"),
+    "recipe_off": (
+        "train.embedding_l2=0",
+        "train.tem_holdout=0",
+        "params.tem.embeddings=own",
+        "train.early_stopping.plateau_lr_factor=1",
+    ),
 }
+# Beside the metrics: the epochs after which training went back to the best one.
+RESTORED = "restored_epochs"
 METRICS = (("valid_auc", "validation AUC"), ("valid_logloss", "validation log loss"))
 
 
@@ -56,10 +69,14 @@ def train(samples: Path, run_dir: Path, epochs: int, overrides: list[str]) -> di
 
 
 def curves(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """variant -> stage -> metric -> one value per epoch."""
+    """variant -> stage -> metric -> one value per epoch, and RESTORED -> the epochs after
+    which training went back to the best one."""
     return {
         variant: {
-            stage["name"]: {key: [h[key] for h in stage["history"]] for key, _ in METRICS}
+            stage["name"]: {
+                **{key: [h[key] for h in stage["history"]] for key, _ in METRICS},
+                RESTORED: [h["epoch"] for h in stage["history"] if "restored_epoch" in h],
+            }
             for stage in metrics["stages"]
         }
         for variant, metrics in runs.items()
@@ -76,6 +93,15 @@ def plot(data: dict[str, dict[str, dict[str, list[float]]]], path: Path) -> None
             for variant, style in zip(data, ("-o", "--s"), strict=False):
                 values = data[variant][stage][key]
                 ax.plot(range(1, len(values) + 1), values, style, label=variant.replace("_", " "))
+                back = data[variant][stage][RESTORED]
+                if back:
+                    ax.plot(
+                        back,
+                        [values[e - 1] for e in back],
+                        "kx",
+                        markersize=9,
+                        label=f"{variant.replace('_', ' ')}: went back to the best",
+                    )
             ax.set_title(f"{stage.upper()}: {label}")
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)

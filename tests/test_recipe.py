@@ -182,6 +182,10 @@ def test_recipe_curves_keep_every_epoch_of_every_stage(tmp_path) -> None:
 
     def run(aucs: list[float]) -> dict:
         history = [{"valid_auc": a, "valid_logloss": 0.1 + a / 10} for a in aucs]
+        for epoch, record in enumerate(history[1:], start=2):
+            record["epoch"] = epoch
+            if record["valid_auc"] <= max(aucs[: epoch - 1]):
+                record["restored_epoch"] = 1
         return {
             "stages": [{"name": "mem", "history": history}, {"name": "tem", "history": history[:2]}]
         }
@@ -189,5 +193,7 @@ def test_recipe_curves_keep_every_epoch_of_every_stage(tmp_path) -> None:
     data = curves({"recipe": run([0.5, 0.6, 0.7]), "recipe_off": run([0.6, 0.55, 0.5])})
     assert data["recipe"]["mem"]["valid_auc"] == [0.5, 0.6, 0.7]
     assert data["recipe_off"]["tem"]["valid_logloss"] == pytest.approx([0.16, 0.155])
+    assert data["recipe"]["mem"]["restored_epochs"] == []
+    assert data["recipe_off"]["mem"]["restored_epochs"] == [2, 3]
     plot(data, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
