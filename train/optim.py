@@ -185,20 +185,32 @@ def optimizer_parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
     return list(optimizer.parts.values()) if isinstance(optimizer, SplitOptimizer) else [optimizer]
 
 
+def _on_host(state: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor in host memory."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _on_host(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_on_host(v) for v in state)
+    return copy.deepcopy(state)
+
+
 class BestEpoch:
     """The model's and optimizer's state at the best epoch so far, for
     `train.early_stopping.plateau_lr_factor`: after an epoch without improvement, training goes
-    back to it and goes on with every step size multiplied by the factor. A copy in memory
-    (the model's tables and Adam's two moments: three times the tables' size), not a reread
-    of the checkpoint, which another node's worker cannot read."""
+    back to it and goes on with every step size multiplied by the factor. A copy in host
+    memory (the model's tables and Adam's two moments: three times the tables' size; a GPU
+    holds only the live ones), not a reread of the checkpoint, which another node's worker
+    cannot read."""
 
     def __init__(self) -> None:
         self.model: dict[str, torch.Tensor] | None = None
         self.optimizer: dict[str, Any] | None = None
 
     def keep(self, model: torch.nn.Module, optimizer: Optimizer) -> None:
-        self.model = copy.deepcopy(model.state_dict())
-        self.optimizer = copy.deepcopy(optimizer.state_dict())
+        self.model = _on_host(model.state_dict())
+        self.optimizer = _on_host(optimizer.state_dict())
 
     def restore(self, model: torch.nn.Module, optimizer: Optimizer, lr_factor: float) -> None:
         """Back to the kept state, every parameter group's step size `lr_factor` times the one
