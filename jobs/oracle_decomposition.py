@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for e, d in lines.items():
         rows = samples[samples["entity"] == e]
+        if len(rows) and rows["line_no"].max() > len(d["like"]):
+            raise SystemExit(
+                f"{args.samples}: {e} line {rows['line_no'].max()} is beyond the "
+                f"{len(d['like'])} lines the generator writes for --users {args.users} "
+                f"--seed {args.seed}; wrong --users or --seed?"
+            )
         d["split"] = np.full(len(d["like"]), "", dtype=object)
         d["split"][rows["line_no"].to_numpy() - 1] = rows["split"].to_numpy()
         if not (d["like"][rows["line_no"].to_numpy() - 1] == rows["label"].to_numpy()).all():
