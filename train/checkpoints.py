@@ -52,6 +52,8 @@ class TrainState:
     global_step: int = 0
     best_score: float = float("-inf")
     best_epoch: int = 0
+    # The best epoch's validation metrics: what a checkpoint that went back to it reports.
+    best_valid: dict[str, float] = field(default_factory=dict)
     epochs_without_improvement: int = 0
     stopped_early: bool = False
     # Epochs from which a restarted worker group resumed (fault tolerance at work).

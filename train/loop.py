@@ -170,6 +170,7 @@ def _train_stage(config: dict[str, Any]) -> None:
         # the history.
         state.start, starts = choose_start(model, validate, lambda scored: scored[1])
         valid, state.best_score = starts[state.start]
+        state.best_valid = valid
         if rank == 0:
             log.info(
                 "[%s] before epoch 1: valid auc %.4f gauc %.4f%s",
@@ -195,8 +196,9 @@ def _train_stage(config: dict[str, Any]) -> None:
         valid, score = validate()
         state.epochs_done = epoch
         metrics = {"epoch": epoch, **train_stats, **valid, SCORE: score}
+        reported = metrics
         if score > state.best_score:
-            state.best_score, state.best_epoch = score, epoch
+            state.best_score, state.best_epoch, state.best_valid = score, epoch, valid
             state.epochs_without_improvement = 0
             if lr_factor < 1:
                 kept.keep(model, optimizer)
@@ -204,8 +206,11 @@ def _train_stage(config: dict[str, Any]) -> None:
             state.epochs_without_improvement += 1
             if lr_factor < 1:
                 kept.restore(model, optimizer, lr_factor)
-                # The checkpoint holds the best epoch's weights: it is ranked by their score.
-                metrics.update(restored_epoch=state.best_epoch, **{SCORE: state.best_score})
+                metrics["restored_epoch"] = state.best_epoch
+                # The checkpoint holds the best epoch's weights: it is reported (and ranked,
+                # by the stage and by a sweep) with their validation numbers; the history
+                # keeps this epoch's own.
+                reported = {**metrics, **state.best_valid, SCORE: state.best_score}
         state.stopped_early = (
             state.epochs_without_improvement >= opts["early_stopping"]["patience"]
             and epoch < opts["epochs"]
@@ -217,7 +222,7 @@ def _train_stage(config: dict[str, Any]) -> None:
             for name, value in metrics.items():
                 board.add_scalar(name, value, epoch)
             board.flush()
-        _report(metrics, model, optimizer, state, rank)
+        _report(reported, model, optimizer, state, rank)
     if board is not None:
         board.close()
 
