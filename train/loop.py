@@ -156,7 +156,10 @@ def _train_stage(config: dict[str, Any]) -> None:
     # With plateau_lr_factor < 1 every checkpoint holds the best weights so far (an epoch
     # without improvement goes back to them before its checkpoint), so a resumed group's best
     # is the checkpoint it resumed from.
-    lr_factor = opts["early_stopping"]["plateau_lr_factor"]
+    # Off with sparse gradients: one run on that path (RowAdam, gloo's sparse all-reduce) lost a
+    # worker to heap corruption ("malloc(): unaligned tcache chunk") after the rule was added,
+    # not yet diagnosed (docs/training.md, "Plateaus").
+    lr_factor = 1.0 if opts["sparse_embeddings"] else opts["early_stopping"]["plateau_lr_factor"]
     kept = BestEpoch()
     if checkpoint is not None and lr_factor < 1:
         kept.keep(model, optimizer)
