@@ -81,12 +81,17 @@ def test_generated_data_through_spark_and_both_stages(
     assert alone["history"][0]["train_rows"] == pytest.approx(mem_rows, abs=2)
     # Each epoch either beat the best so far or went back to it (the plateau rule), and a stage
     # reports the validation numbers of the epoch whose weights it kept.
+    # (The rule is off with sparse embeddings, as in this run: train/loop.py.)
+    rule_on = (
+        metrics["train"]["early_stopping"]["plateau_lr_factor"] < 1
+        and not metrics["train"]["sparse_embeddings"]
+    )
     for stage in metrics["stages"]:
         scores = [h["score"] for h in stage["history"]]
         for i, record in enumerate(stage["history"]):
             if stage["start"] is None:  # a start's score (epoch 0) is outside the history
                 improved = all(scores[i] > s for s in scores[:i])
-                assert ("restored_epoch" in record) == (not improved), stage["name"]
+                assert ("restored_epoch" in record) == (rule_on and not improved), stage["name"]
         if stage["best_epoch"] > 0:
             kept = stage["history"][stage["best_epoch"] - 1]
             assert stage["best_valid"]["valid_auc"] == pytest.approx(kept["valid_auc"])
