@@ -81,11 +81,7 @@ def test_generated_data_through_spark_and_both_stages(
     assert alone["history"][0]["train_rows"] == pytest.approx(mem_rows, abs=2)
     # Each epoch either beat the best so far or went back to it (the plateau rule), and a stage
     # reports the validation numbers of the epoch whose weights it kept.
-    # (The rule is off with sparse embeddings, as in this run: train/loop.py.)
-    rule_on = (
-        metrics["train"]["early_stopping"]["plateau_lr_factor"] < 1
-        and not metrics["train"]["sparse_embeddings"]
-    )
+    rule_on = metrics["train"]["early_stopping"]["plateau_lr_factor"] < 1
     for stage in metrics["stages"]:
         scores = [h["score"] for h in stage["history"]]
         for i, record in enumerate(stage["history"]):

@@ -51,8 +51,10 @@ from train.optim import (
     Optimizer,
     build_optimizer,
     embedding_l2_weight,
+    sparse_tables,
     use_sparse_embeddings,
 )
+from train.sparse_sync import SparseGradients, leave_out_of_ddp
 
 # Train's worker logging sends this to the driver's console once (a print would be echoed twice).
 log = logging.getLogger(__name__)
@@ -109,9 +111,15 @@ def _train_stage(config: dict[str, Any]) -> None:
             log.info("[%s] resuming after epoch %d", config["stage"], state.epochs_done)
     if opts["sparse_embeddings"]:
         use_sparse_embeddings(model, ray.train.torch.get_device(), world, opts["sparse_min_rows"])
+    # DDP reduces the dense gradients; the tables on sparse ones are reduced by
+    # SparseGradients (train/sparse_sync.py says why not by DDP).
+    tables = sparse_tables(model) if world > 1 else []
+    leave_out_of_ddp(model, tables)
     wrapped = ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs={"find_unused_parameters": opts["find_unused_parameters"]}
     )
+    sparse_gradients = SparseGradients(tables, world)
+    sparse_gradients.broadcast()
     # Built after prepare_model: the optimizer state follows the parameters' device.
     optimizer = build_optimizer(model, opts)
     if checkpoint is not None:
@@ -156,10 +164,7 @@ def _train_stage(config: dict[str, Any]) -> None:
     # With plateau_lr_factor < 1 every checkpoint holds the best weights so far (an epoch
     # without improvement goes back to them before its checkpoint), so a resumed group's best
     # is the checkpoint it resumed from.
-    # Off with sparse gradients: one run on that path (RowAdam, gloo's sparse all-reduce) lost a
-    # worker to heap corruption ("malloc(): unaligned tcache chunk") after the rule was added,
-    # not yet diagnosed (docs/training.md, "Plateaus").
-    lr_factor = 1.0 if opts["sparse_embeddings"] else opts["early_stopping"]["plateau_lr_factor"]
+    lr_factor = opts["early_stopping"]["plateau_lr_factor"]
     kept = BestEpoch()
     if checkpoint is not None and lr_factor < 1:
         kept.keep(model, optimizer)
@@ -192,7 +197,16 @@ def _train_stage(config: dict[str, Any]) -> None:
         model.train()
         batches = train_batches(epoch)
         train_stats = _train_epoch(
-            model, wrapped, optimizer, batches, config, epoch, state.global_step, rank, world
+            model,
+            wrapped,
+            optimizer,
+            sparse_gradients,
+            batches,
+            config,
+            epoch,
+            state.global_step,
+            rank,
+            world,
         )
         state.global_step += int(train_stats.pop("steps"))
         _check_finite_weights(model, config["stage"], epoch, state.global_step)
@@ -263,6 +277,7 @@ def _train_epoch(
     model: CTRModel,
     wrapped: torch.nn.Module,
     optimizer: Optimizer,
+    sparse_gradients: SparseGradients,
     batches: Any,
     config: dict[str, Any],
     epoch: int,
@@ -271,7 +286,8 @@ def _train_epoch(
     world: int,
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns loss components and throughput, summed
-    over all workers, and the number of steps taken."""
+    over all workers, and the number of steps taken. A step reduces the tables' sparse
+    gradients (DDP reduced the dense ones during backward), then steps the optimizer."""
     every = config["train"]["progress_every_batches"]
     fault = config["fault"]
     sums: dict[str, float] = {}
@@ -298,6 +314,7 @@ def _train_epoch(
         _check_finite(losses["loss"], config["stage"], epoch, steps_before, step, rank, world)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        sparse_gradients.all_reduce()
         optimizer.step()
         n = int(batch["label"].shape[0])
         rows += n

@@ -4,8 +4,9 @@ Adam (dense gradients) or, with `train.sparse_embeddings`, a row-wise Adam on sp
 Dense Adam steps every row of every table at every step, whatever the batch looked up: at
 Tenrec's vocabularies (7.1M rows) that step alone takes 0.69 s per batch on one CPU core
 (docs/BENCHMARKS.md, "Embedding tables"), and DDP all-reduces the whole table's gradient.
-With sparse gradients a step touches only the rows the batch read, and DDP all-reduces only
-those (on gloo; NCCL has no sparse all-reduce, so a multi-GPU run must stay dense).
+With sparse gradients a step touches only the rows the batch read, and the workers exchange
+only those (`train.sparse_sync`; on gloo: no GPU run has checked it on NCCL, so a multi-GPU run
+stays dense).
 `RowAdam` is Adam restricted to the rows that have a gradient ("lazy" Adam): a row's moments
 decay only when it is read, which dense Adam does at every step. docs/training.md compares
 the two on the quick start. It is `torch.optim.SparseAdam`'s update, written with index
@@ -119,7 +120,7 @@ def use_sparse_embeddings(
     if device.type == "cuda" and world > 1 and sparse_tables(model):
         model.use_sparse_gradients(False)
         raise ConfigError(
-            "train.sparse_embeddings: NCCL cannot all-reduce sparse gradients; on several GPU "
+            "train.sparse_embeddings: NCCL is not checked for sparse table gradients; on several GPU "
             "workers set it to false (or scaling.use_gpu: false to train on CPUs with gloo)"
         )
 
