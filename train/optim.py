@@ -114,8 +114,7 @@ def use_sparse_embeddings(
     model: CTRModel, device: torch.device, world: int, min_rows: int = 0
 ) -> None:
     """Switch the model's trainable tables of at least `min_rows` rows to sparse gradients.
-    Before DDP wraps the model: DDP gives sparse-gradient parameters buckets of their own when
-    it is built."""
+    Before DDP wraps the model, which must leave them to `train.sparse_sync`."""
     model.use_sparse_gradients(True, min_rows)
     if device.type == "cuda" and world > 1 and sparse_tables(model):
         model.use_sparse_gradients(False)
