@@ -11,13 +11,15 @@ Phases (each logs one line), with the module that holds each; this one runs them
     etl/raw_lines.py;
  2. number every raw line (line_no): etl/raw_lines.py;
  3. parse and validate every line (bad lines -> quarantine: etl/raw_lines.py), in the map
-    tasks of the one shuffle by user; split each user's rows of an entity in line order
-    (train / valid / test), count likes; the summary's counts, checked to reconcile:
-    etl/split.py;
- 4. vocabularies and bucket boundaries from the train split: etl/vocab.py;
- 5. encode every feature as an index; liked-item sequences, bounded per user by seq_len; write
-    the samples' files: etl/encode.py;
- 6. write vocab and quarantine, commit the three Delta tables, then the schema file: here.
+    tasks of the one shuffle by user (etl/split.py); then one Arrow pass per group of users
+    splits each user's rows of an entity in line order (train / valid / test), counts for the
+    summary (checked to reconcile) and the vocabularies, and stages the group's rows:
+    etl/split_pass.py;
+ 4. vocabularies and bucket boundaries from the train split: etl/vocab.py; the vocab table's
+    files;
+ 5. one Arrow pass per group: encode every feature as an index, liked-item sequences
+    bounded by seq_len, the samples' files: etl/samples_pass.py;
+ 6. write the quarantine, commit the three Delta tables, then the schema file: here.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import time
 import uuid
 from functools import reduce
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pyspark import SparkConf, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from etl.config import DataConfig, Feature, load_config
-from etl.encode import _encode, _file_order, _samples
+from etl.encode import _order_hash
 from etl.raw_lines import (
     InputError,
     _numbered_lines,
@@ -47,13 +50,17 @@ from etl.raw_lines import (
     _read_header,
     _union,
 )
-from etl.split import _log_summary, _split_rows, _summarize
+from etl.samples_pass import SamplesPass, samples_schema
+from etl.split import _log_summary, _split_groups, _summarize
+from etl.split_pass import QUARANTINED, STAT, TRAIN_VALUES
 from etl.storage import (
     HadoopFs,
+    TableWrite,
     Writer,
     WriterError,
     discard_uncommitted,
     resolve_writer,
+    run_dir,
     write_table,
 )
 from etl.vocab import (
@@ -79,8 +86,8 @@ from mkt.contract import (
 from mkt.schema import Feature as SchemaFeature
 from mkt.schema import FeatureSchema
 
-# _file_order lives in etl/encode.py; tests/test_etl_build.py imports it from here.
-__all__ = ["InputError", "_file_order", "build_samples", "main"]
+# _order_hash lives in etl/encode.py; tests/test_etl_build.py imports it from here.
+__all__ = ["InputError", "_order_hash", "build_samples", "main"]
 
 log = logging.getLogger("etl.build_samples")
 
@@ -195,59 +202,69 @@ def build_samples(
             f"parsing and validating lines; splitting users' rows in {files} groups "
             f"(history mode {config.history_mode})",
         )
-        # Lines are parsed in the shuffle's map tasks, quarantined ones included: the cache
-        # then holds every line once, and the quarantine and its counts read it (docs/etl.md).
-        rows = persist(_split_rows(parsed, config, files))
-        quarantine = rows.where(F.col("reason").isNotNull()).select(*QUARANTINE_COLUMNS)
-        kept = rows.where(F.col("kept"))
-        summary = _summarize(rows, kept, input_lines, config)
+        # Lines are parsed in the shuffle's map tasks, quarantined ones included; the split
+        # pass stages each group's kept rows in the run's directory for phase 5, and what the
+        # driver's aggregations read of it stays in the cache (docs/etl.md).
+        staging_uri = f"{output_dir}/{STAGING_PREFIX}{run_id}"
+        groups = persist(_split_groups(parsed, config, files, staging_uri))
+        stats = (
+            groups.where(F.col("kind") == STAT)
+            .groupBy("name")
+            .agg(F.sum("count").alias("count"))
+            .collect()
+        )
+        summary = _summarize({r.name: r["count"] for r in stats}, input_lines, config)
 
         phase(4, "vocabularies and buckets on the train split")
-        train = kept.where(F.col("split") == "train")
-        boundaries = _bucket_boundaries(train, config)
-        counts = persist(_train_counts(train, boundaries, config).coalesce(files))
-        # One job for all the driver needs of the counts; the vocabulary's numbering runs in
-        # the jobs that broadcast it, which share its one shuffle (phase 5).
+        boundaries = _bucket_boundaries(groups.where(F.col("kind") == TRAIN_VALUES), config)
+        counts = persist(_train_counts(groups, boundaries, config).coalesce(files))
+        # One job for all the driver needs of the counts.
         counted = _count_summary(counts, config)
         sizes = counted.sizes
         summary["rare_ids"] = counted.rare_ids
-        vocab = persist(
-            _categorical_vocab(counts, config).unionByName(
-                _bucket_vocab(spark, counted.per_bucket, boundaries, config)
-            )
+        vocab = _categorical_vocab(counts, config).unionByName(
+            _bucket_vocab(spark, counted.per_bucket, boundaries, config)
         )
+        # Written first: each task of phase 5 reads its files.
+        writes = {
+            VOCAB_TABLE: write_table(
+                vocab.coalesce(1), f"{output_dir}/{VOCAB_TABLE}", [], chosen_writer, run_id
+            )
+        }
 
         phase(5, f"encoding; liked-item sequences (seq_len {config.seq_len}); writing samples")
-        encoded = _encode(kept, vocab, sizes, boundaries, config)
-        # The file writer would sort by (entity, split) itself, and Spark would drop the sort
-        # that gives each file its row order: let it keep one file per partition open instead.
-        writers = spark.conf.get(CONCURRENT_WRITERS)
-        spark.conf.set(CONCURRENT_WRITERS, str(len(SPLITS) * len(config.entities)))
-        try:
-            writes = {
-                SAMPLES_TABLE: write_table(
-                    _samples(encoded, config),
-                    f"{output_dir}/{SAMPLES_TABLE}",
-                    TABLES[SAMPLES_TABLE],
-                    chosen_writer,
-                    run_id,
-                )
-            }
-        finally:
-            spark.conf.set(CONCURRENT_WRITERS, writers)
+        writes[SAMPLES_TABLE] = _write_samples(
+            spark.range(0, files, 1, files),
+            SamplesPass(
+                config,
+                boundaries,
+                tuple(writes[VOCAB_TABLE].files()),
+                samples_schema(config),
+                staging_uri,
+                files_uri=None,
+                run_id=run_id,
+            ),
+            f"{output_dir}/{SAMPLES_TABLE}",
+            sum(e["samples"] for e in summary["entities"].values()),
+            chosen_writer,
+            run_id,
+        )
 
-        phase(6, f"writing vocab and quarantine; committing ({chosen_writer} writer) {output_dir}")
-        # One quarantine file in line order; its one task reads only the cache's columns that
-        # the quarantine needs (0.3-0.5 CPU s at 5M raw rows).
-        quarantined = quarantine.coalesce(1).sortWithinPartitions("entity", "line_no")
-        for table, frame in ((VOCAB_TABLE, vocab.coalesce(1)), (QUARANTINE_TABLE, quarantined)):
-            writes[table] = write_table(
-                frame, f"{output_dir}/{table}", TABLES[table], chosen_writer, run_id
-            )
+        phase(6, f"writing quarantine; committing ({chosen_writer} writer) {output_dir}")
+        # One quarantine file in line order.
+        quarantined = (
+            groups.where(F.col("kind") == QUARANTINED)
+            .select(*QUARANTINE_COLUMNS)
+            .coalesce(1)
+            .sortWithinPartitions("entity", "line_no")
+        )
+        writes[QUARANTINE_TABLE] = write_table(
+            quarantined, f"{output_dir}/{QUARANTINE_TABLE}", [], chosen_writer, run_id
+        )
         schema = _feature_schema(config, sizes, boundaries, input_dir, summary)
         # Each table commits atomically, but the three commits are not one transaction: the
         # schema file, written last, names the versions that belong together.
-        versions = {t: w.commit(spark) for t, w in writes.items()}
+        versions = {t: writes[t].commit(spark) for t in TABLES}
         schema = dataclasses.replace(schema, table_versions=versions)
         summary["table_versions"] = versions
         summary["output_dir"] = output_dir
@@ -268,6 +285,41 @@ def build_samples(
         spark.sparkContext.setJobDescription(None)
     _log_summary(summary)
     return summary
+
+
+def _write_samples(
+    groups: DataFrame,
+    samples: SamplesPass,
+    table_path: str,
+    expected_rows: int,
+    writer: Literal["spark", "rs"],
+    run_id: str,
+) -> TableWrite:
+    """Phase 5: the Arrow pass over each group of users (`groups`: one row per group, its
+    number, in a partition of its own). With delta-rs its tasks write the files under the
+    table's run directory themselves and return their names; delta-spark writes the rows they
+    return. Raises unless the files hold every sample row."""
+    partition_by = TABLES[SAMPLES_TABLE]
+    if writer == "spark":
+        frame = groups.mapInArrow(samples, from_arrow_schema(samples.schema))
+        # The file writer would sort by (entity, split) itself and drop the rows' file order:
+        # let it keep one file per partition open instead.
+        spark = groups.sparkSession
+        writers = spark.conf.get(CONCURRENT_WRITERS)
+        spark.conf.set(CONCURRENT_WRITERS, str(len(SPLITS) * len(samples.config.entities)))
+        try:
+            return write_table(frame, table_path, partition_by, writer, run_id)
+        finally:
+            spark.conf.set(CONCURRENT_WRITERS, writers)
+    files_dir = run_dir(run_id)
+    samples = dataclasses.replace(samples, files_uri=f"{table_path}/{files_dir}")
+    written = groups.mapInArrow(samples, "path string, rows long").collect()
+    if sum(w.rows for w in written) != expected_rows:
+        raise RuntimeError(
+            f"{table_path}: {len(written)} files hold {sum(w.rows for w in written)} rows, "
+            f"expected {expected_rows} samples"
+        )
+    return TableWrite(table_path, writer, samples.schema, partition_by, files_dir)
 
 
 def _discard_run(fs: HadoopFs, output_dir: str, run_id: str) -> None:

@@ -1,192 +1,89 @@
-"""Phase 3 of the ETL (etl/build_samples.py): the one shuffle by user; each user's rows of an
-entity split in line order (train / valid / test), like counts; the summary's counts, checked
-to reconcile, and the summary's log at the job's end.
+"""Phase 3 of the ETL (etl/build_samples.py), Spark's side: the one shuffle by user, which
+hands each group of users to the Arrow pass (etl/split_pass.py) in (user, entity, line) order;
+the summary from the pass's counts, checked to reconcile; and the summary's log at the job's end.
 
 Apart because every later phase relies on what this shuffle leaves: the groups of users that
-become the samples files, and the order (user, HISTORY_KEY: entity and likes before, line)
-that the sequence window reads without another shuffle or sort.
+become the samples files, and the rows staged in that order.
 """
 
 from __future__ import annotations
 
 import logging
-from functools import reduce
 from typing import Any
 
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from etl.config import DataConfig
+from etl.encode import _pass_columns
 from etl.raw_lines import _raw
+from etl.samples_pass import GROUP
+from etl.split_pass import STAT_SEPARATOR, SplitPass, output_schema
 from mkt.contract import SPLITS
 
 # The job's logger (etl/build_samples.py sets its handler).
 log = logging.getLogger("etl.build_samples")
 
-# The columns of every row between the shuffle by user and the encoding.
-USER = ["user_hash", "user_key", "entity"]
-# Each row's place in its user's histories, one number (a range frame's order key must be one
-# column): the entity's ordinal in the config above ENTITY_SHIFT bits, the user's likes on
-# earlier lines of that entity below. The sequence window (etl/encode.py) orders by it.
-HISTORY_KEY = "history_key"
-ENTITY_SHIFT = 40
-# With `sequence.activity`: the user's rows and likes of the row's entity on earlier lines.
-ROWS_BEFORE, LIKES_BEFORE = "rows_before", "likes_before"
 
+def _split_groups(parsed: DataFrame, config: DataConfig, files: int, staging_uri: str) -> DataFrame:
+    """Every line, shuffled into `files` groups of users, through the split pass.
 
-def _split_rows(parsed: DataFrame, config: DataConfig, files: int) -> DataFrame:
-    """Every line, shuffled into `files` groups of users, with its split and like count.
-
-    The groups are the samples table's files (rows of one user stay in one file); every later
-    step runs per user inside them. A quarantined line (`reason` not null) comes along, so that
-    the lines are parsed in the shuffle's map tasks and nothing is staged; it is not `kept`,
-    and counts for nothing below. Per (entity, user), kept rows in line order; n rows, n_test =
-    floor(test_fraction * n + 0.5) last rows are test, of n_fit = n - n_test the last
-    floor(valid_fraction * n_fit + 0.5) are valid. HISTORY_KEY holds the entity and the
-    user's likes on earlier lines of it. An exact duplicate is `kept` = false when they are
-    dropped (it stays here only to be counted).
-
-    Output ordered by (user_hash, user_key, HISTORY_KEY, line_no): each entity's rows in line
-    order, and what the sequence window, one per user whose frames are counted in likes,
-    needs without a sort of its own.
+    The groups are the samples table's files (rows of one user stay in one file). A
+    quarantined line (`reason` not null) comes along, so that the lines are parsed in the
+    shuffle's map tasks and nothing is read twice. Each task stages its group's kept rows
+    under staging_uri and returns the rows of etl.split_pass.output_schema.
     """
-    # Both frames under one order: Spark evaluates them in one window operator, which buffers
-    # each (user, entity)'s rows once; an unordered whole-partition window was a second one.
-    in_order = Window.partitionBy(*USER).orderBy("line_no")
-    running = in_order.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    user = in_order.rowsBetween(Window.unboundedPreceding, Window.unboundedFollowing)
-    rows = parsed.withColumn("user_hash", F.xxhash64("user_key")).repartition(files, "user_hash")
-    good = F.col("reason").isNull()
-    if config.duplicates == "drop":
-        # Identical lines are all good or all quarantined: a good line's copies are good lines.
-        copies = Window.partitionBy(*USER, "line_hash").orderBy("line_no")
-        rows = rows.withColumn("kept", good & (F.row_number().over(copies) == 1))
-    else:
-        rows = rows.withColumn("kept", good)
-    counted = F.col("kept").cast("long")
-    # A quarantined line's label may be null: its term is null, which sum skips.
-    liked = counted * F.col("label")
-    rows = rows.select(
-        "*",
-        F.sum(counted).over(running).alias("rank"),
-        F.sum(counted).over(user).alias("n"),
-        (F.sum(liked).over(running) - F.coalesce(liked, F.lit(0))).alias("likes_before"),
+    categorical = [_raw(f) for f in config.features if f.kind == "categorical"]
+    lines = (
+        parsed.withColumn("user_hash", F.xxhash64("user_key"))
+        .repartition(files, "user_hash")
+        .sortWithinPartitions("user_hash", "user_key", "entity", "line_no")
+        .select(
+            "entity",
+            "line_no",
+            "reason",
+            "raw_line",
+            "line_hash",
+            "user_key",
+            "label",
+            F.spark_partition_id().alias(GROUP),
+            *categorical,
+            *_pass_columns(config),
+        )
     )
-    n_test = F.floor(F.col("n") * config.test_fraction + 0.5)
-    n_fit = F.col("n") - n_test
-    n_train = n_fit - F.floor(n_fit * config.valid_fraction + 0.5)
-    split = (
-        F.when(F.col("rank") <= n_train, "train")
-        .when(F.col("rank") <= n_fit, "valid")
-        .otherwise("test")
+    return lines.mapInArrow(
+        SplitPass(config, staging_uri), from_arrow_schema(output_schema(config))
     )
-    return rows.select(
-        *USER,
-        "line_no",
-        "label",
-        "kept",
-        "line_hash",
-        "reason",
-        "raw_line",
-        split.alias("split"),
-        _history_key(config).alias(HISTORY_KEY),
-        *[_raw(f) for f in config.features],
-        *(
-            [(F.col("rank") - counted).alias(ROWS_BEFORE), F.col(LIKES_BEFORE)]
-            if config.activity
-            else []
-        ),
-    ).sortWithinPartitions("user_hash", "user_key", HISTORY_KEY, "line_no")
-
-
-def _history_key(config: DataConfig) -> Column:
-    ordinal = reduce(
-        lambda chosen, e: chosen.when(F.col("entity") == e, config.entity_names.index(e)),
-        config.entity_names,
-        F.when(F.lit(False), 0),
-    )
-    return F.shiftleft(ordinal.cast("long"), ENTITY_SHIFT) + F.col("likes_before")
 
 
 def _summarize(
-    rows: DataFrame,
-    kept: DataFrame,
-    input_lines: dict[str, int],
-    config: DataConfig,
+    stats: dict[str, int], input_lines: dict[str, int], config: DataConfig
 ) -> dict[str, Any]:
-    """Counts per entity and split; raises if input lines != samples + quarantined + removed.
+    """Counts per entity and split from the pass's per-group counts (summed over the groups);
+    raises if input lines != samples + quarantined + removed."""
 
-    Two jobs, each aggregating per user first, inside the shuffled groups (no further
-    shuffle): one gives the users per set of entities (the overlap) with their rows, likes
-    and users per (entity, split); the other the exact duplicates among the good lines and
-    the quarantined lines per reason kind (the text before ':').
-    """
-    parts = [(e, s) for e in config.entity_names for s in SPLITS]
+    def stat(*key: str) -> int:
+        return stats.get(STAT_SEPARATOR.join(key), 0)
 
-    def part(e: str, s: str) -> Column:
-        return (F.col("entity") == e) & (F.col("split") == s)
-
-    per_user = kept.groupBy("user_hash", "user_key").agg(
-        *[F.max(F.col("entity") == e).alias(f"in__{e}") for e in config.entity_names],
-        *[F.count(F.when(part(e, s), 1)).alias(f"rows__{e}__{s}") for e, s in parts],
-        *[F.sum(F.when(part(e, s), F.col("label"))).alias(f"likes__{e}__{s}") for e, s in parts],
-    )
-    by_entities = (
-        per_user.groupBy(*[f"in__{e}" for e in config.entity_names])
-        .agg(
-            F.count(F.lit(1)).alias("users"),
-            *[
-                F.sum(f"{k}__{e}__{s}").alias(f"{k}__{e}__{s}")
-                for k in ("rows", "likes")
-                for e, s in parts
-            ],
-            *[
-                F.count(F.when(F.col(f"rows__{e}__{s}") > 0, 1)).alias(f"users__{e}__{s}")
-                for e, s in parts
-            ],
-        )
-        .collect()
-    )
     overlap = {
-        "+".join(sorted(e for e in config.entity_names if r[f"in__{e}"])): r.users
-        for r in by_entities
+        key.split(STAT_SEPARATOR, 1)[1]: n for key, n in stats.items() if key.startswith("overlap")
     }
-
-    def total(key: str) -> int:
-        return sum(r[key] or 0 for r in by_entities)
-
-    # Copies of a line share its reason: grouped by it too, the good lines' groups (kind
-    # null) give the duplicates, the quarantined lines' the count per reason kind.
-    kind = F.substring_index("reason", ":", 1).alias("kind")
-    copies = rows.groupBy(*USER, "line_hash", kind).agg(F.count(F.lit(1)).alias("copies"))
-    duplicates: dict[str, int] = {}
-    reasons: dict[str, dict[str, int]] = {e: {} for e in config.entity_names}
-    for r in (
-        copies.groupBy("entity", "kind")
-        .agg(
-            F.sum(F.col("copies") - 1).alias("duplicates"),
-            F.sum("copies").alias("lines"),
-        )
-        .collect()
-    ):
-        if r.kind is None:
-            duplicates[r.entity] = r.duplicates
-        else:
-            reasons[r.entity][r.kind] = r.lines
-
     entities = {}
     for e in config.entity_names:
-        quarantined = sum(reasons[e].values())
-        found = duplicates.get(e) or 0
+        prefix = f"reason{STAT_SEPARATOR}{e}{STAT_SEPARATOR}"
+        reasons = {k[len(prefix) :]: n for k, n in stats.items() if k.startswith(prefix)}
+        quarantined = sum(reasons.values())
+        found = stat("duplicates", e)
         removed = found if config.duplicates == "drop" else 0
         splits = {}
         for s in SPLITS:
-            n_rows, likes = total(f"rows__{e}__{s}"), total(f"likes__{e}__{s}")
+            n_rows, likes = stat("rows", e, s), stat("likes", e, s)
             splits[s] = {
                 "rows": n_rows,
                 "likes": likes,
                 "like_rate": likes / n_rows if n_rows else None,
-                "users": total(f"users__{e}__{s}"),
+                "users": stat("users", e, s),
             }
         samples = sum(s["rows"] for s in splits.values())
         if input_lines[e] != samples + quarantined + removed:
@@ -198,7 +95,7 @@ def _summarize(
             "input_lines": input_lines[e],
             "samples": samples,
             "quarantined": quarantined,
-            "quarantine_reasons": reasons[e],
+            "quarantine_reasons": dict(sorted(reasons.items())),
             "duplicates_found": found,
             "duplicates_removed": removed,
             "users": sum(n for key, n in overlap.items() if e in key.split("+")),

@@ -153,6 +153,19 @@ class TableWrite:
     partition_by: list[str]
     files_dir: str  # relative to table_path (rs); "" for delta-spark, which has committed
 
+    def files(self) -> list[str]:
+        """URIs of the Parquet files this write made: with delta-spark the table's version it
+        committed, with delta-rs the run directory (not committed yet)."""
+        if self.writer == "spark":
+            from deltalake import DeltaTable
+
+            return sorted(DeltaTable(self.table_path).file_uris())
+        filesystem, root = _filesystem(self.table_path)
+        return [
+            f"{self.table_path}/{info.path[len(root) + 1 :]}"
+            for info in _data_files(filesystem, f"{root}/{self.files_dir}")
+        ]
+
     def commit(self, spark: SparkSession) -> int:
         """Commit (delta-rs) and return the table version this run created."""
         if self.writer == "spark":
@@ -246,16 +259,11 @@ def _add_actions(table_path: str, files_dir: str, partition_by: list[str]) -> li
     another order) must log them in the same order for training to repeat."""
     import pyarrow.parquet as pq
     from deltalake.transaction import AddAction
-    from pyarrow import fs as pafs
 
-    filesystem, root = pafs.FileSystem.from_uri(table_path)
-    selector = pafs.FileSelector(f"{root}/{files_dir}", recursive=True)
+    filesystem, root = _filesystem(table_path)
     actions = []
-    for info in sorted(filesystem.get_file_info(selector), key=lambda info: info.path):
+    for info in _data_files(filesystem, f"{root}/{files_dir}"):
         relative = info.path[len(root) + 1 :]
-        name = relative.rsplit("/", 1)[-1]
-        if info.type != pafs.FileType.File or name.startswith(("_", ".")):
-            continue
         values = dict(part.split("=", 1) for part in relative.split("/")[1:-1])
         partition_values = {
             key: None if values[key] == HIVE_NULL else unquote(values[key]) for key in partition_by
@@ -272,6 +280,27 @@ def _add_actions(table_path: str, files_dir: str, partition_by: list[str]) -> li
             )
         )
     return actions
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    from pyarrow import fs as pafs
+
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _data_files(filesystem: Any, directory: str) -> list[Any]:
+    """The data files under a directory, in path order (hidden and `_` files are not data)."""
+    from pyarrow import fs as pafs
+
+    infos = filesystem.get_file_info(pafs.FileSelector(directory, recursive=True))
+    return sorted(
+        (
+            info
+            for info in infos
+            if info.type == pafs.FileType.File and not info.base_name.startswith(("_", "."))
+        ),
+        key=lambda info: info.path,
+    )
 
 
 def _stats(metadata: Any) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 train split only.
 
 Apart because only train rows may shape the indices: nothing of the valid and test rows leaks
-into them. Buckets are counted with the encoding's own bucket code (etl/encode.py), so a
-bucket's vocab count is exactly the train rows encoded with its index.
+into them. A bucket's vocab count is the train rows whose number falls in it, by the rule the
+encoding applies (etl/samples_pass.py: 3 + the boundaries <= the value).
 """
 
 from __future__ import annotations
@@ -13,62 +13,53 @@ from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import LongType
 
 from etl.config import DataConfig, Feature
-from etl.encode import _bucket_code, _number, _with_numbers
+from etl.encode import _bucket
 from etl.raw_lines import _local_frame, _raw
+from etl.split_pass import TRAIN_COUNT, TRAIN_VALUES
 from mkt.contract import FIRST_INDEX
 
 
 def _train_counts(
-    train: DataFrame, boundaries: dict[str, list[float]], config: DataConfig
+    groups: DataFrame, boundaries: dict[str, list[float]], config: DataConfig
 ) -> DataFrame:
-    """(feature, entity, value, count) over the train split, in one pass: every categorical
-    raw value (`entity` null except for per-entity id spaces) and every bucketized feature's
-    index (as text).
+    """(feature, entity, value, count) over the train split: every categorical raw value
+    (`entity` null except for per-entity id spaces) and every bucket index (as text) of a
+    bucketized feature's numbers.
 
-    Counted under numeric keys (the feature's and entity's ordinals, and the value itself when
-    it is a number: integer ids and bucket indices), named and turned into text only once per
-    distinct value: hashing and comparing the names and the ids' text on every train row cost
-    more than the counting.
+    The split pass counted the categorical values per group under numeric keys (the
+    feature's and entity's ordinals, and the value itself when it is a number); here the
+    groups' counts are summed, and the bucketized values counted per distinct value before
+    each gets its bucket, so the bucket code (interpreted by Spark) runs once per value, not
+    per row. Names and the values' text are attached once per distinct value.
     """
     names = [f.name for f in config.features]
-    numeric = {
-        f.name
-        for f in config.features
-        if f.kind == "bucketized" or isinstance(train.schema[_raw(f)].dataType, LongType)
-    }
-    entries = {}
-    for entity in config.entity_names:
-        items = []
-        for f in config.features_of(entity):
-            if f.kind == "categorical":
-                value = F.col(_raw(f))
-            else:
-                value = _bucket_code(f, boundaries[f.name], F.col(_number(f)))
-            scope = config.entity_names.index(entity) if f.per_entity_ids else None
-            items.append(
-                F.struct(
-                    F.lit(names.index(f.name)).alias("f"),
-                    F.lit(scope).cast("int").alias("e"),
-                    (value if f.name in numeric else F.lit(None)).cast("long").alias("number"),
-                    (F.lit(None) if f.name in numeric else value).cast("string").alias("text"),
-                )
-            )
-        entries[entity] = F.array(*items)
-    per_row = reduce(
-        lambda chosen, e: chosen.when(F.col("entity") == e, entries[e]),
-        config.entity_names[1:],
-        F.when(F.col("entity") == config.entity_names[0], entries[config.entity_names[0]]),
+    categorical = groups.where(F.col("kind") == TRAIN_COUNT).select(
+        "f", "e", "number", "text", "count"
     )
+    buckets = []
+    values = groups.where(F.col("kind") == TRAIN_VALUES)
+    for f in _bucketized(config):
+        per_value = (
+            values.where(F.col(_raw(f)).isNotNull())
+            .groupBy(_raw(f))
+            .agg(F.count(F.lit(1)).alias("count"))
+        )
+        buckets.append(
+            per_value.select(
+                F.lit(names.index(f.name)).cast("int").alias("f"),
+                F.lit(None).cast("int").alias("e"),
+                _bucket(boundaries[f.name], F.col(_raw(f))).alias("number"),
+                F.lit(None).cast("string").alias("text"),
+                "count",
+            )
+        )
     counted = (
-        _with_numbers(train, _bucketized(config))
-        .select(F.explode(per_row).alias("e"))
-        .select("e.*")
-        .where(F.col("number").isNotNull() | F.col("text").isNotNull())
+        reduce(DataFrame.unionByName, buckets, categorical)
         .groupBy("f", "e", "number", "text")
-        .agg(F.count(F.lit(1)).alias("count"))
+        # Not null, as a count: the vocab table's schema says so.
+        .agg(F.coalesce(F.sum("count"), F.lit(0)).alias("count"))
     )
     return counted.select(
         F.get(F.array(*[F.lit(n) for n in names]), F.col("f")).alias("feature"),

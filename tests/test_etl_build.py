@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from etl.build_samples import InputError, _discard_run, _file_order, build_samples
+from etl.build_samples import InputError, _discard_run, _order_hash, build_samples
 from etl.config import DataConfig, load_config
 from etl.split import _log_summary
 from etl.storage import HadoopFs, WriterError, resolve_writer
@@ -980,7 +980,7 @@ def test_samples_files_mix_users_in_a_fixed_order(spark, built: Built) -> None:
             frame = rows.to_pandas().assign(entity=entity, split=split)
             keys = (
                 spark.createDataFrame(frame.reset_index())
-                .select("index", _file_order(config).alias("key"))
+                .select("index", _order_hash(config).alias("key"))
                 .toPandas()
                 .sort_values("index")
                 .key

@@ -61,7 +61,8 @@ def schema_file(out: Path) -> dict:
 
 
 def kill_when(out: Path, started_writing: str, tmp: Path) -> None:
-    """Run the job with spark-submit; SIGKILL its process group once `started_writing` exists."""
+    """Run the job with spark-submit; SIGKILL its process group once a path matching the glob
+    `started_writing` exists that did not before the run."""
     command = [
         str(Path(sys.executable).parent / "spark-submit"),
         "--master",
@@ -77,6 +78,7 @@ def kill_when(out: Path, started_writing: str, tmp: Path) -> None:
         str(out),
     ]
     log = tmp / f"killed-{len(list(tmp.glob('killed-*')))}.log"
+    existing = set(out.glob(started_writing))
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
     with log.open("w") as output:
         job = subprocess.Popen(
@@ -84,7 +86,7 @@ def kill_when(out: Path, started_writing: str, tmp: Path) -> None:
         )
         deadline = time.monotonic() + 300
         try:
-            while not list(out.glob(started_writing)):
+            while not set(out.glob(started_writing)) - existing:
                 assert job.poll() is None, (
                     f"job ended before {started_writing}:\n{log.read_text()[-3000:]}"
                 )
@@ -105,9 +107,9 @@ def test_killed_runs_keep_the_previous_version_and_a_rerun_recovers(spark, tmp_p
     previous, previous_schema = read_tables(out), schema_file(out)
     assert previous_schema["table_versions"] == dict.fromkeys(TABLES, 0)
 
-    # 1. Killed while writing the samples files: nothing committed, the run's marker dir is
-    # left behind.
-    kill_when(out, "samples/run-*/_temporary", tmp_path)
+    # 1. Killed while writing the samples files (phase 5's tasks write them in place, under the
+    # run's directory): nothing committed, the run's marker dir is left behind.
+    kill_when(out, "samples/run-*/entity=*/split=*/part-*", tmp_path)
     assert {t: DeltaTable(str(out / t)).version() for t in TABLES} == dict.fromkeys(TABLES, 0)
     assert_same_tables(read_tables(out), previous)
     assert schema_file(out) == previous_schema
