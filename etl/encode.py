@@ -42,12 +42,13 @@ def _pass_columns(config: DataConfig) -> list[Column]:
 
 
 def _bucket(boundaries: Sequence[float], value: Column) -> Column:
-    """FIRST_INDEX + the number of boundaries <= value."""
-    return F.aggregate(
-        F.array(*[F.lit(float(b)) for b in boundaries]).cast("array<double>"),
-        F.lit(FIRST_INDEX).cast("long"),
-        lambda count, b: count + (value >= b).cast("long"),
-    )
+    """FIRST_INDEX + the number of boundaries <= value (sorted boundaries; NaN, which Spark
+    orders above every number, is in the last bucket), as a comparison chain: Spark generates
+    code for it, where a higher-order function runs interpreted."""
+    bucket = F.when(F.lit(False), F.lit(0).cast("long"))
+    for i, boundary in enumerate(boundaries):
+        bucket = bucket.when(value < F.lit(float(boundary)), F.lit(FIRST_INDEX + i).cast("long"))
+    return bucket.otherwise(F.lit(FIRST_INDEX + len(boundaries)).cast("long"))
 
 
 def _order_hash(config: DataConfig) -> Column:

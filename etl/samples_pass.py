@@ -160,7 +160,7 @@ class SamplesPass:
             present = other >= 0
             return np.where(present, kind_rows, 0), np.where(present, kind_likes, 0)
 
-        sequences: dict[str, np.ndarray] = {}  # name -> (rows, seq_len) matrix
+        sequences: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> _newest_first
         columns: dict[str, np.ndarray | pa.ChunkedArray] = {
             "line_no": rows.column("line_no"),
             "user_key": rows.column("user_key"),
@@ -250,7 +250,7 @@ class SamplesPass:
     def _table(
         self,
         columns: dict[str, np.ndarray | pa.ChunkedArray],
-        sequences: dict[str, np.ndarray],
+        sequences: dict[str, tuple[np.ndarray, np.ndarray]],
         chosen: np.ndarray,
         entity: str,
         split: str,
@@ -265,7 +265,8 @@ class SamplesPass:
                 text = entity if field.name == "entity" else split
                 arrays.append(pa.array(np.full(len(chosen), text, object), pa.string()))
             elif field.name in sequences:
-                matrix = sequences[field.name][chosen]
+                lists, row_list = sequences[field.name]
+                matrix = lists[row_list[chosen]]
                 offsets = np.arange(0, matrix.size + 1, matrix.shape[1], dtype=np.int32)
                 arrays.append(pa.ListArray.from_arrays(offsets, matrix.ravel(), type=field.type))
             elif isinstance(columns[field.name], np.ndarray):
@@ -326,14 +327,19 @@ def _codes(column: pa.ChunkedArray, names: tuple[str, ...]) -> np.ndarray:
 
 def _newest_first(
     items: np.ndarray, start: np.ndarray, length: np.ndarray, seq_len: int
-) -> np.ndarray:
-    """(rows, seq_len): the newest seq_len of items[start : start + length] of each row,
-    newest first, padded with PAD."""
-    if len(items) == 0:
-        return np.full((len(start), seq_len), PAD, np.int64)
-    position = (start + length)[:, None] - 1 - np.arange(seq_len)[None, :]
-    real = position >= start[:, None]
-    return np.where(real, items[np.clip(position, 0, len(items) - 1)], PAD).astype(np.int64)
+) -> tuple[np.ndarray, np.ndarray]:
+    """The newest seq_len of items[start : start + length] of each row, newest first, padded
+    with PAD, as (lists, row_list): row i's list is lists[row_list[i]]. Rows share lists (a
+    user's rows until the next like, a block's frozen rows), so each distinct one is built
+    once."""
+    end = start + length
+    kept = np.minimum(length, seq_len)
+    distinct, row_list = np.unique(end * (seq_len + 1) + kept, return_inverse=True)
+    end, kept = np.divmod(distinct, seq_len + 1)
+    newest = np.arange(seq_len)
+    position = np.clip(end[:, None] - 1 - newest, 0, max(len(items) - 1, 0))
+    values = items[position] if len(items) else np.zeros(position.shape, np.int64)
+    return np.where(newest < kept[:, None], values, PAD).astype(np.int64), row_list
 
 
 def _without_partitions(schema: pa.Schema) -> pa.Schema:

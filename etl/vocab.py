@@ -9,7 +9,6 @@ encoding applies (etl/samples_pass.py: 3 + the boundaries <= the value).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import reduce
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -30,33 +29,44 @@ def _train_counts(
 
     The split pass counted the categorical values per group under numeric keys (the
     feature's and entity's ordinals, and the value itself when it is a number); here the
-    groups' counts are summed, and the bucketized values counted per distinct value before
-    each gets its bucket, so the bucket code (interpreted by Spark) runs once per value, not
-    per row. Names and the values' text are attached once per distinct value.
+    groups' counts are summed with the train rows' buckets, in one aggregation. Names and the
+    values' text are attached once per distinct value.
     """
     names = [f.name for f in config.features]
     categorical = groups.where(F.col("kind") == TRAIN_COUNT).select(
         "f", "e", "number", "text", "count"
     )
-    buckets = []
-    values = groups.where(F.col("kind") == TRAIN_VALUES)
-    for f in _bucketized(config):
-        per_value = (
-            values.where(F.col(_raw(f)).isNotNull())
-            .groupBy(_raw(f))
-            .agg(F.count(F.lit(1)).alias("count"))
+    entry = F.struct(F.lit(None).cast("int").alias("f"), F.lit(None).cast("long").alias("number"))
+    buckets = (
+        groups.where(F.col("kind") == TRAIN_VALUES)
+        .select(
+            F.explode(
+                F.array(
+                    *[
+                        F.when(
+                            F.col(_raw(f)).isNotNull(),
+                            F.struct(
+                                F.lit(names.index(f.name)).alias("f"),
+                                _bucket(boundaries[f.name], F.col(_raw(f))).alias("number"),
+                            ),
+                        ).otherwise(entry)
+                        for f in _bucketized(config)
+                    ]
+                    or [entry]
+                )
+            ).alias("entry")
         )
-        buckets.append(
-            per_value.select(
-                F.lit(names.index(f.name)).cast("int").alias("f"),
-                F.lit(None).cast("int").alias("e"),
-                _bucket(boundaries[f.name], F.col(_raw(f))).alias("number"),
-                F.lit(None).cast("string").alias("text"),
-                "count",
-            )
+        .where(F.col("entry.f").isNotNull())
+        .select(
+            "entry.f",
+            F.lit(None).cast("int").alias("e"),
+            "entry.number",
+            F.lit(None).cast("string").alias("text"),
+            F.lit(1).cast("long").alias("count"),
         )
+    )
     counted = (
-        reduce(DataFrame.unionByName, buckets, categorical)
+        categorical.unionByName(buckets)
         .groupBy("f", "e", "number", "text")
         # Not null, as a count: the vocab table's schema says so.
         .agg(F.coalesce(F.sum("count"), F.lit(0)).alias("count"))
