@@ -30,8 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from etl import spark_hash
 from etl.config import DataConfig, Feature
-from etl.raw_lines import _raw
+from etl.raw_lines import _integer_id, _raw
 from mkt.contract import (
     ACTIVITY_BOUNDARIES,
     ACTIVITY_COUNTS,
@@ -46,10 +47,12 @@ from mkt.contract import (
 
 # Rows per Parquet row group at most (etl/storage.py says why).
 ROW_GROUP_ROWS = 131_072
-# The input's columns besides the raw features: the bucketized features come as their parsed
-# number (null when missing or not a number) and a flag for a missing raw value.
-ORDER_HASH = "order_hash"
+# Each bucketized feature comes as its parsed number, null when the raw value is missing or not
+# a number; NOT_NUMBERS has bit i set where the i-th bucketized feature's value is not a number.
+NOT_NUMBERS = "not_numbers"
 GROUP = "group"  # the shuffle's partition: the group of users
+# Fixes the pseudo-random order of the rows inside each samples file (file_order).
+ROW_ORDER_SEED = 20240901
 
 
 def staged_file(staging_uri: str, group: int) -> str:
@@ -70,8 +73,40 @@ def number_column(feature: Feature) -> str:
     return f"number__{feature.name}"
 
 
-def missing_column(feature: Feature) -> str:
-    return f"missing__{feature.name}"
+def integer_column(feature: Feature) -> str:
+    return f"integer__{feature.name}"
+
+
+def text_features(config: DataConfig) -> list[Feature]:
+    """The categorical features whose raw values are text (not integer ids)."""
+    return [f for f in config.features if f.kind == "categorical" and not _integer_id(f, config)]
+
+
+def categorical_values(rows: pa.Table, feature: Feature) -> pa.ChunkedArray:
+    """A categorical feature's raw values: an integer id as it is; text as Spark handed it
+    over, an integer's canonical text as the integer (integer_column), the rest as text,
+    since Spark hands text over to Arrow at several times an integer's cost."""
+    if integer_column(feature) not in rows.column_names:
+        return rows.column(_raw(feature))
+    integers = rows.column(integer_column(feature))
+    return pc.if_else(
+        integers.is_valid(), pc.cast(integers, pa.string()), rows.column(_raw(feature))
+    )
+
+
+def bucketized(config: DataConfig) -> list[Feature]:
+    """The bucketized features, in the order of NOT_NUMBERS's bits."""
+    return [f for f in config.features if f.kind == "bucketized"]
+
+
+def file_order(user_key: np.ndarray, line_no: np.ndarray, config: DataConfig) -> np.ndarray:
+    """Each row's place in its samples file: the top bits of Spark's
+    xxhash64(ROW_ORDER_SEED, user_key, line_no), as many as the job's earlier sort key of the
+    (entity, split) partitions left for it, so the files keep the row order they always had."""
+    bits = 63 - (len(config.entity_names) * len(SPLITS)).bit_length()
+    h = spark_hash.hash_int(ROW_ORDER_SEED, np.full(len(user_key), spark_hash.SEED))
+    h = spark_hash.hash_long(line_no, spark_hash.hash_long(user_key, h))
+    return (h >> np.uint64(64 - bits)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -109,7 +144,7 @@ class SamplesPass:
         config = self.config
         entities = config.entity_names
         n = rows.num_rows
-        entity = _codes(rows.column("entity"), entities)
+        entity = rows.column("entity").to_numpy()
         split = rows.column("split").to_numpy()
         user_key = rows.column("user_key").to_numpy()
         label = rows.column("label").to_numpy(zero_copy_only=False)
@@ -191,7 +226,7 @@ class SamplesPass:
             sequences[f"seq_{name}"] = _newest_first(items, start, length, config.seq_len)
             columns[f"seq_{name}_len"] = np.minimum(length, config.seq_len)
 
-        order = rows.column(ORDER_HASH).to_numpy()
+        order = file_order(user_key, rows.column("line_no").to_numpy(), config)
         parts = {}
         for e, name in enumerate(entities):
             for s, split_name in enumerate(SPLITS):
@@ -215,10 +250,12 @@ class SamplesPass:
             index = FIRST_INDEX + np.searchsorted(
                 np.asarray(self.boundaries[f.name], float), values, side="right"
             )
-            index = np.where(number.is_null().to_numpy(zero_copy_only=False), OOV, index)
-            missing = rows.column(missing_column(f)).to_numpy(zero_copy_only=False)
+            bit = np.int64(1 << bucketized(self.config).index(f))
+            not_number = (rows.column(NOT_NUMBERS).to_numpy() & bit) != 0
+            missing = number.is_null().to_numpy(zero_copy_only=False) & ~not_number
+            index = np.where(not_number, OOV, index)
         else:
-            raw = rows.column(_raw(f))
+            raw = categorical_values(rows, f)
             entries = vocab.get(f.name)
             index = np.full(len(entity), OOV, np.int64)
             if entries is not None:
@@ -319,10 +356,6 @@ def samples_schema(config: DataConfig) -> pa.Schema:
             pa.field(f"seq_{e}_len", pa.int64(), nullable=False),
         ]
     return pa.schema(fields)
-
-
-def _codes(column: pa.ChunkedArray, names: tuple[str, ...]) -> np.ndarray:
-    return pc.index_in(column, value_set=pa.array(names)).to_numpy(zero_copy_only=False)
 
 
 def _newest_first(

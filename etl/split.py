@@ -17,7 +17,6 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from etl.config import DataConfig
 from etl.encode import _pass_columns
-from etl.raw_lines import _raw
 from etl.samples_pass import GROUP
 from etl.split_pass import STAT_SEPARATOR, SplitPass, output_schema
 from mkt.contract import SPLITS
@@ -31,16 +30,19 @@ def _split_groups(parsed: DataFrame, config: DataConfig, files: int, staging_uri
 
     The groups are the samples table's files (rows of one user stay in one file). A
     quarantined line (`reason` not null) comes along, so that the lines are parsed in the
-    shuffle's map tasks and nothing is read twice. Each task stages its group's kept rows
-    under staging_uri and returns the rows of etl.split_pass.output_schema.
+    shuffle's map tasks and nothing is read twice. Each task orders its group by (user,
+    entity, line) itself (numpy sorts the group's keys faster than Spark sorts its rows),
+    stages the group's kept rows under staging_uri and returns the rows of
+    etl.split_pass.output_schema. The entity goes as its ordinal in the config.
     """
-    categorical = [_raw(f) for f in config.features if f.kind == "categorical"]
+    entity = F.when(F.lit(False), F.lit(0))
+    for i, e in enumerate(config.entity_names):
+        entity = entity.when(F.col("entity") == e, F.lit(i))
     lines = (
         parsed.withColumn("user_hash", F.xxhash64("user_key"))
         .repartition(files, "user_hash")
-        .sortWithinPartitions("user_hash", "user_key", "entity", "line_no")
         .select(
-            "entity",
+            entity.cast("tinyint").alias("entity"),
             "line_no",
             "reason",
             "raw_line",
@@ -48,7 +50,6 @@ def _split_groups(parsed: DataFrame, config: DataConfig, files: int, staging_uri
             "user_key",
             "label",
             F.spark_partition_id().alias(GROUP),
-            *categorical,
             *_pass_columns(config),
         )
     )

@@ -26,9 +26,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
+from etl import spark_hash
 from etl.config import DataConfig
 from etl.raw_lines import _raw
-from etl.samples_pass import ORDER_HASH, missing_column, number_column, staged_file
+from etl.samples_pass import (
+    GROUP,
+    bucketized,
+    categorical_values,
+    number_column,
+    staged_file,
+)
 from mkt.contract import SPLITS
 
 # What each returned row is (the `kind` column); the other kinds' columns are null.
@@ -72,16 +79,18 @@ class SplitPass:
     staging_uri: str
 
     def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        lines = pa.Table.from_batches(list(batches))
+        lines = self._in_order(pa.Table.from_batches(list(batches)))
         if lines.num_rows == 0:
             return
         schema = output_schema(self.config)
         good = lines.column("reason").is_null().to_numpy(zero_copy_only=False)
         bad = lines.filter(pa.array(~good))
+        names = np.array(self.config.entity_names, object)
         parts = [
             {
                 "kind": QUARANTINED,
-                **{c: bad.column(c) for c in ("entity", "line_no", "raw_line", "reason")},
+                "entity": pa.array(names[bad.column("entity").to_numpy()], pa.string()),
+                **{c: bad.column(c) for c in ("line_no", "raw_line", "reason")},
             }
         ]
         stats = self._reason_stats(bad)
@@ -93,11 +102,28 @@ class SplitPass:
         train = kept.filter(pa.array(split == 0))
         parts += self._train_counts(train)
         parts.append(self._train_values(train))
-        self._stage(kept, split, lines.column("group")[0].as_py())
+        self._stage(kept, split, lines.column(GROUP)[0].as_py())
         for part in parts:
             table = _table(part, schema)
             if table.num_rows:
                 yield from table.to_batches()
+
+    def _in_order(self, lines: pa.Table) -> pa.Table:
+        """The group's lines ordered by (user, entity, line), the user as Spark orders the
+        shuffle's keys: its xxhash64, then the id (null first); the entities by name. The
+        order of the users decides the order of the train values that `percentile_approx`
+        sketches, hence the bucket boundaries: it is the order the job has always used."""
+        if lines.num_rows == 0:
+            return lines
+        user_key = lines.column("user_key")
+        valid = user_key.is_valid().to_numpy(zero_copy_only=False)
+        key = user_key.fill_null(np.iinfo(np.int64).min).to_numpy()
+        seed = np.full(len(key), spark_hash.SEED)
+        user_hash = spark_hash.signed(spark_hash.hash_long(key, seed, valid))
+        by_name = np.argsort(np.argsort(np.array(self.config.entity_names)))
+        entity = by_name[lines.column("entity").to_numpy()]
+        order = np.lexsort((lines.column("line_no").to_numpy(), entity, key, user_hash))
+        return lines.take(pa.array(order))
 
     def _kept(self, good: pa.Table) -> tuple[pa.Table, dict[str, int]]:
         """The good lines minus removed duplicates, and the exact duplicates found per entity:
@@ -114,7 +140,7 @@ class SplitPass:
         )
         is_copy = np.zeros(len(order), bool)
         is_copy[order] = copy
-        entity = _codes(good.column("entity"), entities)
+        entity = good.column("entity").to_numpy()
         found = {
             f"duplicates{STAT_SEPARATOR}{e}": int(is_copy[entity == i].sum())
             for i, e in enumerate(entities)
@@ -144,8 +170,9 @@ class SplitPass:
             .group_by(["entity", "kind"])
             .aggregate([([], "count_all")])
         )
+        names = self.config.entity_names
         return {
-            STAT_SEPARATOR.join(("reason", e, k)): n
+            STAT_SEPARATOR.join(("reason", names[e], k)): n
             for e, k, n in zip(
                 *(counted.column(c).to_pylist() for c in ("entity", "kind", "count_all")),
                 strict=True,
@@ -159,7 +186,7 @@ class SplitPass:
         stats: dict[str, int] = {}
         if kept.num_rows == 0:
             return stats
-        entity = _codes(kept.column("entity"), entities)
+        entity = kept.column("entity").to_numpy()
         user_key = kept.column("user_key").to_numpy()
         new_user = np.r_[True, user_key[1:] != user_key[:-1]]
         user = np.cumsum(new_user) - 1
@@ -185,12 +212,12 @@ class SplitPass:
         config = self.config
         entities = config.entity_names
         names = [f.name for f in config.features]
-        entity = _codes(train.column("entity"), entities)
+        entity = train.column("entity").to_numpy()
         parts = []
         for f in config.features:
             if f.kind != "categorical":
                 continue
-            column = train.column(_raw(f))
+            column = categorical_values(train, f)
             numeric = pa.types.is_integer(column.type)
             scopes = (
                 [(i, entity == i) for i, e in enumerate(entities) if e in f.columns]
@@ -216,34 +243,23 @@ class SplitPass:
 
     def _train_values(self, train: pa.Table) -> dict[str, object]:
         """The train rows' bucketized values, of the entities they apply to, in row order."""
-        bucketized = [f for f in self.config.features if f.kind == "bucketized"]
-        if not bucketized:
+        features = bucketized(self.config)
+        if not features:
             return {"kind": TRAIN_VALUES}
-        applies = {e for f in bucketized for e in f.columns}
-        rows = train.filter(pc.is_in(train.column("entity"), pa.array(sorted(applies))))
+        entities = self.config.entity_names
+        applies = sorted({entities.index(e) for f in features for e in f.columns})
+        rows = train.filter(pa.array(np.isin(train.column("entity").to_numpy(), applies)))
         return {
             "kind": TRAIN_VALUES,
-            **{_raw(f): rows.column(number_column(f)) for f in bucketized},
+            **{_raw(f): rows.column(number_column(f)) for f in features},
         }
 
     def _stage(self, kept: pa.Table, split: np.ndarray, group: int) -> None:
         """The group's kept rows, with their split code, for phase 5 (etl/samples_pass.py)."""
-        config = self.config
-        columns = [
-            "entity",
-            "user_key",
-            "line_no",
-            "label",
-            *[_raw(f) for f in config.features if f.kind == "categorical"],
-            *[
-                c
-                for f in config.features
-                if f.kind == "bucketized"
-                for c in (number_column(f), missing_column(f))
-            ],
-            ORDER_HASH,
-        ]
-        table = kept.select(columns).append_column("split", pa.array(split))
+        # What only this pass reads stays behind.
+        table = kept.drop_columns(["reason", "raw_line", "line_hash", GROUP]).append_column(
+            "split", pa.array(split)
+        )
         filesystem, path = pafs.FileSystem.from_uri(staged_file(self.staging_uri, group))
         with (
             filesystem.open_output_stream(path) as sink,
@@ -255,14 +271,10 @@ class SplitPass:
 def _blocks(rows: pa.Table) -> np.ndarray:
     """Each row's (user, entity) block, numbered in row order (rows sorted by user, entity)."""
     user_key = rows.column("user_key").to_numpy(zero_copy_only=False)
-    entity = rows.column("entity").combine_chunks().dictionary_encode().indices.to_numpy()
+    entity = rows.column("entity").to_numpy()
     new = np.ones(len(user_key), bool)
     new[1:] = (user_key[1:] != user_key[:-1]) | (entity[1:] != entity[:-1])
     return np.cumsum(new) - 1
-
-
-def _codes(column: pa.ChunkedArray, names: tuple[str, ...]) -> np.ndarray:
-    return pc.index_in(column, value_set=pa.array(list(names))).to_numpy(zero_copy_only=False)
 
 
 def _table(part: dict[str, object], schema: pa.Schema) -> pa.Table:

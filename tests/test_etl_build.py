@@ -27,9 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from pyspark.sql import functions as F
 
-from etl.build_samples import InputError, _discard_run, _order_hash, build_samples
+from etl.build_samples import InputError, _discard_run, build_samples
 from etl.config import DataConfig, load_config
+from etl.samples_pass import ROW_ORDER_SEED
 from etl.split import _log_summary
 from etl.storage import HadoopFs, WriterError, resolve_writer
 from jobs.generate_tenrec import COLUMNS, generate
@@ -969,6 +971,11 @@ def test_samples_files_mix_users_in_a_fixed_order(spark, built: Built) -> None:
     assert actions.path.str.fullmatch(
         r"run-[0-9a-f]{12}/entity=\w+/split=\w+/part-.*\.parquet"
     ).all()
+    # The order, in Spark's own terms: the top bits of xxhash64(seed, user_key, line_no), as
+    # many as a sort key of the 6 (entity, split) partitions leaves (etl/samples_pass.py).
+    bits = 63 - (len(config.entity_names) * 3).bit_length()
+    row_hash = F.xxhash64(F.lit(ROW_ORDER_SEED), "user_key", "line_no")
+    order_key = F.shiftrightunsigned(row_hash, 64 - bits)
     for (entity, split), files in actions.groupby(["partition.entity", "partition.split"]):
         assert 1 < len(files) <= config.files_per_partition, (entity, split)
         owner: dict[int, str] = {}
@@ -980,7 +987,7 @@ def test_samples_files_mix_users_in_a_fixed_order(spark, built: Built) -> None:
             frame = rows.to_pandas().assign(entity=entity, split=split)
             keys = (
                 spark.createDataFrame(frame.reset_index())
-                .select("index", _order_hash(config).alias("key"))
+                .select("index", order_key.alias("key"))
                 .toPandas()
                 .sort_values("index")
                 .key
