@@ -30,16 +30,15 @@ DUPLICATE_POLICIES = ("keep", "drop")
 MAX_FILES_PER_PARTITION = 4096
 # Options for the driver JVM (on a local master it also runs the executors). The job cannot set
 # them once its JVM runs, so its command passes them (docs/etl.md):
-#   spark-submit --driver-java-options "-XX:+UseParallelGC -XX:CompileThresholdScaling=10" ...
+#   spark-submit --driver-java-options "-XX:+UseParallelGC" ...
 # (a cluster's executors: spark.executor.extraJavaOptions). The parallel collector: on 2 cores
 # G1's barriers and concurrent threads cost more CPU than its pauses save, and the parallel
 # collector, which sizes its young generation itself, takes about half the GC CPU of the serial
-# one, whose young generation is a fixed third of the heap (5M rows: GC 5.4-6.2 -> 2.5-3.1 CPU
-# s, JVM CPU 142.5 -> 139.3 s on average; 20M: 418.3 -> 409.1 s; 1M: no gain, ~1 GB more RSS;
-# docs/BENCHMARKS.md). A 10x higher JIT compile threshold: C2 compiled every lukewarm method of
-# Spark, Janino and the generated classes, a quarter of all CPU. 5M rows on local[2]: JVM CPU
-# 156.7 -> 128.3 s (JIT 42.0 -> 21.9, tasks 93.2 -> 84.8).
-DRIVER_JAVA_OPTIONS = "-XX:+UseParallelGC -XX:CompileThresholdScaling=10"
+# one (docs/BENCHMARKS.md). Until the Arrow passes (stop 37) a 10x higher JIT compile threshold
+# (-XX:CompileThresholdScaling=10) saved a fifth of the JVM's CPU; with the rows' work in the
+# passes it no longer pays: 5M rows on local[2], 5 runs each, 50.4 s wall on average with the
+# default threshold, 55.2 s with the higher one, the same CPU (docs/BENCHMARKS.md, "Stop 37").
+DRIVER_JAVA_OPTIONS = "-XX:+UseParallelGC"
 
 ROLES = ("source", "target")
 # Columns every sample carries besides the features (docs/data-contract.md).
