@@ -32,6 +32,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +52,7 @@ from etl.raw_lines import (
 )
 from etl.samples_pass import SamplesPass, samples_schema
 from etl.split import _log_summary, _split_groups, _summarize
-from etl.split_pass import QUARANTINED, STAT, TRAIN_VALUES
+from etl.split_pass import QUARANTINED, STAT
 from etl.storage import (
     HadoopFs,
     TableWrite,
@@ -205,23 +206,25 @@ def build_samples(
         phase(
             3,
             f"parsing and validating lines; splitting users' rows in {files} groups "
-            f"(history mode {config.history_mode})",
+            f"(history mode {config.history_mode}); bucket boundaries",
         )
         # Lines are parsed in the shuffle's map tasks, quarantined ones included; the split
         # pass stages each group's kept rows in the run's directory for phase 5, and what the
         # driver's aggregations read of it stays in the cache (docs/etl.md).
         staging_uri = f"{output_dir}/{STAGING_PREFIX}{run_id}"
         groups = persist(_split_groups(parsed, config, files, staging_uri))
-        stats = (
-            groups.where(F.col("kind") == STAT)
-            .groupBy("name")
-            .agg(F.sum("count").alias("count"))
-            .collect()
+        # One job: the split pass, its counts for the summary and the bucket boundaries.
+        boundaries, row = _bucket_boundaries(
+            groups,
+            config,
+            F.collect_list(F.when(F.col("kind") == STAT, F.struct("name", "count"))).alias("stats"),
         )
-        summary = _summarize({r.name: r["count"] for r in stats}, input_lines, config)
+        stats: Counter[str] = Counter()
+        for entry in row.stats:
+            stats[entry.name] += entry["count"]
+        summary = _summarize(stats, input_lines, config)
 
-        phase(4, "vocabularies and buckets on the train split")
-        boundaries = _bucket_boundaries(groups.where(F.col("kind") == TRAIN_VALUES), config)
+        phase(4, "vocabularies on the train split")
         counts = persist(_train_counts(groups, boundaries, config).coalesce(files))
         # One job for all the driver needs of the counts.
         counted = _count_summary(counts, config)

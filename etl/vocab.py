@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
 
 from etl.config import DataConfig, Feature
@@ -166,15 +166,17 @@ def _bucketized(config: DataConfig) -> list[Feature]:
     return [f for f in config.features if f.kind == "bucketized"]
 
 
-def _bucket_boundaries(train: DataFrame, config: DataConfig) -> dict[str, list[float]]:
-    """Distinct train quantiles at 1/B, ..., (B-1)/B of every bucketized feature (one job).
+def _bucket_boundaries(
+    groups: DataFrame, config: DataConfig, *also: Column
+) -> tuple[dict[str, list[float]], Row]:
+    """Distinct train quantiles at 1/B, ..., (B-1)/B of every bucketized feature, from the
+    split pass's train values (the only rows where those columns are set), in one job that
+    also computes the aggregates `also` (the caller's, in the same row).
 
     Bucket i (0-based) holds boundaries[i-1] <= value < boundaries[i]; index = 3 + i. A
     quantile equal to the train minimum is dropped: it would open an always-empty first bucket.
     """
     features = _bucketized(config)
-    if not features:
-        return {}
     aggregates = []
     for f in features:
         value = F.col(_raw(f)).try_cast("double")
@@ -183,11 +185,12 @@ def _bucket_boundaries(train: DataFrame, config: DataConfig) -> dict[str, list[f
             F.percentile_approx(value, probabilities, config.quantile_accuracy).alias(f.name),
             F.min(value).alias(f"min__{f.name}"),
         ]
-    row = train.agg(*aggregates).first()
-    return {
+    row = groups.agg(*aggregates, *also).first()
+    boundaries = {
         f.name: sorted({float(q) for q in row[f.name] or [] if q > row[f"min__{f.name}"]})
         for f in features
     }
+    return boundaries, row
 
 
 def _bucket_vocab(
