@@ -12,8 +12,9 @@ JVM start included), rows per second, CPU per raw row, executor CPU seconds and 
 (phases and staged tables, from the event log: the job tags each phase with a job
 description), the JVM's CPU outside the tasks by thread kind (JIT compilers, garbage
 collector, the rest), peak resident memory of the JVM (driver and executors: one JVM on a
-local master) and of the Python driver (which commits the files Spark wrote to Delta with
-delta-rs), the JVM heap peak, and the DuckDB/Spark time ratio. Machine load (1-minute load average) before and after each run goes
+local master), of the Python driver (which commits the files to Delta with delta-rs) and of
+the largest of Spark's Python workers (which run the job's Arrow passes), the CPU of all
+Python processes, the JVM heap peak, and the DuckDB/Spark time ratio. Machine load (1-minute load average) before and after each run goes
 beside the figures: on a shared machine wall time is not CPU time.
 
 Results: printed as Markdown and written to WORK_DIR/results.json, merged by size: results of
@@ -97,9 +98,11 @@ class ProcessTree:
             **{f"jvm_{kind}_cpu_s": round(seconds, 1) for kind, seconds in threads.items()},
             "jvm_rss_mb": round(peaks["java"], 1),
             "python_rss_mb": round(peaks["python"], 1),
+            "python_worker_rss_mb": round(peaks["python_worker"], 1),
             "tree_rss_mb": round(self.peak_total / MB, 1),
             "jvm_cpu_s": round(cpu["java"], 1),
-            "python_cpu_s": round(cpu["python"], 1),
+            "python_cpu_s": round(cpu["python"] + cpu["python_worker"], 1),
+            "python_worker_cpu_s": round(cpu["python_worker"], 1),
         }
 
     def _run(self) -> None:
@@ -114,6 +117,8 @@ class ProcessTree:
                 total += int(fields["VmRSS"].split()[0]) * 1024
                 name = fields.get("Name", "").strip()
                 kind = "java" if name == "java" else "python" if "python" in name else name
+                if kind == "python" and "pyspark.daemon" in read_proc(f"/proc/{pid}/cmdline"):
+                    kind = "python_worker"  # Spark's Python workers, which run the Arrow passes
                 _, seen = self.peak_by_pid.get(pid, (kind, 0))
                 self.peak_by_pid[pid] = (kind, max(seen, hwm))
                 stat = read_proc(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
@@ -445,8 +450,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"DuckDB threads {args.duckdb_threads}, {os.cpu_count()} cores",
         "",
         "| raw rows | Spark wall s | rows/s | CPU µs/row | executor CPU s | JVM CPU s "
-        "(JIT / GC) | driver CPU s | JVM peak RSS MB | JVM heap peak MB "
-        "| Python driver peak RSS MB | DuckDB wall s | DuckDB CPU s | DuckDB peak RSS MB "
+        "(JIT / GC) | Python CPU s (driver + workers) | JVM peak RSS MB | JVM heap peak MB "
+        "| Python driver / largest worker peak RSS MB | DuckDB wall s | DuckDB CPU s | DuckDB peak RSS MB "
         "| Spark/DuckDB | differing cells | load before/after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -466,7 +471,8 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             f"| {s['python_cpu_s']} "
             f"| {s['jvm_rss_mb']:.0f} "
             f"| {s['profile']['executor_peaks_mb'].get('JVMHeapMemory', 0):.0f} "
-            f"| {s['python_rss_mb']:.0f} | {d.get('wall_s', '-')} | {d.get('python_cpu_s', '-')} "
+            f"| {s['python_rss_mb']:.0f} / {s.get('python_worker_rss_mb', 0):.0f} "
+            f"| {d.get('wall_s', '-')} | {d.get('python_cpu_s', '-')} "
             f"| {d.get('tree_rss_mb', '-')} "
             f"| {r.get('spark_over_duckdb', '-')} "
             f"| {sum(comparison.get('differing_cells', {}).values()) if comparison else '-'} "
