@@ -93,7 +93,8 @@ log = logging.getLogger("etl.build_samples")
 SUMMARY_FILE = "etl_summary.json"
 # Each table of OUT_DIR with its partition columns.
 TABLES = {SAMPLES_TABLE: ["entity", "split"], VOCAB_TABLE: [], QUARANTINE_TABLE: []}
-# The marker directory of a run in progress (build_samples).
+# The directory of a run in progress (build_samples): its marker, and the split pass's staged
+# groups (etl/split_pass.py).
 STAGING_PREFIX = "_staging-"
 QUARANTINE_COLUMNS = ["entity", "line_no", "raw_line", "reason"]
 # A tiny input gets fewer samples files than files_per_partition: at most one per this many
@@ -154,18 +155,17 @@ def build_samples(
         log.info("removing %s and its uncommitted files, left by an interrupted run", leftover)
         _discard_run(fs, output_dir, leftover.rsplit(STAGING_PREFIX, 1)[1])
     run_id = uuid.uuid4().hex[:12]
-    # The run's marker: a run killed before its `finally` leaves it behind, and the next run
-    # finds there which table files nobody committed. Named as when the parsed lines were staged
-    # in it, so a run of today's code cleans up after one of older code too.
+    # The run's directory: the split pass stages the groups' rows in it, and a run killed
+    # before its `finally` leaves it behind, so the next run finds there which table files
+    # nobody committed.
     fs.mkdirs(f"{output_dir}/{STAGING_PREFIX}{run_id}")
     cached: list[DataFrame] = []
 
     def persist(frame: DataFrame) -> DataFrame:
-        # Kept with its partitioning and order: later windows and aggregations by user need no
-        # shuffle and no sort. Uncompressed: choosing and applying a compression scheme per
-        # column cost more CPU than the shuffle read, sorts and windows of that stage together
-        # (1M rows: 8.6 CPU s, 5.6 s without), for 17% more memory; past its share of the
-        # heap the cache spills to local disk.
+        # The split pass's output (the quarantine, counts, train values) is read by several
+        # jobs; the pass runs once. Uncompressed: choosing and applying a compression scheme
+        # per column cost more CPU than it saved when the cache held the whole rows (1M rows:
+        # 8.6 CPU s, 5.6 s without); past its share of the heap the cache spills to disk.
         compressed = spark.conf.get(CACHE_COMPRESSION)
         spark.conf.set(CACHE_COMPRESSION, "false")
         try:

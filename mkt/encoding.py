@@ -1,9 +1,9 @@
 """Raw feature values -> indices: the data contract's encoding rules, stated once in Python.
 
-The ETL applies these rules with Spark expressions when it builds `samples` (`etl/encode.py`);
-serving (`mkt.serving`) applies them with this module to raw request values. The two are
-held identical by `tests/test_serving.py`, which encodes every raw line of a generated data
-set (planted with missing, unseen and oddly written values) with this module and compares
+The ETL applies these rules when it builds `samples` (Spark parses, `etl/samples_pass.py`
+looks up); serving (`mkt.serving`) applies them with this module to raw request values. The
+two are held identical by `tests/test_serving.py`, which encodes every raw line of a generated
+data set (planted with missing, unseen and oddly written values) with this module and compares
 each index with the ETL's `samples`, and runs the number parser against Spark's own cast.
 
 The rules (docs/data-contract.md, "Reserved indices"):
