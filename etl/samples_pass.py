@@ -130,7 +130,7 @@ class SamplesPass:
                     continue
                 parts = self.encode(rows)
                 if self.files_uri is None:
-                    for table in parts.values():
+                    for _, table in parts:
                         yield from table.to_batches()
                     continue
                 written = self.write(parts, group)
@@ -139,8 +139,9 @@ class SamplesPass:
                     schema=pa.schema([("path", pa.string()), ("rows", pa.int64())]),
                 )
 
-    def encode(self, rows: pa.Table) -> dict[tuple[str, str], pa.Table]:
-        """One table per (entity, split) partition, in its file's row order."""
+    def encode(self, rows: pa.Table) -> Iterator[tuple[tuple[str, str], pa.Table]]:
+        """One table per (entity, split) partition, in its file's row order, one at a time:
+        a worker holds one partition's rows at once, not the group's six."""
         config = self.config
         entities = config.entity_names
         n = rows.num_rows
@@ -227,17 +228,13 @@ class SamplesPass:
             columns[f"seq_{name}_len"] = np.minimum(length, config.seq_len)
 
         order = file_order(user_key, rows.column("line_no").to_numpy(), config)
-        parts = {}
         for e, name in enumerate(entities):
             for s, split_name in enumerate(SPLITS):
                 chosen = np.flatnonzero((entity == e) & (split == s))
                 if len(chosen) == 0:
                     continue
                 chosen = chosen[np.argsort(order[chosen], kind="stable")]
-                parts[(name, split_name)] = self._table(
-                    columns, sequences, chosen, name, split_name
-                )
-        return parts
+                yield (name, split_name), self._table(columns, sequences, chosen, name, split_name)
 
     def _feature(
         self, f: Feature, rows: pa.Table, entity: np.ndarray, vocab: dict[str, pa.Table]
@@ -312,14 +309,16 @@ class SamplesPass:
                 arrays.append(columns[field.name].take(take).cast(field.type))
         return pa.Table.from_arrays(arrays, schema=schema)
 
-    def write(self, parts: dict[tuple[str, str], pa.Table], group: int) -> list[tuple[str, int]]:
+    def write(
+        self, parts: Iterator[tuple[tuple[str, str], pa.Table]], group: int
+    ) -> list[tuple[str, int]]:
         """One Parquet file per (entity, split) under files_uri, as Spark would lay them out."""
         filesystem, root = pafs.FileSystem.from_uri(self.files_uri)
         # Spark's naming: the group (the task's partition) first, so that the table's files
         # list in the same order on every rebuild (etl/storage.py, _add_actions).
         name = f"part-{group:05d}-{self.run_id}.c000.snappy.parquet"
         written = []
-        for (entity, split), table in parts.items():
+        for (entity, split), table in parts:
             directory = f"{root}/entity={entity}/split={split}"
             filesystem.create_dir(directory, recursive=True)
             pq.write_table(

@@ -94,7 +94,9 @@ class SplitPass:
             }
         ]
         stats = self._reason_stats(bad)
+        group = lines.column(GROUP)[0].as_py()
         kept, found = self._kept(lines.filter(pa.array(good)))
+        del lines  # a worker holds the group's lines once, not twice
         stats.update(found)
         split = self._split(kept)
         stats.update(self._summary_stats(kept, split))
@@ -102,7 +104,9 @@ class SplitPass:
         train = kept.filter(pa.array(split == 0))
         parts += self._train_counts(train)
         parts.append(self._train_values(train))
-        self._stage(kept, split, lines.column(GROUP)[0].as_py())
+        del train
+        self._stage(kept, split, group)
+        del kept
         for part in parts:
             table = _table(part, schema)
             if table.num_rows:
